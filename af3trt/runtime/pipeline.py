@@ -1,0 +1,233 @@
+"""Pipeline: conversations -> features -> encoder -> prompt table -> decoder -> text."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..features import extract_features
+from ..prompt import DEFAULT_TRANSCRIBE_PROMPT, Prompt, PromptBuilder, PromptError, strip_transcription_prefix
+from ..spec import ModelSpec
+from .encoder import valid_rows
+from .sampling import GenerationOptions
+
+ENCODERS = ("torch",)
+DECODERS = ("torch",)
+
+
+@dataclass
+class Result:
+    """One conversation's answer. timings in seconds: features, encoder, prefill (to the first
+    token), decode (the rest), total, ttft; tokens_per_second over the decode phase."""
+
+    text: str
+    token_ids: list[int]
+    num_audio_tokens: int
+    finish_reason: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "num_audio_tokens": self.num_audio_tokens,
+                "finish_reason": self.finish_reason, "timings": self.timings}
+
+
+def _is_single_conversation(conversations) -> bool:
+    return bool(conversations) and isinstance(conversations[0], dict) and "role" in conversations[0]
+
+
+def _pick(requested: str, available: tuple[str, ...], kind: str) -> str:
+    if requested == "auto":
+        return available[0]
+    if requested not in available:
+        raise ValueError(f"expected {kind} backend in {('auto',) + available}, got {requested!r}")
+    return requested
+
+
+class Pipeline:
+    """AF3 inference. Build with `Pipeline.from_pretrained(path)`; thread-safe (one request at a time)."""
+
+    def __init__(self, builder: PromptBuilder, encoder, decoder, spec: ModelSpec, eos_token_ids, device):
+        self.builder = builder
+        self.encoder = encoder
+        self.decoder = decoder
+        self.spec = spec
+        self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
+        self.device = torch.device(device)
+        self.tokenizer = builder.tokenizer
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, encoder: str = "auto", decoder: str = "auto",
+                        device: str | None = None, dtype: str | torch.dtype | None = None,
+                        allow_urls: bool = False) -> "Pipeline":
+        """path: an AF3 checkpoint dir (HF layout) or "tiny" (generated into the cache on first use)."""
+        from ..checkpoint import Checkpoint
+        from ..testing import default_tiny_dir, make_tiny_checkpoint
+        from .decoder import TorchDecoder
+        from .encoder import TorchEncoder
+
+        if str(path) == "tiny":
+            path = make_tiny_checkpoint(default_tiny_dir())
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _dtype(dtype, device)
+        _pick(encoder, ENCODERS, "encoder")
+        _pick(decoder, DECODERS, "decoder")
+        ckpt = Checkpoint.open(path)
+        enc = TorchEncoder.from_checkpoint(ckpt, device, dtype)
+        dec = TorchDecoder.from_checkpoint(ckpt, device, dtype)
+        builder = PromptBuilder.from_pretrained(path, ckpt.spec.audio_token_id, ckpt.spec.text.vocab_size,
+                                                allow_urls=allow_urls)
+        return cls(builder, enc, dec, ckpt.spec, _eos_ids(Path(path), builder.tokenizer), device)
+
+    # -- stages ---------------------------------------------------------------------------------
+    def prepare(self, conversations) -> list[Prompt]:
+        if _is_single_conversation(conversations):
+            conversations = [conversations]
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise PromptError(f"expected a conversation or a non-empty list of them, got {type(conversations).__name__}")
+        return [self.builder.build(c) for c in conversations]
+
+    def encode(self, prompts: list[Prompt]) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """Prompt tables: one (rows, hidden) tensor per prompt, audios in prompt order."""
+        audios = [a.samples for p in prompts for a in p.audios]
+        hidden = self.spec.text.hidden_size
+        if not audios:
+            return [torch.zeros((0, hidden)) for _ in prompts], {"features": 0.0, "encoder": 0.0}
+        t0 = time.perf_counter()
+        feats = extract_features(audios, device=str(self.device))
+        t1 = time.perf_counter()
+        emb = self.encoder(feats.features, feats.valid_frames)
+        _sync(self.device)
+        t2 = time.perf_counter()
+        per_window = [emb[i, :r] for i, r in enumerate(valid_rows(feats.valid_frames))]
+        per_audio, w = [], 0
+        for count in feats.windows_per_audio:
+            per_audio.append(torch.cat(per_window[w : w + count]))
+            w += count
+        tables, k = [], 0
+        for p in prompts:
+            parts = per_audio[k : k + len(p.audios)]
+            for got, want in zip(parts, p.audio_tokens):
+                assert got.shape[0] == want, (got.shape, want)
+            tables.append(torch.cat(parts) if parts else emb.new_zeros((0, hidden)))
+            k += len(p.audios)
+        return tables, {"features": t1 - t0, "encoder": t2 - t1}
+
+    # -- generation -----------------------------------------------------------------------------
+    def options(self, **kw) -> GenerationOptions:
+        stop = kw.pop("stop", None) or ()
+        return GenerationOptions(stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                                 eos_token_ids=self.eos_token_ids, **kw)
+
+    def generate(self, conversations, max_new_tokens: int = 256, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 repetition_penalty: float = 1.0, stop=None, seed: int | None = None,
+                 min_new_tokens: int = 0) -> list[Result]:
+        """Answer one conversation or a batch of them (left-padded together). Returns one Result each."""
+        opts = self.options(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
+                            seed=seed, min_new_tokens=min_new_tokens)
+        results = None
+        for results in self._run(conversations, opts):
+            pass
+        return [r for r, _ in results]
+
+    def stream(self, conversation, **kw) -> Iterator[str]:
+        """Yield text pieces of one conversation's answer as tokens arrive."""
+        opts = self.options(**kw)
+        sent = 0
+        for batch in self._run([conversation] if _is_single_conversation(conversation) else conversation, opts):
+            result, done = batch[0]
+            text = result.text
+            if not done and text.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 sequence: wait for the rest
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+
+    def transcribe(self, audio, prompt: str | None = None, strip_prefix: bool = True, **kw) -> str:
+        conv = [{"role": "user", "content": [{"type": "audio", "audio": audio},
+                                              {"type": "text", "text": prompt or DEFAULT_TRANSCRIBE_PROMPT}]}]
+        text = self.generate(conv, **kw)[0].text
+        return strip_transcription_prefix(text) if strip_prefix else text
+
+    def _run(self, conversations, opts: GenerationOptions):
+        """Yields after every step a list of (Result so far, finished) per conversation."""
+        with self._lock:
+            t0 = time.perf_counter()
+            prompts = self.prepare(conversations)
+            tables, timings = self.encode(prompts)
+            seqs = [self.builder.fake_ids(p) for p in prompts]
+            gen = torch.Generator(device=self.device)
+            if opts.seed is not None:
+                gen.manual_seed(opts.seed)
+            out = [[] for _ in prompts]
+            texts = [""] * len(prompts)
+            reasons = [None] * len(prompts)
+            t_first = None
+            eos = set(opts.eos_token_ids)
+            for step, nxt in enumerate(self.decoder.steps(seqs, tables, opts, gen)):
+                nxt = nxt.tolist()
+                if t_first is None:
+                    _sync(self.device)
+                    t_first = time.perf_counter()
+                for i, tok in enumerate(nxt):
+                    if reasons[i] is not None:
+                        continue
+                    out[i].append(tok)
+                    if tok in eos:
+                        reasons[i] = "stop"
+                    texts[i] = self.tokenizer.decode(out[i], skip_special_tokens=True)
+                    for s in opts.stop:
+                        if s in texts[i]:
+                            texts[i] = texts[i][: texts[i].index(s)]
+                            reasons[i] = "stop_string"
+                    if reasons[i] is None and len(out[i]) >= opts.max_new_tokens:
+                        reasons[i] = "length"
+                done = all(r is not None for r in reasons)
+                yield [(Result(texts[i], list(out[i]), p.num_audio_tokens, reasons[i] or "running"), reasons[i] is not None)
+                       for i, p in enumerate(prompts)]
+                if done:
+                    break
+            t_end = time.perf_counter()
+            timings.update(total=t_end - t0, ttft=(t_first or t_end) - t0,
+                           prefill=(t_first or t_end) - t0 - timings["features"] - timings["encoder"],
+                           decode=t_end - (t_first or t_end))
+            n = max(len(o) for o in out)
+            timings["tokens_per_second"] = (n - 1) / timings["decode"] if n > 1 and timings["decode"] > 0 else 0.0
+            yield [(Result(texts[i], out[i], p.num_audio_tokens, reasons[i] or "length", dict(timings)), True)
+                   for i, p in enumerate(prompts)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dtype(dtype, device: str) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"expected dtype in {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def _eos_ids(path: Path, tokenizer) -> list[int]:
+    import json
+
+    gen = path / "generation_config.json"
+    ids = []
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    return ids or [tokenizer.eos_token_id]

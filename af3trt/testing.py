@@ -1,0 +1,255 @@
+"""Deterministic tiny random AF3 checkpoint in the exact layout of `nvidia/audio-flamingo-3-hf`.
+
+`make_tiny_checkpoint(DIR, seed)` writes config.json (model_type audioflamingo3, audio_config +
+text_config), model.safetensors with HF parameter names, generation_config.json, a byte-level BPE
+tokenizer.json (trained here with `tokenizers`, Qwen-style pre-tokenizer, AF3's special tokens),
+tokenizer_config.json, the AF3 chat templates and the feature-extractor/processor configs.
+Same seed -> byte-identical weights. It needs no AF3 classes of transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .spec import N_MELS
+
+TINY_AUDIO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+# hidden and every linear input width a multiple of 128 so INT4 AWQ (group 128) can run
+TINY_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+TINY_BPE_VOCAB = 600  # trained BPE vocabulary before the special tokens
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>")
+
+# Qwen2's pre-tokenizer split pattern (contractions, letters, single digits, punctuation, spaces)
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+TOKENIZER_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for message in messages if message['content'] is not none %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# AF3's processor template: list content -> ONE <sound> before the concatenated text parts
+PROCESSOR_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages if m['content'] is not none %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}"
+    "{% set audio = namespace(found=False) %}{% set text_buf = namespace(v='') %}"
+    "{% for c in m['content'] %}"
+    "{% if c.get('type') == 'audio' or 'audio' in c %}{% set audio.found = True %}"
+    "{% elif c.get('type') == 'text' or 'text' in c %}{% set text_buf.v = text_buf.v + c['text'] %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = """
+You are a helpful assistant. Transcribe the input speech. Describe the audio in detail.
+The spoken content of the audio is "hello world". The transcription of the audio is short.
+The content of the input audio is a person speaking clearly about the weather today.
+What is the speaker saying? Which instruments play in this music? Is there any background noise?
+Audio Flamingo three listens to speech, sounds and music, and answers questions about them.
+A quick brown fox jumps over the lazy dog while the birds sing in the morning light.
+Please think and reason about the input audio before you respond. Summarize the conversation.
+The engine runs on TensorRT and answers in a few milliseconds per token, 0 1 2 3 4 5 6 7 8 9.
+Compare the first audio with the second audio. How many speakers are there, and what emotion?
+"""
+
+
+def _train_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_BPE_VOCAB, min_frequency=1, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+    )
+    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line] * 4, trainer=trainer)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+def _tokenizer_files(out: Path) -> dict[str, int]:
+    tok = _train_tokenizer()
+    tok.save(str(out / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    added = {
+        str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": True}
+        for t in SPECIAL_TOKENS
+    }
+    config = {
+        "add_prefix_space": False, "added_tokens_decoder": added, "bos_token": None,
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+        "model_max_length": 131072, "pad_token": "<|endoftext|>", "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<sound>"],
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+         "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<sound>"]}, indent=2))
+    (out / "chat_template.jinja").write_text(PROCESSOR_CHAT_TEMPLATE)
+    return ids
+
+
+def _processor_files(out: Path) -> None:
+    feature = {
+        "chunk_length": 30, "dither": 0.0, "feature_extractor_type": "WhisperFeatureExtractor",
+        "feature_size": N_MELS, "hop_length": 160, "n_fft": 400, "n_samples": 480000,
+        "nb_max_frames": 3000, "padding_side": "right", "padding_value": 0.0,
+        "return_attention_mask": True, "sampling_rate": 16000,
+    }
+    processor = {
+        "processor_class": "AudioFlamingo3Processor", "audio_token": "<sound>",
+        "default_transcription_prompt": "Transcribe the input speech.", "max_audio_len": 600,
+        "feature_extractor": feature,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps({**feature, "processor_class": "AudioFlamingo3Processor"}, indent=2))
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+
+
+def _configs(ids: dict[str, int], vocab_size: int) -> tuple[dict, dict]:
+    audio = {"model_type": "audioflamingo3_encoder", "activation_function": "gelu", "num_mel_bins": N_MELS,
+             "max_source_positions": 1500, "scale_embedding": False, "dropout": 0.0,
+             "attention_dropout": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0,
+             "initializer_range": 0.02, **TINY_AUDIO}
+    text = {"model_type": "qwen2", "hidden_act": "silu", "vocab_size": vocab_size, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+            "use_sliding_window": False, "sliding_window": None, "max_window_layers": TINY_TEXT["num_hidden_layers"],
+            "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"], **TINY_TEXT}
+    config = {"architectures": ["AudioFlamingo3ForConditionalGeneration"], "model_type": "audioflamingo3",
+              "audio_config": audio, "text_config": text, "audio_token_id": ids["<sound>"],
+              "projector_hidden_act": "gelu", "projector_bias": True, "dtype": "float32"}
+    generation = {"bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
+                  "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "do_sample": True,
+                  "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8}
+    return config, generation
+
+
+def tiny_weights(config: dict, seed: int = 0) -> dict[str, "np.ndarray"]:
+    """Random float32 weights with the HF hub names of an AF3 checkpoint (`audio_tower.*`, ...)."""
+    rng = np.random.default_rng(seed)
+    a, t = config["audio_config"], config["text_config"]
+    d, f, h, i = a["hidden_size"], a["intermediate_size"], t["hidden_size"], t["intermediate_size"]
+    hd = h // t["num_attention_heads"]
+    kv = t["num_key_value_heads"] * hd
+    w: dict[str, np.ndarray] = {}
+
+    def put(name, *shape, std=0.05, ones=False, zeros=False):
+        if ones:
+            w[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif zeros:
+            w[name] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            w[name] = (std * rng.standard_normal(shape)).astype(np.float32)
+
+    put("audio_tower.conv1.weight", d, a["num_mel_bins"], 3, std=0.1)
+    put("audio_tower.conv1.bias", d, zeros=True)
+    put("audio_tower.conv2.weight", d, d, 3, std=0.1)
+    put("audio_tower.conv2.bias", d, zeros=True)
+    put("audio_tower.embed_positions.weight", a["max_source_positions"], d, std=0.1)
+    for n in range(a["num_hidden_layers"]):
+        p = f"audio_tower.layers.{n}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            put(p + f"self_attn.{proj}.weight", d, d, std=0.1)
+            if proj != "k_proj":  # Whisper's k_proj has no bias
+                put(p + f"self_attn.{proj}.bias", d, zeros=True)
+        put(p + "self_attn_layer_norm.weight", d, ones=True)
+        put(p + "self_attn_layer_norm.bias", d, zeros=True)
+        put(p + "fc1.weight", f, d, std=0.1)
+        put(p + "fc1.bias", f, zeros=True)
+        put(p + "fc2.weight", d, f, std=0.1)
+        put(p + "fc2.bias", d, zeros=True)
+        put(p + "final_layer_norm.weight", d, ones=True)
+        put(p + "final_layer_norm.bias", d, zeros=True)
+    put("audio_tower.layer_norm.weight", d, ones=True)
+    put("audio_tower.layer_norm.bias", d, zeros=True)
+    put("multi_modal_projector.linear_1.weight", h, d, std=0.1)
+    put("multi_modal_projector.linear_1.bias", h, zeros=True)
+    put("multi_modal_projector.linear_2.weight", h, h, std=0.1)
+    put("multi_modal_projector.linear_2.bias", h, zeros=True)
+    put("language_model.model.embed_tokens.weight", t["vocab_size"], h, std=1.0)
+    for n in range(t["num_hidden_layers"]):
+        p = f"language_model.model.layers.{n}."
+        put(p + "self_attn.q_proj.weight", h, h, std=0.1)
+        put(p + "self_attn.q_proj.bias", h, zeros=True)
+        put(p + "self_attn.k_proj.weight", kv, h, std=0.1)
+        put(p + "self_attn.k_proj.bias", kv, zeros=True)
+        put(p + "self_attn.v_proj.weight", kv, h, std=0.1)
+        put(p + "self_attn.v_proj.bias", kv, zeros=True)
+        put(p + "self_attn.o_proj.weight", h, h, std=0.1)
+        put(p + "mlp.gate_proj.weight", i, h, std=0.1)
+        put(p + "mlp.up_proj.weight", i, h, std=0.1)
+        put(p + "mlp.down_proj.weight", h, i, std=0.1)
+        put(p + "input_layernorm.weight", h, ones=True)
+        put(p + "post_attention_layernorm.weight", h, ones=True)
+    put("language_model.model.norm.weight", h, ones=True)
+    put("language_model.lm_head.weight", t["vocab_size"], h, std=0.5)
+    del hd
+    return w
+
+
+def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the tiny random AF3 checkpoint into `out_dir` (atomically: temp dir, then rename)."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        meta = json.loads((out / "config.json").read_text()).get("af3trt_tiny_seed")
+        if meta == seed:
+            return out
+        raise FileExistsError(f"{out} already holds a checkpoint (tiny seed {meta}); expected seed {seed} or an empty dir")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    try:
+        ids = _tokenizer_files(tmp)
+        bpe_total = max(ids.values()) + 1
+        vocab_size = -(-bpe_total // 64) * 64 + 64  # spare rows, like the real 151672 > 151670 tokens
+        config, generation = _configs(ids, vocab_size)
+        config["af3trt_tiny_seed"] = seed
+        _processor_files(tmp)
+        save_file(tiny_weights(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        if out.exists():
+            out.rmdir()  # only an empty dir may be replaced
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def default_tiny_dir(seed: int = 0) -> Path:
+    """Cache folder for `--model tiny` ($AF3TRT_CACHE or ~/.cache/af3trt)."""
+    root = Path(os.environ.get("AF3TRT_CACHE", Path.home() / ".cache" / "af3trt"))
+    return root / f"tiny-seed{seed}"

@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+BASE = [
+    "torch>=2.4",
+    "numpy>=1.24,<2",  # nvidia-pytriton's python backend breaks on numpy 2 (reference/triton-cpu.md)
+    "transformers>=4.57",
+    "tokenizers>=0.20",
+    "safetensors>=0.4",
+    "soundfile>=0.12",
+    "soxr>=0.3",
+    "onnx>=1.16",
+    "onnxruntime>=1.18",
+    "nvidia-modelopt>=0.35",
+    "tqdm",
+    "rich",
+]
+
+setup(
+    name="af3trt",
+    version="0.1.0",
+    description="TensorRT / TensorRT-LLM engines, runtime, Triton repository and benchmarks for Audio Flamingo 3",
+    packages=find_packages(include=["af3trt", "af3trt.*"]),
+    package_data={"af3trt": ["assets/*", "build/templates/*", "build/templates/**/*"]},
+    python_requires=">=3.10",
+    install_requires=BASE,
+    extras_require={
+        "triton": ["tritonclient[all]>=2.40", "nvidia-pytriton>=0.5"],
+        "bench": ["matplotlib>=3.7", "jiwer>=3"],
+        "kernels": ["triton>=3.0"],
+        "dev": ["pytest>=8", "tritonclient[all]>=2.40", "nvidia-pytriton>=0.5", "matplotlib>=3.7", "jiwer>=3"],
+        # from NVIDIA's index / containers only (PyPI holds stub sdists): see README
+        "trt": ["tensorrt"],
+        "trtllm": ["tensorrt_llm"],
+    },
+    entry_points={"console_scripts": ["af3trt=af3trt.cli:main"]},
+)
