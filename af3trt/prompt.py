@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import Audio, load_audio
+from .audio import Audio, AudioError, load_audio
 from .spec import FRAMES_PER_WINDOW, WINDOW_SAMPLES, audio_token_count, mel_frames_for_samples
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_SYSTEM = "You are a helpful assistant."
 DEFAULT_TRANSCRIBE_PROMPT = "Transcribe the input speech."
+MIN_AUDIO_SAMPLES = 2 * 160 + 1  # 3 mel frames: the shortest audio that yields one audio token
 TRANSCRIPTION_PREFIXES = (
     "The spoken content of the audio is",
     "The transcription of the audio is",
@@ -153,6 +154,12 @@ class PromptBuilder:
                 f"{placeholders} (is the text itself writing {self.sound_token}?)"
             )
         counts = [num_audio_tokens(a.samples.shape[0]) for a in audios]
+        for audio, count in zip(audios, counts):
+            if count == 0:
+                raise AudioError(
+                    f"expected at least {MIN_AUDIO_SAMPLES} samples ({MIN_AUDIO_SAMPLES / 16:.0f} ms) of audio for one "
+                    f"audio token, got {audio.samples.shape[0]} samples from {audio.source}"
+                )
         expanded: list[int] = []
         k = 0
         for t in ids:

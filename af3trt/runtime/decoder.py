@@ -63,7 +63,8 @@ class Layer(nn.Module):
         cache_k[:, :, start : start + n] = k
         cache_v[:, :, start : start + n] = v
         keys, values = cache_k[:, :, : start + n], cache_v[:, :, : start + n]
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=t.num_heads != t.num_kv_heads)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, is_causal=bias is None and n > 1,
+                                           enable_gqa=t.num_heads != t.num_kv_heads)
         x = x + a.o_proj(o.transpose(1, 2).reshape(b, n, -1))
         h = self.post_attention_layernorm(x)
         m = self.mlp
@@ -126,8 +127,13 @@ class Qwen2Decoder(nn.Module):
                 for _ in range(t.num_layers)]
 
 
-def attention_bias(key_mask: torch.Tensor, queries: int, start: int, dtype) -> torch.Tensor:
-    """(B, 1, queries, start+queries) additive mask: causal within the step and padding keys masked."""
+def attention_bias(key_mask: torch.Tensor, queries: int, start: int, dtype) -> torch.Tensor | None:
+    """(B, 1, queries, start+queries) additive mask: causal within the step and padding keys masked.
+
+    None when no key is padding: attention is then plain causal (SDPA's fused `is_causal` path).
+    """
+    if bool(key_mask.all()):
+        return None
     b, keys = key_mask.shape
     q_pos = torch.arange(start, start + queries, device=key_mask.device)
     k_pos = torch.arange(keys, device=key_mask.device)

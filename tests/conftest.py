@@ -1,0 +1,36 @@
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    for name, doc in [("gpu", "needs a CUDA GPU"), ("tensorrt", "needs the tensorrt module"),
+                      ("trtllm", "needs the tensorrt_llm module"), ("triton_server", "starts a real tritonserver")]:
+        config.addinivalue_line("markers", f"{name}: {doc}")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from af3trt.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_dir):
+    from af3trt.runtime import Pipeline
+
+    return Pipeline.from_pretrained(tiny_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf(tiny_dir):
+    """transformers' AF3 model + processor on the tiny checkpoint (the reference; transformers >= 5)."""
+    pytest.importorskip("transformers.models.audioflamingo3", reason="reference needs transformers >= 5")
+    import torch
+    from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
+
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(tiny_dir)
