@@ -59,12 +59,11 @@ def test_stitched_embeddings_equal_hf_masked_scatter(case, pipe, hf):
 
         from af3trt.prompt import left_pad
 
-        prompts = pipe.prepare(convs)
-        tables, _ = pipe.encode(prompts)
-        ids, _ = left_pad([pipe.builder.fake_ids(p) for p in prompts], 0)
-        rows = [t.shape[0] for t in tables]
+        reqs, _ = pipe.requests(pipe.prepare(convs), pipe.options(max_new_tokens=1))
+        ids, _ = left_pad([r.input_ids for r in reqs], 0)
+        rows = [r.table.shape[0] for r in reqs]
         offsets = torch.tensor([sum(rows[:i]) for i in range(len(rows))])
-        ours = pipe.decoder.module.embed(torch.from_numpy(ids), torch.cat(tables), offsets)
+        ours = pipe.decoder.module.embed(torch.from_numpy(ids), torch.cat([r.table for r in reqs]), offsets)
     pad = (inputs["attention_mask"] == 0)[..., None]
     ours = torch.where(pad, ref, ours)  # padding positions embed other pad ids; they are masked everywhere
     err = ((ours - ref).abs().max() / ref.abs().max()).item()

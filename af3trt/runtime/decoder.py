@@ -162,16 +162,19 @@ class TorchDecoder:
         return cls(module.to(dtype), device)
 
     @torch.inference_mode()
-    def steps(self, sequences, tables, opts, generator=None):
-        """Greedy/sampled decoding of a batch.
+    def steps(self, requests, generator=None):
+        """Greedy/sampled decoding of a batch of `DecoderRequest`s (same options for all).
 
-        sequences: list of (T_i,) int64 fake-id prompts; tables: list of (R_i, H) prompt tables
-        (R_i may be 0). Yields (B,) int64 next ids per step (finished rows keep being fed, the
-        caller ignores them); the first yield follows the prefill.
+        Each request brings its fake-id prompt and its own (rows, H) prompt table (rows may be 0).
+        Yields (B,) int64 next ids per step (finished rows keep being fed, the caller ignores
+        them); the first yield follows the prefill.
         """
         from ..prompt import left_pad
         from .sampling import select_next
 
+        opts = requests[0].options
+        sequences = [r.input_ids for r in requests]
+        tables = [r.table for r in requests]
         ids, mask = left_pad(sequences, 0)
         ids = torch.as_tensor(ids, device=self.device)
         mask = torch.as_tensor(mask, device=self.device)

@@ -14,8 +14,10 @@ import torch
 from ..features import extract_features
 from ..prompt import DEFAULT_TRANSCRIBE_PROMPT, Prompt, PromptBuilder, PromptError, strip_transcription_prefix
 from ..spec import ModelSpec
+from .cache import DEFAULT_BUDGET_BYTES, EmbeddingCache
 from .encoder import valid_rows
 from .sampling import GenerationOptions
+from .stitch import audio_hash, make_request
 
 ENCODERS = ("torch",)
 DECODERS = ("torch",)
@@ -52,8 +54,12 @@ def _pick(requested: str, available: tuple[str, ...], kind: str) -> str:
 class Pipeline:
     """AF3 inference. Build with `Pipeline.from_pretrained(path)`; thread-safe (one request at a time)."""
 
-    def __init__(self, builder: PromptBuilder, encoder, decoder, spec: ModelSpec, eos_token_ids, device):
+    def __init__(self, builder: PromptBuilder, encoder, decoder, spec: ModelSpec, eos_token_ids, device,
+                 limits: dict | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES):
         self.builder = builder
+        self.limits = dict(limits or {})
+        self.cache = EmbeddingCache(cache_bytes)
+        self.encoder_calls = 0
         self.encoder = encoder
         self.decoder = decoder
         self.spec = spec
@@ -93,31 +99,66 @@ class Pipeline:
             raise PromptError(f"expected a conversation or a non-empty list of them, got {type(conversations).__name__}")
         return [self.builder.build(c) for c in conversations]
 
-    def encode(self, prompts: list[Prompt]) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """Prompt tables: one (rows, hidden) tensor per prompt, audios in prompt order."""
-        audios = [a.samples for p in prompts for a in p.audios]
-        hidden = self.spec.text.hidden_size
-        if not audios:
-            return [torch.zeros((0, hidden)) for _ in prompts], {"features": 0.0, "encoder": 0.0}
-        t0 = time.perf_counter()
-        feats = extract_features(audios, device=str(self.device))
-        t1 = time.perf_counter()
-        emb = self.encoder(feats.features, feats.valid_frames)
-        _sync(self.device)
-        t2 = time.perf_counter()
-        per_window = [emb[i, :r] for i, r in enumerate(valid_rows(feats.valid_frames))]
-        per_audio, w = [], 0
-        for count in feats.windows_per_audio:
-            per_audio.append(torch.cat(per_window[w : w + count]))
-            w += count
-        tables, k = [], 0
+    def encode(self, prompts: list[Prompt]) -> tuple[list[list[torch.Tensor]], list[list[str]], dict[str, float]]:
+        """Per prompt, the (rows, hidden) embeddings and content hashes of its audios, in prompt order.
+
+        Audios already in the encoder cache are not encoded again; the others go through the
+        encoder together, in one call.
+        """
+        digests = [[audio_hash(a.samples) for a in p.audios] for p in prompts]
+        found: dict[str, torch.Tensor] = {}
+        todo: dict[str, np.ndarray] = {}
+        for p, ds in zip(prompts, digests):
+            for a, d in zip(p.audios, ds):
+                if d in found or d in todo:
+                    continue
+                hit = self.cache.get(d)
+                if hit is not None:
+                    found[d] = hit
+                else:
+                    todo[d] = a.samples
+        timings = {"features": 0.0, "encoder": 0.0}
+        if todo:
+            t0 = time.perf_counter()
+            feats = extract_features(list(todo.values()), device=str(self.device))
+            t1 = time.perf_counter()
+            emb = self.encoder(feats.features, feats.valid_frames)
+            self.encoder_calls += 1
+            _sync(self.device)
+            t2 = time.perf_counter()
+            timings = {"features": t1 - t0, "encoder": t2 - t1}
+            rows = valid_rows(feats.valid_frames)
+            w = 0
+            for d, count in zip(todo, feats.windows_per_audio):
+                found[d] = torch.cat([emb[i, : rows[i]] for i in range(w, w + count)])
+                self.cache.put(d, found[d])
+                w += count
+        return [[found[d] for d in ds] for ds in digests], digests, timings
+
+    def requests(self, prompts: list[Prompt], opts: GenerationOptions):
+        """Stitch prompts into `DecoderRequest`s (checked against the engine limits first)."""
         for p in prompts:
-            parts = per_audio[k : k + len(p.audios)]
-            for got, want in zip(parts, p.audio_tokens):
-                assert got.shape[0] == want, (got.shape, want)
-            tables.append(torch.cat(parts) if parts else emb.new_zeros((0, hidden)))
-            k += len(p.audios)
-        return tables, {"features": t1 - t0, "encoder": t2 - t1}
+            self.check_limits(p, opts)
+        embeddings, digests, timings = self.encode(prompts)
+        spec = self.spec
+        reqs = [make_request(p, e, d, spec.audio_token_id, spec.text.vocab_size, opts, spec.text.hidden_size)
+                for p, e, d in zip(prompts, embeddings, digests)]
+        return reqs, timings
+
+    def check_limits(self, prompt: Prompt, opts: GenerationOptions) -> None:
+        """Raise `PromptError` when a request exceeds the engine dir's limits (nothing runs)."""
+        lim = self.limits
+        if not lim:
+            return
+        checks = [
+            ("audio tokens", prompt.num_audio_tokens, lim.get("max_audio_tokens")),
+            ("prompt tokens", len(prompt.input_ids), lim.get("max_input_len")),
+            ("max_new_tokens", opts.max_new_tokens, lim.get("max_new_tokens")),
+            ("prompt + max_new_tokens", len(prompt.input_ids) + opts.max_new_tokens, lim.get("max_seq_len")),
+        ]
+        for what, got, limit in checks:
+            if limit is not None and got > limit:
+                raise PromptError(f"expected at most {limit} {what} (engine limit), got {got}")
 
     # -- generation -----------------------------------------------------------------------------
     def options(self, **kw) -> GenerationOptions:
@@ -162,8 +203,7 @@ class Pipeline:
         with self._lock:
             t0 = time.perf_counter()
             prompts = self.prepare(conversations)
-            tables, timings = self.encode(prompts)
-            seqs = [self.builder.fake_ids(p) for p in prompts]
+            reqs, timings = self.requests(prompts, opts)
             gen = torch.Generator(device=self.device)
             if opts.seed is not None:
                 gen.manual_seed(opts.seed)
@@ -172,7 +212,7 @@ class Pipeline:
             reasons = [None] * len(prompts)
             t_first = None
             eos = set(opts.eos_token_ids)
-            for step, nxt in enumerate(self.decoder.steps(seqs, tables, opts, gen)):
+            for step, nxt in enumerate(self.decoder.steps(reqs, gen)):
                 nxt = nxt.tolist()
                 if t_first is None:
                     _sync(self.device)

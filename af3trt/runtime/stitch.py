@@ -1,0 +1,89 @@
+"""The one stitching module: prompt + audio embeddings -> what every decoder backend receives.
+
+A `DecoderRequest` is TensorRT-LLM's prompt-tuning request in backend-neutral form (DESIGN §4):
+`input_ids` with fake ids `vocab_size + row`, the request's own prompt `table` [rows, hidden],
+and `extra_ids` (one positive id per audio, repeated at its fake-token positions, 0 elsewhere) so
+that a later turn on the same audio can reuse its KV-cache blocks. The torch backend consumes
+exactly these fields; `executor_arguments` lays them out as the TensorRT-LLM executor's `Request`
+keywords, so CPU tests can prove both receive the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..prompt import Prompt, fake_ids
+from .sampling import GenerationOptions
+
+EXTRA_ID_BITS = 62  # extra ids are uint64 > 0 in TensorRT-LLM; stay clear of the sign bit of int64 tensors
+
+
+def audio_hash(samples: np.ndarray) -> str:
+    """Content hash of 16 kHz float32 samples (the encoder-cache key and the source of extra ids)."""
+    data = np.ascontiguousarray(samples, dtype=np.float32)
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def extra_id(digest: str) -> int:
+    """Positive 62-bit id of an audio's content hash (same audio, same id)."""
+    return (int(digest[:16], 16) & ((1 << EXTRA_ID_BITS) - 1)) or 1
+
+
+@dataclass
+class DecoderRequest:
+    """input_ids (T,) int64 with fake ids; table (rows, hidden); extra_ids (T,) int64 (0 on text)."""
+
+    input_ids: np.ndarray
+    table: torch.Tensor
+    extra_ids: np.ndarray
+    options: GenerationOptions
+    audio_rows: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def make_request(prompt: Prompt, embeddings: list[torch.Tensor], digests: list[str], audio_token_id: int,
+                 vocab_size: int, options: GenerationOptions, hidden: int) -> DecoderRequest:
+    """Stitch one prompt: embeddings[k] (rows_k, hidden) of its k-th audio, in prompt order."""
+    if len(embeddings) != len(prompt.audios) or len(digests) != len(prompt.audios):
+        raise ValueError(f"expected {len(prompt.audios)} audio embeddings and hashes, got {len(embeddings)}, {len(digests)}")
+    for k, (emb, rows) in enumerate(zip(embeddings, prompt.audio_tokens)):
+        if emb.shape[0] != rows:
+            raise ValueError(f"audio {k}: {rows} placeholders but {emb.shape[0]} embedding rows")
+    ids = np.asarray(prompt.input_ids, dtype=np.int64)
+    extra = np.zeros_like(ids)
+    where = np.flatnonzero(ids == audio_token_id)
+    extra[where] = np.repeat([extra_id(d) for d in digests], prompt.audio_tokens).astype(np.int64)
+    table = torch.cat(embeddings) if embeddings else torch.zeros((0, hidden))
+    return DecoderRequest(fake_ids(ids, audio_token_id, vocab_size), table, extra, options, list(prompt.audio_tokens))
+
+
+def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming: bool = False) -> dict:
+    """Keyword arguments of `tensorrt_llm.bindings.executor.Request` (pinned 1.2 API) for `req`,
+    as plain Python/torch values; the TensorRT-LLM backend wraps `prompt_tuning_config` and
+    `sampling_config` in their binding types. Fake ids start at vocab_size per request."""
+    o = req.options
+    sampling = {"beam_width": 1, "temperature": o.temperature if o.do_sample else None,
+                "top_k": (o.top_k or None) if o.do_sample else 1, "top_p": o.top_p if o.do_sample and o.top_p < 1 else None,
+                "repetition_penalty": o.repetition_penalty if o.repetition_penalty != 1.0 else None,
+                "min_tokens": o.min_new_tokens or None, "seed": o.seed}
+    args = {
+        "input_token_ids": req.input_ids.tolist(),
+        "max_tokens": o.max_new_tokens,
+        "streaming": streaming,
+        "end_id": end_id,
+        "pad_id": pad_id,
+        "stop_words": [[i] for i in o.eos_token_ids if i != end_id] or None,
+        "sampling_config": sampling,
+        "prompt_tuning_config": None,
+    }
+    if req.table.shape[0]:
+        args["prompt_tuning_config"] = {"embedding_table": req.table,
+                                        "input_token_extra_ids": req.extra_ids.tolist()}
+    return args
