@@ -11,6 +11,7 @@ BASE = [
     "onnx>=1.16",
     "onnxruntime>=1.18",
     "nvidia-modelopt>=0.35",
+    "requests",  # modelopt.torch.quantization imports it without declaring it (ModelOpt 0.47)
     "tqdm",
     "rich",
 ]
@@ -26,8 +27,8 @@ setup(
     extras_require={
         "triton": ["tritonclient[all]>=2.40", "nvidia-pytriton>=0.5"],
         "bench": ["matplotlib>=3.7", "jiwer>=3"],
-        "kernels": ["triton>=3.0"],
-        "dev": ["pytest>=8", "tritonclient[all]>=2.40", "nvidia-pytriton>=0.5", "matplotlib>=3.7", "jiwer>=3"],
+        "kernels": ["triton==3.9.0"],
+        "dev": ["pytest>=8", "triton==3.9.0", "tritonclient[all]>=2.40", "nvidia-pytriton>=0.5", "matplotlib>=3.7", "jiwer>=3"],
         # from NVIDIA's index / containers only (PyPI holds stub sdists): see README
         "trt": ["tensorrt"],
         "trtllm": ["tensorrt_llm"],

@@ -161,6 +161,22 @@ class TorchDecoder:
         module = Qwen2Decoder(ckpt.spec.text).load_hf_state_dict(ckpt.load(LM_PREFIX))
         return cls(module.to(dtype), device)
 
+    @classmethod
+    def from_trtllm_checkpoint(cls, ckpt_dir, spec=None, device="cpu", dtype=torch.float32) -> "TorchDecoder":
+        """Torch decoder on a TensorRT-LLM checkpoint (weights dequantized to what the engine multiplies)."""
+        from ..build.trtllm_checkpoint import load_trtllm_checkpoint, text_spec
+
+        cfg, state = load_trtllm_checkpoint(ckpt_dir)
+        text = text_spec(cfg)
+        if spec is not None:
+            want = spec.text
+            for field in ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+                if getattr(text, field) != getattr(want, field):
+                    raise ValueError(f"TensorRT-LLM checkpoint {ckpt_dir}: {field} {getattr(text, field)}, "
+                                     f"the AF3 config says {getattr(want, field)}")
+        module = Qwen2Decoder(text).load_hf_state_dict(state)
+        return cls(module.to(dtype), device)
+
     @torch.inference_mode()
     def steps(self, requests, generator=None):
         """Greedy/sampled decoding of a batch of `DecoderRequest`s (same options for all).

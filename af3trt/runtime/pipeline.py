@@ -71,25 +71,50 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, encoder: str = "auto", decoder: str = "auto",
                         device: str | None = None, dtype: str | torch.dtype | None = None,
-                        allow_urls: bool = False) -> "Pipeline":
-        """path: an AF3 checkpoint dir (HF layout) or "tiny" (generated into the cache on first use)."""
+                        allow_urls: bool = False, cache_bytes: int = DEFAULT_BUDGET_BYTES) -> "Pipeline":
+        """path: an engine dir (manifest.json, from `af3trt build`), an AF3 checkpoint dir (HF layout),
+        or "tiny" (generated into the cache on first use). encoder: auto|tensorrt|onnxruntime|torch;
+        decoder: auto|tensorrt_llm|torch ("auto" = the best available in the dir)."""
+        from ..build.manifest import MANIFEST
         from ..checkpoint import Checkpoint
         from ..testing import default_tiny_dir, make_tiny_checkpoint
         from .decoder import TorchDecoder
-        from .encoder import TorchEncoder
+        from .encoder import load_encoder
 
         if str(path) == "tiny":
             path = make_tiny_checkpoint(default_tiny_dir())
+        path = Path(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _dtype(dtype, device)
-        _pick(encoder, ENCODERS, "encoder")
-        _pick(decoder, DECODERS, "decoder")
+        if (path / MANIFEST).is_file():
+            return cls._from_engine_dir(path, encoder, decoder, device, dtype, allow_urls, cache_bytes)
+        _pick(encoder, ("torch",), "encoder (an AF3 checkpoint dir has only the torch weights)")
+        _pick(decoder, ("torch",), "decoder (an AF3 checkpoint dir has only the torch weights)")
         ckpt = Checkpoint.open(path)
-        enc = TorchEncoder.from_checkpoint(ckpt, device, dtype)
+        enc = load_encoder("torch", ckpt, device, dtype)
         dec = TorchDecoder.from_checkpoint(ckpt, device, dtype)
         builder = PromptBuilder.from_pretrained(path, ckpt.spec.audio_token_id, ckpt.spec.text.vocab_size,
                                                 allow_urls=allow_urls)
-        return cls(builder, enc, dec, ckpt.spec, _eos_ids(Path(path), builder.tokenizer), device)
+        return cls(builder, enc, dec, ckpt.spec, _eos_ids(path, builder.tokenizer), device, cache_bytes=cache_bytes)
+
+    @classmethod
+    def _from_engine_dir(cls, path: Path, encoder, decoder, device, dtype, allow_urls, cache_bytes) -> "Pipeline":
+        from ..build.manifest import Manifest
+        from .encoder import available_encoders, load_encoder
+
+        manifest = Manifest.read(path)
+        check_engine_dir(manifest, path)
+        spec = ModelSpec.from_dir(path / "tokenizer")
+        enc_name = _pick(encoder, tuple(available_encoders(path)), "encoder")
+        if enc_name == "torch":
+            enc = load_encoder("torch", _source_checkpoint(manifest), device, dtype)
+        else:
+            enc = load_encoder(enc_name, path, device, dtype)
+        builder = PromptBuilder.from_pretrained(path / "tokenizer", spec.audio_token_id, spec.text.vocab_size,
+                                                allow_urls=allow_urls)
+        eos = _eos_ids(path / "tokenizer", builder.tokenizer)
+        dec = load_decoder(decoder, path, manifest, spec, device, dtype, eos, builder.pad_token_id)
+        return cls(builder, enc, dec, spec, eos, device, limits=manifest.limits, cache_bytes=cache_bytes)
 
     # -- stages ---------------------------------------------------------------------------------
     def prepare(self, conversations) -> list[Prompt]:
@@ -243,6 +268,70 @@ class Pipeline:
             timings["tokens_per_second"] = (n - 1) / timings["decode"] if n > 1 and timings["decode"] > 0 else 0.0
             yield [(Result(texts[i], out[i], p.num_audio_tokens, reasons[i] or "length", dict(timings)), True)
                    for i, p in enumerate(prompts)]
+
+
+def check_engine_dir(manifest, path: Path) -> None:
+    """Refuse an engine dir built by another af3trt, from stages of different checkpoints, or missing
+    the stages every backend needs; says what differs."""
+    from .. import __version__
+    from ..build.manifest import ManifestError
+
+    built_with = manifest.versions.get("af3trt")
+    if built_with != __version__:
+        raise ManifestError(f"engine dir {path} was built by af3trt {built_with}, this is af3trt {__version__}: "
+                            f"rebuild it with `af3trt build`")
+    manifest.require(path, "tokenizer", "llm_checkpoint")
+    want = manifest.checkpoint.get("fingerprint")
+    for name, entry in manifest.stages.items():
+        got = entry.get("checkpoint")
+        if got is not None and got != want:
+            raise ManifestError(f"stage {name!r} of {path} was built from checkpoint {got}, the manifest says {want}")
+
+
+def _source_checkpoint(manifest):
+    from ..build.manifest import ManifestError
+    from ..checkpoint import Checkpoint
+
+    src = manifest.checkpoint.get("path")
+    try:
+        ckpt = Checkpoint.open(src)
+    except FileNotFoundError as exc:
+        raise ManifestError(f"the torch encoder needs the source checkpoint {src}: {exc}") from exc
+    if ckpt.fingerprint() != manifest.checkpoint.get("fingerprint"):
+        raise ManifestError(f"checkpoint at {src} changed since the engine dir was built "
+                            f"(fingerprint {ckpt.fingerprint()}, manifest {manifest.checkpoint.get('fingerprint')})")
+    return ckpt
+
+
+def available_decoders(path: Path, manifest) -> tuple[str, ...]:
+    import importlib.util
+
+    out = []
+    if manifest.stage("llm_engine") and importlib.util.find_spec("tensorrt_llm") and torch.cuda.is_available():
+        out.append("tensorrt_llm")
+    return tuple(out + ["torch"])
+
+
+def load_decoder(name: str, path: Path, manifest, spec: ModelSpec, device, dtype, eos, pad_id):
+    """Decoder backend for an engine dir: TensorRT-LLM engine, or torch on the TensorRT-LLM checkpoint."""
+    from importlib import metadata
+
+    from ..build.manifest import ManifestError
+    from .decoder import TorchDecoder
+
+    name = _pick(name, available_decoders(path, manifest), "decoder")
+    if name == "tensorrt_llm":
+        from .trtllm import TensorRTLLMDecoder
+
+        built, here = manifest.versions.get("tensorrt_llm"), metadata.version("tensorrt_llm")
+        if built != here:
+            raise ManifestError(f"llm/engine of {path} was built with TensorRT-LLM {built}, this is {here}")
+        dec = TensorRTLLMDecoder(path / manifest.stages["llm_engine"]["path"], end_id=eos[0], pad_id=pad_id,
+                                 max_batch_size=manifest.limits.get("max_batch_size"))
+        if dec.vocab_size != spec.text.vocab_size:
+            raise ManifestError(f"engine vocab_size {dec.vocab_size} differs from the model's {spec.text.vocab_size}")
+        return dec
+    return TorchDecoder.from_trtllm_checkpoint(path / manifest.stages["llm_checkpoint"]["path"], spec, device, dtype)
 
 
 def _sync(device: torch.device) -> None:
