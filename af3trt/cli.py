@@ -40,6 +40,27 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_build(args) -> int:
+    from .build.engine_dir import BuildOptions, build_engine_dir
+    from .build.llm import EngineLimits
+    from .testing import default_tiny_dir, make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(default_tiny_dir()) if args.model == "tiny" else args.model
+    limits = EngineLimits(max_batch_size=args.max_batch_size, max_audio_seconds=args.max_audio_seconds,
+                          max_text_tokens=args.max_text_tokens, max_new_tokens=args.max_new_tokens)
+    options = BuildOptions(precision=args.precision, kv_cache=args.kv_cache, tp_size=args.tp_size,
+                           encoder_precision=args.encoder_precision, limits=limits, calib_audio=args.calib_audio,
+                           calib_size=args.calib_size, calib_max_tokens=args.calib_max_tokens,
+                           stages=tuple(args.stages.split(",")), force=args.force)
+    manifest = build_engine_dir(model=model, out=args.out, options=options)
+    for name, entry in manifest.stages.items():
+        if "missing" in entry:
+            print(f"{name}: not built here ({entry['missing']}); finish with:\n  {entry['command']}")
+        else:
+            print(f"{name}: {entry['path']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="af3trt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,8 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_tiny)
 
+    p = sub.add_parser("build", help="AF3 checkpoint -> engine dir (ONNX/TensorRT encoder, TensorRT-LLM decoder)")
+    p.add_argument("--model", required=True, help="AF3 checkpoint dir (HF layout) or 'tiny'")
+    p.add_argument("--out", required=True, help="engine dir to write")
+    p.add_argument("--precision", default="bf16", help="bf16|fp16|fp8|int8_wo|int8_sq|int4_awq")
+    p.add_argument("--kv-cache", default="auto", help="auto|fp8|int8")
+    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--encoder-precision", default="fp16", help="TensorRT encoder plan: fp16|bf16|fp8|int8")
+    p.add_argument("--max-batch-size", type=int, default=1)
+    p.add_argument("--max-audio-seconds", type=float, default=600.0)
+    p.add_argument("--max-text-tokens", type=int, default=2048)
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--calib-audio", default=None, help="folder of calibration audio (default: bundled + synthetic)")
+    p.add_argument("--calib-size", type=int, default=16)
+    p.add_argument("--calib-max-tokens", type=int, default=1024)
+    p.add_argument("--stages", default="encoder,llm", help="comma-separated: encoder,llm")
+    p.add_argument("--force", action="store_true", help="rebuild stages even when unchanged")
+    p.set_defaults(func=_cmd_build)
+
     p = sub.add_parser("run", help="answer a prompt about audio files")
-    p.add_argument("--model", required=True, help="AF3 checkpoint dir, engine dir, or 'tiny'")
+    p.add_argument("--model", required=True, help="engine dir (af3trt build), AF3 checkpoint dir, or 'tiny'")
     p.add_argument("--audio", action="append", help="audio file (repeat for several)")
     p.add_argument("--prompt", default="Transcribe the input speech.")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -76,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (AudioError, PromptError, FileNotFoundError, ValueError) as exc:
+    except (AudioError, PromptError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"af3trt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -28,6 +28,12 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def rope_inv_freq(t: TextSpec, device=None) -> torch.Tensor:
+    """(head_dim // 2,) float32 RoPE inverse frequencies (default rope, theta from the config)."""
+    exponent = torch.arange(0, t.head_dim, 2, dtype=torch.int64, device=device).float() / t.head_dim
+    return 1.0 / (t.rope_theta ** exponent)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
@@ -84,8 +90,13 @@ class Qwen2Decoder(nn.Module):
         self.model.layers = nn.ModuleList(Layer(t) for _ in range(t.num_layers))
         self.model.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
-        inv = 1.0 / (t.rope_theta ** (torch.arange(0, t.head_dim, 2, dtype=torch.int64).float() / t.head_dim))
-        self.register_buffer("inv_freq", inv, persistent=False)
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # float32 always: not a buffer, so .to(bf16) keeps it
+
+    def inv_freq(self, device) -> torch.Tensor:
+        inv = self._inv_freq.get(device)
+        if inv is None:
+            inv = self._inv_freq[device] = rope_inv_freq(self.t, device)
+        return inv
 
     def load_hf_state_dict(self, state: dict) -> "Qwen2Decoder":
         state = dict(state)
@@ -107,7 +118,7 @@ class Qwen2Decoder(nn.Module):
         return x
 
     def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq
+        freqs = positions[..., None].float() * self.inv_freq(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 

@@ -19,10 +19,6 @@ from .encoder import valid_rows
 from .sampling import GenerationOptions
 from .stitch import audio_hash, make_request
 
-ENCODERS = ("torch",)
-DECODERS = ("torch",)
-
-
 @dataclass
 class Result:
     """One conversation's answer. timings in seconds: features, encoder, prefill (to the first
@@ -78,7 +74,6 @@ class Pipeline:
         from ..build.manifest import MANIFEST
         from ..checkpoint import Checkpoint
         from ..testing import default_tiny_dir, make_tiny_checkpoint
-        from .decoder import TorchDecoder
         from .encoder import load_encoder
 
         if str(path) == "tiny":
@@ -89,10 +84,10 @@ class Pipeline:
         if (path / MANIFEST).is_file():
             return cls._from_engine_dir(path, encoder, decoder, device, dtype, allow_urls, cache_bytes)
         _pick(encoder, ("torch",), "encoder (an AF3 checkpoint dir has only the torch weights)")
-        _pick(decoder, ("torch",), "decoder (an AF3 checkpoint dir has only the torch weights)")
+        dec_name = _pick(decoder, _torch_decoders(device), "decoder (an AF3 checkpoint dir has only the torch weights)")
         ckpt = Checkpoint.open(path)
         enc = load_encoder("torch", ckpt, device, dtype)
-        dec = TorchDecoder.from_checkpoint(ckpt, device, dtype)
+        dec = _TORCH_DECODERS[dec_name]().from_checkpoint(ckpt, device, dtype)
         builder = PromptBuilder.from_pretrained(path, ckpt.spec.audio_token_id, ckpt.spec.text.vocab_size,
                                                 allow_urls=allow_urls)
         return cls(builder, enc, dec, ckpt.spec, _eos_ids(path, builder.tokenizer), device, cache_bytes=cache_bytes)
@@ -309,7 +304,27 @@ def available_decoders(path: Path, manifest) -> tuple[str, ...]:
     out = []
     if manifest.stage("llm_engine") and importlib.util.find_spec("tensorrt_llm") and torch.cuda.is_available():
         out.append("tensorrt_llm")
-    return tuple(out + ["torch"])
+    return tuple(out) + _torch_decoders("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _torch_decoders(device) -> tuple[str, ...]:
+    """torch-fast (static KV cache, CUDA graphs, GEMV kernels) first on CUDA; the plain reference first on CPU."""
+    return ("torch-fast", "torch") if str(device).startswith("cuda") else ("torch", "torch-fast")
+
+
+def _fast_decoder():
+    from .fast_decoder import FastTorchDecoder
+
+    return FastTorchDecoder
+
+
+def _plain_decoder():
+    from .decoder import TorchDecoder
+
+    return TorchDecoder
+
+
+_TORCH_DECODERS = {"torch": _plain_decoder, "torch-fast": _fast_decoder}
 
 
 def load_decoder(name: str, path: Path, manifest, spec: ModelSpec, device, dtype, eos, pad_id):
@@ -317,7 +332,6 @@ def load_decoder(name: str, path: Path, manifest, spec: ModelSpec, device, dtype
     from importlib import metadata
 
     from ..build.manifest import ManifestError
-    from .decoder import TorchDecoder
 
     name = _pick(name, available_decoders(path, manifest), "decoder")
     if name == "tensorrt_llm":
@@ -331,7 +345,8 @@ def load_decoder(name: str, path: Path, manifest, spec: ModelSpec, device, dtype
         if dec.vocab_size != spec.text.vocab_size:
             raise ManifestError(f"engine vocab_size {dec.vocab_size} differs from the model's {spec.text.vocab_size}")
         return dec
-    return TorchDecoder.from_trtllm_checkpoint(path / manifest.stages["llm_checkpoint"]["path"], spec, device, dtype)
+    return _TORCH_DECODERS[name]().from_trtllm_checkpoint(path / manifest.stages["llm_checkpoint"]["path"], spec,
+                                                          device, dtype)
 
 
 def _sync(device: torch.device) -> None:

@@ -1,0 +1,511 @@
+"""Fast torch Qwen2 decoder without TensorRT: static KV cache, CUDA-graph decode, Triton GEMV linears.
+
+Same backend contract as `decoder.TorchDecoder` (`steps(requests, generator)` yields (B,) next ids;
+prompt-table fake ids, DESIGN §4). What makes it fast on a GPU (shared/reference/af3.md: an eager
+step is 13.1 ms, a CUDA graph of it 6.08 ms, the bf16 weight-read floor 3.31 ms on an H200):
+
+- the KV cache is preallocated for (max_batch, max_seq) per layer, so a decode step has fixed
+  shapes and fixed addresses and is captured once per (batch, attended KV length) into a CUDA
+  graph; the graphs share one memory pool. The step reads its varying inputs (token ids, the
+  cache slot it writes, each row's first valid slot) from static device buffers: no host sync,
+  no data-dependent Python branch, so replay == eager (`_decode_step` runs eagerly on CPU);
+- decode linears go through `kernels.gemv` (split-K Triton GEMV; batch <= 8), with q/k/v fused
+  into one weight and gate/up into another: 3 launches fewer per layer and larger matrices;
+- FP8 checkpoints keep their float8_e4m3fn weights (`fp8_weights`): weight-only FP8 GEMV at
+  decode, `torch._scaled_mm` (per-call activation scale) at prefill;
+- prefill is one batched pass over the left-padded prompts (SDPA; causal flash without padding),
+  or one unpadded pass per row when the padding mask of a batched pass would be large.
+
+Off CUDA the same code runs eagerly with `F.linear` and the kernels' torch references, in any
+dtype, so CPU tests can compare tokens with `TorchDecoder`. One generation at a time per object.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..kernels.gemv import MAX_M, gemv_bf16, gemv_fp8
+from ..spec import ModelSpec, TextSpec
+from .decoder import attention_bias, rotate_half
+from .fast_weights import FastLayer, FastLinear, FastWeights, fast_weights, fp8_linear, random_fast_weights
+
+__all__ = ["FastTorchDecoder", "KV_BUCKET", "benchmark_matrix", "decode_step_benchmark"]
+
+# Attended KV lengths of the captured decode steps: 256, 512, 1024, ... up to the cache length.
+# Attention reads at most 2x the live keys (masked) in exchange for ~log2(max_seq / 256) graphs
+# per batch size; at 1024 keys and batch 8 the attended cache is 0.47 GB against 15 GB of weights.
+KV_BUCKET = 256
+DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+@dataclass
+class _Session:
+    batch: int
+    prompt_len: int  # padded prompt length n: decode step s writes cache slot n + s
+    step: int = 0
+    history: torch.Tensor | None = field(default=None, repr=False)
+
+
+class _DecodeGraphs:
+    """CUDA graphs of `step(batch, kv_len)`, captured lazily, one per (batch, kv_len), one pool."""
+
+    def __init__(self, step):
+        self.step = step
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, batch: int, kv_len: int) -> torch.Tensor:
+        entry = self.graphs.get((batch, kv_len))
+        if entry is None:
+            entry = self.graphs[(batch, kv_len)] = self._capture(batch, kv_len)
+        entry[0].replay()
+        return entry[1]
+
+    def _capture(self, batch: int, kv_len: int):
+        # Warm-up on a side stream first (Triton JIT + module load, cuBLAS workspaces, SDPA kernel
+        # choice must not happen inside the capture). It runs on the live static inputs and writes
+        # the same KV slot the replay then rewrites with the same values, so it is harmless.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step(batch, kv_len)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.step(batch, kv_len)
+        return graph, out
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class FastTorchDecoder:
+    """Decoder backend: static KV cache, one-pass prefill, CUDA-graph decode steps, GEMV linears.
+
+    weights: `FastWeights`; max_batch / max_seq: initial cache size (grown, and graphs dropped,
+    when a request needs more); use_graphs: capture decode steps (default: on CUDA); kernels: the
+    Triton GEMVs for <= 8 rows (default: on CUDA in bfloat16; off CUDA they are their references);
+    fp8_activations: FP8 linears over > 8 rows (prefill) quantize activations for `torch._scaled_mm`
+    (default: where supported) or, False, multiply dequantized weights (weight-only, more accurate).
+    """
+
+    name = "torch-fast"
+    # Above this, a padded batch prefills row by row: the additive mask of a batched pass grows as
+    # B x T^2 (8 rows of 10 min audio, T = 15k: 3.6 GB in bf16), while rows that long fill the GPU
+    # alone; below it one batched pass reads the weights once for all rows.
+    prefill_mask_bytes = 256 << 20
+
+    def __init__(self, weights: FastWeights, device=None, *, max_batch: int = 8, max_seq: int = 4096,
+                 use_graphs: bool | None = None, kernels: bool | None = None, fp8_activations: bool | None = None):
+        self.w = weights
+        self.spec = weights.text
+        self.dtype = weights.dtype
+        self.device = torch.device(device) if device is not None else weights.embed.device
+        if self.device != weights.embed.device and not (self.device.type == "cuda" == weights.embed.device.type):
+            raise ValueError(f"expected weights on {self.device}, got {weights.embed.device}")
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = on_cuda if use_graphs is None else use_graphs
+        self.kernels = (on_cuda and self.dtype == torch.bfloat16) if kernels is None else kernels
+        self.fp8_activations = fp8_activations
+        if self.use_graphs and not on_cuda:
+            raise ValueError(f"expected a CUDA device for CUDA graphs, got {self.device}")
+        if self.kernels and self.dtype != torch.bfloat16:
+            raise ValueError(f"expected dtype torch.bfloat16 for the GEMV kernels, got {self.dtype}")
+        t = self.spec
+        self.group = t.num_heads // t.num_kv_heads
+        self.qkv_sizes = [t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.num_kv_heads * t.head_dim]
+        self.max_batch, self.max_seq = max_batch, _round_up(max_seq, KV_BUCKET)
+        self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._session: _Session | None = None
+        self._runner = None
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_module(cls, module, device=None, **kw) -> "FastTorchDecoder":
+        """From a `decoder.Qwen2Decoder` (its dtype; weights fused, the module is not kept)."""
+        dtype = next(module.parameters()).dtype
+        state = {k: v.detach() for k, v in module.state_dict().items()}
+        device = device or next(module.parameters()).device
+        return cls(fast_weights(module.t, state, None, device, dtype), device, **kw)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, device="cpu", dtype=torch.float32, **kw) -> "FastTorchDecoder":
+        from .decoder import TorchDecoder
+
+        module = TorchDecoder.from_checkpoint(ckpt, "cpu", dtype).module
+        return cls(fast_weights(module.t, module.state_dict(), None, device, dtype), device, **kw)
+
+    @classmethod
+    def from_trtllm_checkpoint(cls, ckpt_dir, spec: ModelSpec | None = None, device="cpu", dtype=torch.float32,
+                               fp8: bool | None = None, **kw) -> "FastTorchDecoder":
+        """On a TensorRT-LLM checkpoint. fp8=None: FP8 weights kept when the checkpoint is FP8;
+        fp8=False: every weight dequantized (as `TorchDecoder`); fp8=True: an FP8 checkpoint required."""
+        from .decoder import TorchDecoder
+        from .fp8_weights import load_fp8_trtllm_checkpoint
+
+        cfg = json.loads((Path(ckpt_dir) / "config.json").read_text())
+        is_fp8 = (cfg.get("quantization") or {}).get("quant_algo") == "FP8"
+        if fp8 is None:
+            fp8 = is_fp8
+        if not fp8:
+            module = TorchDecoder.from_trtllm_checkpoint(ckpt_dir, spec, "cpu", dtype).module
+            return cls(fast_weights(module.t, module.state_dict(), None, device, dtype), device, **kw)
+        ck = load_fp8_trtllm_checkpoint(ckpt_dir)
+        if spec is not None:
+            for f in ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+                if getattr(ck.text, f) != getattr(spec.text, f):
+                    raise ValueError(f"TensorRT-LLM checkpoint {ckpt_dir}: {f} {getattr(ck.text, f)}, "
+                                     f"the AF3 config says {getattr(spec.text, f)}")
+        return cls(fast_weights(ck.text, ck.weights, ck.scales, device, dtype), device, **kw)
+
+    # -- building blocks ------------------------------------------------------------------------
+    def _linear(self, lin: FastLinear, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) -> (M, N). GEMV for <= 8 rows (memory-bound); cuBLAS / _scaled_mm above."""
+        gemv = self.kernels and x.shape[0] <= MAX_M
+        if lin.scale is None:
+            return gemv_bf16(x, lin.weight, lin.bias) if gemv else F.linear(x, lin.weight, lin.bias)
+        if gemv:
+            return gemv_fp8(x, lin.weight, lin.scale, lin.bias)
+        return fp8_linear(x, lin.weight, lin.scale, lin.bias, scaled_mm=self.fp8_activations)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, 1, T, head_dim) in the model dtype (HF's rotate_half layout)."""
+        freqs = positions[..., None].float() * self.w.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]
+
+    def _block(self, layer: FastLayer, x, cos, sin, attend) -> torch.Tensor:
+        """One decoder layer on x (B, T, H); attend(q, k, v) -> (B, T, heads*head_dim) writes the cache."""
+        b, n, _ = x.shape
+        t = self.spec
+        h = layer.input_norm(x).reshape(b * n, -1)
+        q, k, v = self._linear(layer.qkv, h).split(self.qkv_sizes, dim=-1)
+        q = q.reshape(b, n, t.num_heads, t.head_dim).transpose(1, 2)
+        k = k.reshape(b, n, t.num_kv_heads, t.head_dim).transpose(1, 2)
+        v = v.reshape(b, n, t.num_kv_heads, t.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        o = attend(q, k, v)
+        x = x + self._linear(layer.o, o.reshape(b * n, -1)).view(b, n, -1)
+        h = layer.post_norm(x).reshape(b * n, -1)
+        gate, up = self._linear(layer.gate_up, h).chunk(2, dim=-1)
+        return x + self._linear(layer.down, F.silu(gate) * up).view(b, n, -1)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, H) last hidden states -> (B, V) float32 logits."""
+        return self._linear(self.w.lm_head, self.w.norm(x)).float()
+
+    def _embed(self, ids, table, offsets) -> torch.Tensor:
+        """Prompt-table lookup of Qwen2Decoder.embed: id >= vocab reads row id - vocab + offset."""
+        vocab = self.spec.vocab_size
+        fake = ids >= vocab
+        x = F.embedding(ids.masked_fill(fake, 0), self.w.embed)
+        if bool(fake.any()):
+            if table is None:
+                raise ValueError(f"ids >= vocab_size {vocab} need a prompt table, got none")
+            rows = ids - vocab + offsets[:, None]
+            x[fake] = table[rows[fake]].to(x.dtype)
+        return x
+
+    # -- cache ----------------------------------------------------------------------------------
+    def _ensure_cache(self, batch: int, length: int) -> None:
+        """Allocate (or grow) the static cache and its static step inputs; growing drops the graphs."""
+        if self.cache is not None and self.cache[0][0].shape[0] >= batch and self.cache[0][0].shape[2] >= length:
+            return
+        t, dev = self.spec, self.device
+        self.max_batch, self.max_seq = max(self.max_batch, batch), max(self.max_seq, _round_up(length, KV_BUCKET))
+        self.cache = self._runner = None  # free the old cache before allocating the new one
+        shape = (self.max_batch, t.num_kv_heads, self.max_seq, t.head_dim)
+        # zeros, not empty: masked keys get probability 0, and 0 * NaN garbage would still be NaN
+        self.cache = [(torch.zeros(shape, dtype=self.dtype, device=dev), torch.zeros(shape, dtype=self.dtype, device=dev))
+                      for _ in range(t.num_layers)]
+        self._tokens = torch.zeros(self.max_batch, dtype=torch.long, device=dev)
+        self._start = torch.zeros(self.max_batch, dtype=torch.long, device=dev)  # first valid slot per row
+        self._write = torch.zeros(1, dtype=torch.long, device=dev)  # slot this step writes (all rows)
+        self._slots = torch.arange(self.max_seq, device=dev)
+        self._runner = _DecodeGraphs(self._decode_step) if self.use_graphs else self._decode_step
+
+    def kv_bucket(self, kv_len: int) -> int:
+        """Attended KV length (a captured shape) for `kv_len` live slots."""
+        b = KV_BUCKET
+        while b < kv_len:
+            b *= 2
+        return min(b, self.max_seq)
+
+    # -- prefill / decode -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, requests) -> torch.Tensor:
+        """Left-padded prompts of `DecoderRequest`s -> (B, V) float32 next-token logits.
+
+        One batched pass with a padding mask, or, when that (B, 1, T, T) mask would exceed
+        `prefill_mask_bytes`, one unpadded causal pass per row written at its padded slots.
+        Starts a session: the cache holds the prompts, `decode` continues from here."""
+        from ..prompt import left_pad
+
+        opts = requests[0].options
+        ids, mask = left_pad([r.input_ids for r in requests], 0)
+        ids = torch.as_tensor(ids, device=self.device)
+        mask = torch.as_tensor(mask, device=self.device)
+        b, n = ids.shape
+        self._ensure_cache(b, n + opts.max_new_tokens)
+        rows = [int(r.table.shape[0]) for r in requests]
+        table = torch.cat([r.table.to(self.device, self.dtype) for r in requests]) if sum(rows) else None
+        offsets = torch.as_tensor([sum(rows[:i]) for i in range(b)], device=self.device)
+        x = self._embed(ids, table, offsets)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        pads = [n - len(r.input_ids) for r in requests]
+        if any(pads) and b * n * n * x.element_size() > self.prefill_mask_bytes:
+            last = torch.cat([self._prefill_pass(x[i : i + 1, p:], positions[i : i + 1, p:], None, i, p)
+                              for i, p in enumerate(pads)])
+        else:
+            last = self._prefill_pass(x, positions, attention_bias(mask, n, 0, self.dtype), 0, 0)
+        self._start[:b].copy_(torch.as_tensor(pads, device=self.device))
+        self._session = _Session(b, n, history=ids)
+        return self._logits(last)
+
+    def _prefill_pass(self, x, positions, bias, row: int, slot: int) -> torch.Tensor:
+        """x (b, T, H) -> last hidden states (b, H); K/V go to cache rows row.., slots slot.."""
+        cos, sin = self._rope(positions)
+        for i, layer in enumerate(self.w.layers):
+            x = self._block(layer, x, cos, sin, partial(self._attend_prefill, i, bias, row, slot))
+        return x[:, -1]
+
+    def _attend_prefill(self, i, bias, row, slot, q, k, v) -> torch.Tensor:
+        b, _, n, _ = q.shape
+        ck, cv = self.cache[i]
+        ck[row : row + b, :, slot : slot + n] = k
+        cv[row : row + b, :, slot : slot + n] = v
+        if bias is None:  # no padding: causal flash attention, which takes GQA as is
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, enable_gqa=self.group > 1)
+        else:
+            # Padding mask: the memory-efficient kernel takes a mask but not GQA (SDPA would fall
+            # back to the math path and materialize B x heads x T x T scores), so repeat K/V.
+            k, v = k.repeat_interleave(self.group, 1), v.repeat_interleave(self.group, 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return o.transpose(1, 2).reshape(b, n, -1)
+
+    def _decode_step(self, batch: int, kv_len: int) -> torch.Tensor:
+        """The captured function: one token per row from the static buffers -> (batch, V) logits.
+
+        Fixed shapes for a given (batch, kv_len); reads `_tokens`, `_write`, `_start` on the device;
+        no host sync. Attends slots [0, kv_len) with slots outside [start_b, write] masked."""
+        start = self._start[:batch]
+        x = F.embedding(self._tokens[:batch], self.w.embed)[:, None]
+        cos, sin = self._rope((self._write - start)[:, None])
+        slots = self._slots[:kv_len]
+        live = (slots[None] >= start[:, None]) & (slots[None] <= self._write)
+        mask = torch.where(live, 0.0, float("-inf")).to(self.dtype)[:, None, None]  # (B, 1, 1, kv_len)
+        # Not cuDNN attention: its CUDA-graph capture with masks has known failures (e.g.
+        # pytorch/pytorch#140930, TransformerEngine#2344); flash takes no mask, so on CUDA this is
+        # the memory-efficient kernel, on CPU flash-CPU or math.
+        with sdpa_kernel(DECODE_ATTENTION):
+            for i, layer in enumerate(self.w.layers):
+                x = self._block(layer, x, cos, sin, partial(self._attend_decode, i, kv_len, mask))
+        return self._logits(x[:, -1])
+
+    def _attend_decode(self, i, kv_len, mask, q, k, v) -> torch.Tensor:
+        b, t = q.shape[0], self.spec
+        ck, cv = self.cache[i][0][:b], self.cache[i][1][:b]
+        ck.index_copy_(2, self._write, k)
+        cv.index_copy_(2, self._write, v)
+        # The `group` query heads of one KV head become `group` query positions of that head: plain
+        # attention over (B, kv_heads) with a broadcast mask, no K/V repeat and no GQA kernel needed.
+        q = q.reshape(b, t.num_kv_heads, self.group, t.head_dim)
+        o = F.scaled_dot_product_attention(q, ck[:, :, :kv_len], cv[:, :, :kv_len], attn_mask=mask)
+        return o.reshape(b, 1, -1)
+
+    @torch.inference_mode()
+    def decode(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """Feed (B,) ids of the session's next position -> (B, V) float32 logits.
+
+        With CUDA graphs the result is the graph's output buffer: valid until the next `decode`."""
+        s = self._session
+        if s is None:
+            raise RuntimeError("expected prefill(requests) before decode, got no session")
+        slot = s.prompt_len + s.step
+        if slot >= self.max_seq:
+            raise ValueError(f"expected at most {self.max_seq} cached positions, got {slot + 1}")
+        if tuple(next_ids.shape) != (s.batch,):
+            raise ValueError(f"expected ({s.batch},) next ids, got {tuple(next_ids.shape)}")
+        self._tokens[: s.batch].copy_(next_ids)
+        self._write.fill_(slot)
+        s.step += 1
+        return self._runner(s.batch, self.kv_bucket(slot + 1))
+
+    @torch.inference_mode()
+    def steps(self, requests, generator=None):
+        """Greedy/sampled decoding of a batch of `DecoderRequest`s, as `TorchDecoder.steps`:
+        yields (B,) int64 next ids per step, the first after the prefill."""
+        from .sampling import select_next
+
+        opts = requests[0].options
+        logits = self.prefill(requests)
+        history = self._session.history
+        eos = torch.as_tensor(list(opts.eos_token_ids), device=self.device, dtype=torch.long)
+        for step in range(opts.max_new_tokens):
+            if step < opts.min_new_tokens and eos.numel():
+                logits[:, eos] = float("-inf")
+            nxt = select_next(logits, history, opts, generator)
+            yield nxt
+            if step + 1 == opts.max_new_tokens:
+                return
+            history = torch.cat([history, nxt[:, None]], dim=1)
+            logits = self.decode(nxt)
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def _percentiles(ms: list[float]) -> dict:
+    q = statistics.quantiles(ms, n=10) if len(ms) > 1 else ms * 9
+    return {"p50": statistics.median(ms), "p90": q[8], "mean": statistics.fmean(ms), "n": len(ms)}
+
+
+def _time_ms(fn, iters: int, warmup: int, device: torch.device) -> list[float]:
+    """Per-call milliseconds, warm-up calls excluded: CUDA events recorded back to back and read after
+    one final sync (GPU time, launch gaps included); perf_counter off CUDA."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+    torch.cuda.synchronize(device)
+    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in marks:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in marks]
+
+
+def _bench_spec(spec_or_full_size) -> TextSpec:
+    if isinstance(spec_or_full_size, ModelSpec):
+        return spec_or_full_size.text
+    if isinstance(spec_or_full_size, TextSpec):
+        return spec_or_full_size
+    if spec_or_full_size in (None, True, "full"):
+        from ..benchmark.random_model import full_spec
+
+        return full_spec().text  # Qwen2.5-7B: 3584 / 18944 / 28 layers / 28:4 heads / 128 / 151672
+    raise ValueError(f"expected a TextSpec, ModelSpec or 'full', got {spec_or_full_size!r}")
+
+
+_BENCH_WEIGHTS: dict = {}  # one slot: the last random model, reused by calls with the same shapes
+
+
+def _bench_weights(text: TextSpec, dtype, fp8: bool, device: torch.device) -> FastWeights:
+    key = (text, dtype, fp8, device)
+    if key not in _BENCH_WEIGHTS:
+        _BENCH_WEIGHTS.clear()  # at most one full-size model (15 GB bf16) in memory
+        gc.collect()  # earlier decoders hold their weights in a cycle (decoder -> graphs -> bound step)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        _BENCH_WEIGHTS[key] = random_fast_weights(text, device, dtype, fp8)
+    return _BENCH_WEIGHTS[key]
+
+
+@torch.inference_mode()
+def decode_step_benchmark(spec_or_full_size="full", batch: int = 1, kv_len: int = 1024, dtype=torch.bfloat16,
+                          fp8: bool = False, iters: int = 100, *, warmup: int = 10, eager_iters: int = 10,
+                          kernels: bool | None = None, hw: dict | None = None, device="cuda") -> dict:
+    """ms per decode step of the CUDA-graph-captured step (eager off CUDA), random weights at the
+    real Qwen2.5-7B shapes ("full") or a given TextSpec; returns a dict (STYLE rule 13).
+
+    Every row attends `kv_len` keys (kv_len - 1 cached + the new one; a power of two >= 256 is
+    attended exactly, else rounded up to its bucket). Also times the same step eagerly, and the
+    floor: decode weight bytes (as stored: FP8 linears, bf16 lm_head) / measured copy bandwidth
+    (`benchmark.floor.measure`; pass `hw` to reuse one), with and without the KV bytes read.
+    kernels=False: cuBLAS linears (the baseline the GEMVs must beat).
+    """
+    from ..benchmark.floor import measure
+
+    device = torch.device(device)
+    text = _bench_spec(spec_or_full_size)
+    hw = hw or measure(device)
+    weights = _bench_weights(text, dtype, fp8, device)
+    dec = FastTorchDecoder(weights, device, max_batch=batch, max_seq=kv_len, kernels=kernels)
+    dec._ensure_cache(batch, kv_len)
+    dec._tokens.random_(0, text.vocab_size)
+    dec._write.fill_(kv_len - 1)  # rows' start stays 0: all kv_len slots are live
+    attended = dec.kv_bucket(kv_len)
+    t0 = time.perf_counter()
+    dec._runner(batch, attended)  # capture (after its warm-up) and one replay
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    capture_s = time.perf_counter() - t0
+    step_ms = _percentiles(_time_ms(lambda: dec._runner(batch, attended), iters, warmup, device))
+    eager_ms = _percentiles(_time_ms(lambda: dec._decode_step(batch, attended), eager_iters, 2, device))
+    weight_bytes = weights.decode_bytes()
+    kv_bytes = batch * kv_len * 2 * text.num_layers * text.num_kv_heads * text.head_dim * weights.embed.element_size()
+    bandwidth = hw["copy_gbps"] * 1e9
+    out = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+        "batch": batch, "kv_len": kv_len, "attended_kv": attended, "dtype": str(dtype).removeprefix("torch."),
+        "fp8": fp8, "kernels": dec.kernels, "cuda_graph": dec.use_graphs,
+        "shapes": {k: getattr(text, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                                 "num_kv_heads", "head_dim", "vocab_size")},
+        "step_ms": step_ms, "eager_ms": eager_ms, "capture_s": capture_s,
+        "weight_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9, "copy_gbps": hw["copy_gbps"],
+        "floor_ms": weight_bytes / bandwidth * 1e3, "floor_ms_with_kv": (weight_bytes + kv_bytes) / bandwidth * 1e3,
+    }
+    out["step_over_floor"] = step_ms["p50"] / out["floor_ms_with_kv"]
+    out["achieved_gbps"] = (weight_bytes + kv_bytes) / (step_ms["p50"] / 1e3) / 1e9
+    return out
+
+
+def benchmark_matrix(iters: int = 100, kv_len: int = 1024, batches=(1, 8), cublas_baseline: bool = True,
+                     spec_or_full_size="full", device="cuda") -> list[dict]:
+    """decode_step_benchmark over {bf16, fp8} x batches (+ bf16 with cuBLAS linears as the baseline),
+    one random model in memory at a time, one bandwidth measurement for all rows."""
+    from ..benchmark.floor import measure
+
+    hw = measure(device)
+    rows = []
+    for fp8 in (False, True):
+        for batch in batches:
+            for kernels in ((None, False) if cublas_baseline and not fp8 else (None,)):
+                rows.append(decode_step_benchmark(spec_or_full_size, batch, kv_len, torch.bfloat16, fp8, iters,
+                                                  kernels=kernels, hw=hw, device=device))
+    _BENCH_WEIGHTS.clear()
+    return rows
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="decode-step ms of FastTorchDecoder at Qwen2.5-7B shapes (GPU)")
+    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--kv-len", type=int, default=1024)
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    rows = benchmark_matrix(args.iters, args.kv_len)
+    for r in rows:
+        print(f"batch {r['batch']} fp8 {r['fp8']!s:5} kernels {r['kernels']!s:5}: {r['step_ms']['p50']:.3f} ms/step "
+              f"(p90 {r['step_ms']['p90']:.3f}; eager {r['eager_ms']['p50']:.2f}; floor {r['floor_ms_with_kv']:.3f}, "
+              f"x{r['step_over_floor']:.2f}; {r['achieved_gbps']:.0f} GB/s)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # python -m af3trt.runtime.fast_decoder --out decode.json   (GPU)
+    raise SystemExit(main())
