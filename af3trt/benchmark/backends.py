@@ -1,0 +1,351 @@
+"""Latency backends: each way of running AF3, timed the same way (`Backend.run` -> `Call`).
+
+Registry `BACKENDS` (name -> class). A backend that cannot run here says why in `unavailable()`
+and the benchmark records "skipped: <reason>"; nothing is ever estimated in its place.
+
+- `torch`       af3trt Pipeline, torch encoder + torch decoder (eager; bf16 on GPU)
+- `torch-fast`  af3trt Pipeline with the FastTorchDecoder (CUDA-graph decode, GEMV kernels), when present
+- `torch-fp8`   the same with weight-only FP8 linears (quantized from the bf16 weights), when present
+- `hf`          transformers' AF3 `generate`, SDPA, dynamic cache (the eager reference)
+- `hf-compiled` transformers' AF3 `generate` with a static cache, which makes transformers compile the
+                decode step (CUDA only; the first call compiles)
+- `trtllm`      af3trt Pipeline on an engine dir with the TensorRT-LLM decoder
+- `triton`      a running Triton server (tritonclient), client-side end-to-end time only
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..prompt import DEFAULT_TRANSCRIBE_PROMPT
+
+
+@dataclass
+class Call:
+    """One timed generate call of a batch, in seconds (None: the backend cannot see that stage).
+
+    features: audio -> log-mel (and tokenization); encoder: encoder + projector; prefill: the LM
+    forward over the prompt up to the first token; decode: first token -> last token; ttft: call
+    start -> first token; total: call start -> all tokens.
+    """
+
+    total: float
+    features: float | None = None
+    encoder: float | None = None
+    prefill: float | None = None
+    decode: float | None = None
+    ttft: float | None = None
+    new_tokens: int = 0
+
+
+def sync(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def conversation(audio) -> list[dict]:
+    """One single-turn transcription request on `audio` (16 kHz samples, path or bytes)."""
+    return [{"role": "user", "content": [{"type": "audio", "audio": audio},
+                                         {"type": "text", "text": DEFAULT_TRANSCRIBE_PROMPT}]}]
+
+
+def conversations(seconds: float, batch: int, seed: int = 0) -> list[list[dict]]:
+    """`batch` transcription requests on different synthetic clips of equal length (seeds seed..)."""
+    from ..testing import synthetic_audio
+
+    return [conversation(synthetic_audio(seconds, seed + i)) for i in range(batch)]
+
+
+class Backend:
+    """Base: `unavailable()` -> reason or None; `setup()` once; `run(convs, new_tokens)` -> Call."""
+
+    name = ""
+    precision = "bf16"
+    description = ""
+
+    def __init__(self, models):
+        self.models = models
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def setup(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Release what setup built (called after the backend's last row)."""
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    description = "af3trt Pipeline: torch encoder + torch decoder (eager, static KV cache)"
+
+    def setup(self) -> None:
+        self.pipe = self.models.pipeline()
+        self.precision = _precision_name(self.pipe.decoder)
+
+    def run(self, convs, new_tokens: int) -> Call:
+        results = self.pipe.generate(convs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        got = {len(r.token_ids) for r in results}
+        if got != {new_tokens}:
+            raise RuntimeError(f"expected {new_tokens} new tokens per request, got {sorted(got)}")
+        t = results[0].timings
+        return Call(total=t["total"], features=t["features"], encoder=t["encoder"], prefill=t["prefill"],
+                    decode=t["decode"], ttft=t["ttft"], new_tokens=new_tokens)
+
+
+_FP8_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+
+
+def fast_unavailable(fp8: bool = False) -> str | None:
+    """None when af3trt has the fast torch decoder (and, with fp8, its FP8 weights), else why not."""
+    try:
+        from ..kernels import gemv
+        from ..runtime import fast_decoder, fast_weights
+    except ImportError as exc:
+        return f"not available: af3trt has no fast torch decoder ({exc})"
+    needs = [(fast_decoder, "FastTorchDecoder"), (fast_weights, "fast_weights")]
+    needs += [(gemv, "quantize_fp8_weight")] if fp8 else []
+    missing = [f"{m.__name__}.{name}" for m, name in needs if not hasattr(m, name)]
+    if missing:
+        return f"not available: af3trt lacks {missing}"
+    if fp8 and not hasattr(torch, "float8_e4m3fn"):
+        return f"not available: torch {torch.__version__} has no float8_e4m3fn"
+    return None
+
+
+def fast_decoder(decoder, *, fp8: bool = False):
+    """FastTorchDecoder on the weights of a TorchDecoder: bf16 (fused copies of q/k/v and gate/up), or
+    weight-only FP8 (per-tensor scales, lm_head kept in the model dtype as ModelOpt's FP8 export does)."""
+    from ..runtime.fast_decoder import FastTorchDecoder
+    from ..runtime.fast_weights import fast_weights
+
+    module = decoder.module
+    if not fp8:
+        return FastTorchDecoder.from_module(module, decoder.device)
+    from ..kernels.gemv import quantize_fp8_weight
+
+    state = {k: v.detach() for k, v in module.state_dict().items()}
+    scales = {}
+    for name in [n for n in state if _FP8_LINEAR.fullmatch(n)]:
+        state[name], scales[name] = quantize_fp8_weight(state[name])
+    weights = fast_weights(module.t, state, scales, decoder.device, decoder.dtype)
+    return FastTorchDecoder(weights, decoder.device)
+
+
+def with_decoder(pipe, decoder):
+    """The same Pipeline (builder, encoder, spec) with another decoder; encoder cache off."""
+    from ..runtime.pipeline import Pipeline
+
+    return Pipeline(pipe.builder, pipe.encoder, decoder, pipe.spec, pipe.eos_token_ids, pipe.device, cache_bytes=0)
+
+
+class TorchFastBackend(TorchBackend):
+    name = "torch-fast"
+    description = "af3trt Pipeline: torch encoder + FastTorchDecoder (static cache, CUDA-graph decode, GEMV kernels)"
+    fp8 = False
+
+    def unavailable(self) -> str | None:
+        return fast_unavailable(self.fp8)
+
+    def setup(self) -> None:
+        base = self.models.pipeline()
+        self.pipe = with_decoder(base, fast_decoder(base.decoder, fp8=self.fp8))
+        if not self.fp8:
+            self.precision = _precision_name(base.decoder)
+
+    def close(self) -> None:
+        self.pipe = None  # the fast weights and static KV cache go; the shared model stays
+
+
+class TorchFP8Backend(TorchFastBackend):
+    name = "torch-fp8"
+    precision = "fp8"
+    description = "af3trt Pipeline: torch encoder + FastTorchDecoder with weight-only FP8 linears"
+    fp8 = True
+
+
+class _TokenClock:
+    """transformers streamer that stamps the wall time of each `put` (the first put is the prompt)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())  # put receives CPU tokens: the device step is done
+
+    def end(self) -> None:
+        pass
+
+
+class HFBackend(Backend):
+    name = "hf"
+    description = "transformers AF3 generate: SDPA, dynamic cache, eager"
+    generate_kwargs: dict = {}
+
+    def unavailable(self) -> str | None:
+        from .random_model import hf_available
+
+        return hf_available()
+
+    def setup(self) -> None:
+        self.model, self.processor = self.models.hf()
+        self.device = self.model.device
+        self.precision = _DTYPE_NAMES.get(self.model.dtype, str(self.model.dtype))
+
+    def _inputs(self, convs):
+        inputs = self.processor.apply_chat_template(convs, tokenize=True, add_generation_prompt=True,
+                                                    return_dict=True)
+        inputs = inputs.to(self.device)
+        if "input_features" in inputs:
+            inputs["input_features"] = inputs["input_features"].to(self.model.dtype)
+        return inputs
+
+    @torch.no_grad()  # as transformers' generate itself runs
+    def _encoder_seconds(self, inputs) -> float:
+        if "input_features" not in inputs:
+            return 0.0
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.model.get_audio_features(inputs["input_features"], inputs["input_features_mask"])
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def run(self, convs, new_tokens: int) -> Call:
+        t0 = time.perf_counter()
+        inputs = self._inputs(convs)
+        sync(self.device)
+        t1 = time.perf_counter()
+        clock = _TokenClock()
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      do_sample=False, repetition_penalty=1.0, streamer=clock,
+                                      **self.generate_kwargs)
+        sync(self.device)
+        t2 = time.perf_counter()
+        got = out.shape[1] - inputs["input_ids"].shape[1]
+        if got != new_tokens or len(clock.stamps) < 2:
+            raise RuntimeError(f"expected {new_tokens} new tokens and a streamed first token, got {got} tokens, "
+                               f"{len(clock.stamps)} streamer calls")
+        first = clock.stamps[1]
+        encoder = self._encoder_seconds(inputs)  # a separate call on the same inputs
+        return Call(total=t2 - t0, features=t1 - t0, encoder=encoder, prefill=max(0.0, first - t1 - encoder),
+                    decode=t2 - first, ttft=first - t0, new_tokens=new_tokens)
+
+
+class HFCompiledBackend(HFBackend):
+    name = "hf-compiled"
+    description = "transformers AF3 generate: static cache + torch.compile'd decode step (auto-compile)"
+    generate_kwargs = {"cache_implementation": "static"}
+
+    def unavailable(self) -> str | None:
+        reason = super().unavailable()
+        if reason is None and torch.device(self.models.device).type != "cuda":
+            reason = "needs CUDA (transformers compiles the static-cache decode step only on GPU)"
+        return reason
+
+
+class TrtllmBackend(TorchBackend):
+    name = "trtllm"
+    precision = "engine"
+    description = "af3trt Pipeline on an engine dir: TensorRT-LLM decoder (+ the dir's best encoder)"
+
+    def unavailable(self) -> str | None:
+        if importlib.util.find_spec("tensorrt_llm") is None:
+            return "tensorrt_llm is not installed (NVIDIA containers / index only)"
+        if not self.models.engine_dir:
+            return "no engine dir given (--engine-dir)"
+        if not (Path(self.models.engine_dir) / "manifest.json").is_file():
+            return f"{self.models.engine_dir} is not an af3trt engine dir (no manifest.json)"
+        return None
+
+    def setup(self) -> None:
+        from ..build.manifest import Manifest
+        from ..runtime.pipeline import Pipeline
+
+        self.pipe = Pipeline.from_pretrained(self.models.engine_dir, decoder="tensorrt_llm", device=self.models.device,
+                                             cache_bytes=0)
+        p = Manifest.read(self.models.engine_dir).precision
+        self.precision = str(p.get("decoder") or p.get("name") or p) if isinstance(p, dict) else str(p)
+
+
+# Triton request interface expected of the served AF3 model (one request per conversation).
+TRITON_INPUTS = {"audio": "FP32", "prompt": "BYTES", "max_tokens": "INT32"}
+TRITON_OUTPUT = "text"
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    precision = "server"
+    description = "Triton server via tritonclient: one request per conversation, sent together; client-side time"
+
+    def unavailable(self) -> str | None:
+        if importlib.util.find_spec("tritonclient") is None:
+            return "tritonclient is not installed (pip install 'af3trt[triton]')"
+        url, model = self.models.triton_url, self.models.triton_model
+        if not url:
+            return "no server URL given (--triton-url)"
+        import tritonclient.http as http
+
+        try:
+            client = http.InferenceServerClient(url)
+            if not client.is_server_live():
+                return f"server at {url} is not live"
+            if not client.is_model_ready(model):
+                return f"model {model!r} is not ready on {url}"
+            names = {i["name"] for i in client.get_model_metadata(model)["inputs"]}
+        except Exception as exc:  # a probe: any failure to talk to the server is the reason to skip
+            return f"server at {url} not usable: {type(exc).__name__}: {exc}"
+        missing = sorted(set(TRITON_INPUTS) - names)
+        return f"model {model!r} inputs {sorted(names)} lack {missing}" if missing else None
+
+    def setup(self) -> None:
+        import tritonclient.http as http
+
+        self.client = http.InferenceServerClient(self.models.triton_url, concurrency=64)
+
+    def _request(self, conv, new_tokens: int):
+        import tritonclient.http as http
+
+        audio = next(it["audio"] for it in conv[0]["content"] if it["type"] == "audio")
+        text = "".join(it["text"] for it in conv[0]["content"] if it["type"] == "text")
+        values = {"audio": np.asarray(audio, np.float32)[None], "prompt": np.array([[text.encode()]], dtype=object),
+                  "max_tokens": np.array([[new_tokens]], np.int32)}
+        inputs = []
+        for name, dtype in TRITON_INPUTS.items():
+            inp = http.InferInput(name, list(values[name].shape), dtype)
+            inp.set_data_from_numpy(values[name])
+            inputs.append(inp)
+        return inputs
+
+    def run(self, convs, new_tokens: int) -> Call:
+        import tritonclient.http as http
+
+        requests = [self._request(c, new_tokens) for c in convs]
+        t0 = time.perf_counter()
+        outputs = [http.InferRequestedOutput(TRITON_OUTPUT)]
+        pending = [self.client.async_infer(self.models.triton_model, r, outputs=outputs) for r in requests]
+        for p in pending:
+            p.get_result()
+        return Call(total=time.perf_counter() - t0, new_tokens=0)  # output length is not enforced here
+
+
+BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (
+    TorchBackend, TorchFastBackend, TorchFP8Backend, HFBackend, HFCompiledBackend, TrtllmBackend, TritonBackend)}
+REFERENCE_BACKEND = "hf"
+# Run after the others, one backend at a time over all configurations and closed after its last
+# row: they hold their own weight copies and static KV caches, or compile.
+LATE_BACKENDS = ("torch-fast", "torch-fp8", "hf-compiled")
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _precision_name(decoder) -> str:
+    return str(getattr(decoder, "precision", None) or _DTYPE_NAMES.get(getattr(decoder, "dtype", None), "?"))

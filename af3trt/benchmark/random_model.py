@@ -1,0 +1,228 @@
+"""Full-size AF3 with random weights, built on the device, for latency benchmarks (`--random-weights`).
+
+No checkpoint is written or read: the shapes are those of `nvidia/audio-flamingo-3-hf`
+(DESIGN §1, reference/af3.md) — encoder d 1280, 32 layers, 20 heads, ffn 5120; projector
+1280 -> 3584 -> 3584; Qwen2.5-7B LM: hidden 3584, ffn 18944, 28 layers, 28 heads, 4 KV heads,
+vocab 151672 — and the tokenizer is the tiny checkpoint's (its ids are valid ids of the large
+vocabulary; `<sound>` is its own id). Timing does not depend on weight values.
+
+When transformers' AF3 model is wanted (the `hf` backends), it is built first (random init on the
+device) and af3trt's encoder and decoder are created on the meta device and then given the very
+same tensors (`load_state_dict(assign=True)`): both backends read one copy of the weights. Without
+it af3trt's modules are initialized on the device directly.
+
+`scale` < 1 shrinks layer counts, head counts (head dims stay 64 / 128), FFN widths and the
+vocabulary for CPU tests; `scale=1` is the real size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..spec import N_MELS, ModelSpec
+
+FULL_AUDIO = {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 20, "intermediate_size": 5120}
+FULL_TEXT = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+             "num_key_value_heads": 4, "vocab_size": 151672}
+AUDIO_HEAD_DIM = 64  # 1280 / 20
+TEXT_HEAD_DIM = 128  # 3584 / 28
+WIDTH_MULTIPLE = 64  # scaled FFN widths stay multiples of 64
+
+
+@dataclass
+class RandomModels:
+    """What `build` returns. pipeline: af3trt's torch Pipeline; hf / processor: transformers' AF3
+    model and processor (None when not requested or unavailable); weights: how the two relate."""
+
+    config: dict
+    spec: ModelSpec
+    pipeline: object
+    hf: object | None
+    processor: object | None
+    weights: str
+    tokenizer_dir: Path
+
+
+def _scaled(n: int, scale: float, multiple: int = 1, minimum: int = 1) -> int:
+    return max(minimum, int(round(n * scale / multiple)) * multiple)
+
+
+def random_config(scale: float = 1.0, *, audio_token_id: int, eos_token_id: int, pad_token_id: int,
+                  min_vocab: int = 0) -> dict:
+    """AF3 config.json (HF layout) at `scale` of the real size; scale 1.0 is exact."""
+    if not 0 < scale <= 1:
+        raise ValueError(f"expected 0 < scale <= 1, got {scale}")
+    audio_heads = _scaled(FULL_AUDIO["num_attention_heads"], scale)
+    kv = _scaled(FULL_TEXT["num_key_value_heads"], scale)
+    heads = max(kv, _scaled(FULL_TEXT["num_attention_heads"], scale) // kv * kv)
+    vocab = max(min_vocab, _scaled(FULL_TEXT["vocab_size"], scale))
+    audio = {"model_type": "audioflamingo3_encoder", "activation_function": "gelu", "num_mel_bins": N_MELS,
+             "max_source_positions": 1500, "scale_embedding": False, "dropout": 0.0, "attention_dropout": 0.0,
+             "activation_dropout": 0.0, "layerdrop": 0.0, "initializer_range": 0.02,
+             "hidden_size": audio_heads * AUDIO_HEAD_DIM,
+             "num_hidden_layers": _scaled(FULL_AUDIO["num_hidden_layers"], scale),
+             "num_attention_heads": audio_heads,
+             "intermediate_size": _scaled(FULL_AUDIO["intermediate_size"], scale, WIDTH_MULTIPLE, WIDTH_MULTIPLE)}
+    text = {"model_type": "qwen2", "hidden_act": "silu", "vocab_size": vocab, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+            "use_sliding_window": False, "sliding_window": None, "attention_dropout": 0.0,
+            "initializer_range": 0.02, "use_cache": True, "hidden_size": heads * TEXT_HEAD_DIM,
+            "intermediate_size": _scaled(FULL_TEXT["intermediate_size"], scale, WIDTH_MULTIPLE, WIDTH_MULTIPLE),
+            "num_hidden_layers": _scaled(FULL_TEXT["num_hidden_layers"], scale), "num_attention_heads": heads,
+            "num_key_value_heads": kv, "bos_token_id": pad_token_id, "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id}
+    text["max_window_layers"] = text["num_hidden_layers"]
+    return {"architectures": ["AudioFlamingo3ForConditionalGeneration"], "model_type": "audioflamingo3",
+            "audio_config": audio, "text_config": text, "audio_token_id": audio_token_id,
+            "projector_hidden_act": "gelu", "projector_bias": True}
+
+
+def full_spec() -> ModelSpec:
+    """ModelSpec of the real AF3 (with the published special-token ids) for floors and docs."""
+    return ModelSpec.from_config(random_config(1.0, audio_token_id=151669, eos_token_id=151645, pad_token_id=151643))
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _tokenizer_ids(tokenizer_dir: Path) -> dict:
+    config = json.loads((tokenizer_dir / "config.json").read_text())
+    generation = json.loads((tokenizer_dir / "generation_config.json").read_text())
+    return {"audio_token_id": int(config["audio_token_id"]), "eos_ids": list(generation["eos_token_id"]),
+            "pad_token_id": int(generation["pad_token_id"]), "min_vocab": int(config["text_config"]["vocab_size"])}
+
+
+def hf_available() -> str | None:
+    """None when transformers has AF3 (>= 5), else why not."""
+    try:
+        import transformers.models.audioflamingo3  # noqa: F401
+    except ImportError:
+        import transformers
+
+        return f"transformers {transformers.__version__} has no AudioFlamingo3 (needs >= 5)"
+    return None
+
+
+def build_hf(config: dict, device, dtype: torch.dtype, attn: str = "sdpa"):
+    """transformers' AF3 at `config`, random init directly on `device` in `dtype`."""
+    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
+
+    cfg = AudioFlamingo3Config(audio_config=dict(config["audio_config"]), text_config=dict(config["text_config"]),
+                               audio_token_id=config["audio_token_id"],
+                               projector_hidden_act=config["projector_hidden_act"],
+                               projector_bias=config["projector_bias"])
+    cfg._attn_implementation = attn
+    with torch.device(device), _default_dtype(dtype):
+        model = AudioFlamingo3ForConditionalGeneration(cfg)
+    model = model.to(device).eval()
+    text = config["text_config"]
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id = text["eos_token_id"], text["pad_token_id"]
+    gen.bos_token_id = text["bos_token_id"]
+    return model
+
+
+def modules_from_hf(hf, spec: ModelSpec):
+    """af3trt's AudioEncoder and Qwen2Decoder reading the tensors of `hf` (no copy)."""
+    from ..checkpoint import ENCODER_PREFIX, LM_PREFIX, PROJECTOR_PREFIX, hub_name
+    from ..runtime.decoder import Qwen2Decoder
+    from ..runtime.encoder import AudioEncoder
+
+    enc_state, dec_state = {}, {}
+    for key, tensor in hf.state_dict().items():
+        name = hub_name(key)
+        if name.startswith(ENCODER_PREFIX):
+            enc_state[name[len(ENCODER_PREFIX):]] = tensor
+        elif name.startswith(PROJECTOR_PREFIX):
+            enc_state["projector." + name[len(PROJECTOR_PREFIX):]] = tensor
+        elif name.startswith(LM_PREFIX):
+            dec_state[name[len(LM_PREFIX):]] = tensor
+    with torch.device("meta"):
+        enc = AudioEncoder(spec.audio, spec.text.hidden_size, spec.projector_bias)
+        dec = Qwen2Decoder(spec.text)
+    enc.load_state_dict(enc_state, strict=True, assign=True)
+    dec.load_state_dict(dec_state, strict=True, assign=True)
+    device = hf.lm_head.weight.device
+    _fill_meta_buffers(enc, lambda: AudioEncoder(dataclasses.replace(spec.audio, num_layers=0), 1), device)
+    _fill_meta_buffers(dec, lambda: Qwen2Decoder(dataclasses.replace(spec.text, num_layers=0, vocab_size=1)), device)
+    meta = [n for m in (enc, dec) for n, t in list(m.named_parameters()) + list(m.named_buffers()) if t.is_meta]
+    assert not meta, f"tensors left on the meta device: {meta[:5]}"
+    return enc.eval(), dec.eval()
+
+
+def _fill_meta_buffers(module, twin, device) -> None:
+    """Non-persistent buffers (not in any state dict, e.g. RoPE frequencies) are still on the meta
+    device after `load_state_dict(assign=True)`: take them from a small layer-less twin."""
+    meta = [name for name, b in module.named_buffers() if b.is_meta]
+    if not meta:
+        return
+    source = dict(twin().named_buffers())
+    for name in meta:
+        owner, _, leaf = name.rpartition(".")
+        module.get_submodule(owner)._buffers[leaf] = source[name].to(device)
+
+
+def modules_on_device(spec: ModelSpec, device, dtype: torch.dtype):
+    """af3trt's AudioEncoder and Qwen2Decoder with PyTorch's default random init, built on `device`."""
+    from ..runtime.decoder import Qwen2Decoder
+    from ..runtime.encoder import AudioEncoder
+
+    with torch.device(device), _default_dtype(dtype):
+        enc = AudioEncoder(spec.audio, spec.text.hidden_size, spec.projector_bias)
+        dec = Qwen2Decoder(spec.text)
+    return enc.eval(), dec.eval()
+
+
+def build(scale: float = 1.0, *, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+          with_hf: bool = True, seed: int = 0, tokenizer_dir: str | Path | None = None,
+          cache_bytes: int = 0) -> RandomModels:
+    """Random AF3 at `scale` on `device`: af3trt Pipeline (+ transformers model and processor if with_hf).
+
+    cache_bytes: the Pipeline's encoder-output cache (0, the default, encodes every call: benchmarks).
+    """
+    from ..prompt import PromptBuilder
+    from ..runtime.decoder import TorchDecoder
+    from ..runtime.encoder import TorchEncoder
+    from ..runtime.pipeline import Pipeline
+    from ..testing import default_tiny_dir, make_tiny_checkpoint
+
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else make_tiny_checkpoint(default_tiny_dir())
+    ids = _tokenizer_ids(tok_dir)
+    config = random_config(scale, audio_token_id=ids["audio_token_id"], eos_token_id=ids["eos_ids"][0],
+                           pad_token_id=ids["pad_token_id"], min_vocab=ids["min_vocab"])
+    spec = ModelSpec.from_config(config)
+    torch.manual_seed(seed)
+    hf = processor = None
+    reason = hf_available() if with_hf else "not requested"
+    if reason is None:
+        from transformers import AutoProcessor
+
+        try:
+            hf = build_hf(config, device, dtype)
+            processor = AutoProcessor.from_pretrained(str(tok_dir))
+        except Exception as exc:  # recorded in `weights`; the torch backend still runs
+            hf = processor = None
+            reason = f"transformers model build failed: {type(exc).__name__}: {exc}"
+    if hf is not None:
+        enc, dec = modules_from_hf(hf, spec)
+        weights = "shared: hf and torch read the same random tensors (transformers init)"
+    else:
+        enc, dec = modules_on_device(spec, device, dtype)
+        weights = f"random (PyTorch default init) for torch only; hf: {reason}"
+    builder = PromptBuilder.from_pretrained(tok_dir, spec.audio_token_id, spec.text.vocab_size)
+    pipeline = Pipeline(builder, TorchEncoder(enc, device), TorchDecoder(dec, device), spec, ids["eos_ids"], device,
+                        cache_bytes=cache_bytes)
+    return RandomModels(config, spec, pipeline, hf, processor, weights, tok_dir)
