@@ -12,6 +12,12 @@ BASE = [
     "onnxruntime>=1.18",
     "nvidia-modelopt>=0.35",
     "requests",  # modelopt.torch.quantization imports it without declaring it (ModelOpt 0.47)
+    # modelopt.onnx.quantization needs these; nvidia-modelopt[onnx] pins onnx/onnxruntime-gpu versions
+    # that clash with onnx 1.23 / onnxruntime 1.32, so they are listed one by one
+    "onnx-graphsurgeon==0.6.1",
+    "onnxscript==0.7.2",
+    "onnxslim==0.1.98",
+    "lief==1.0.0",
     "tqdm",
     "rich",
 ]

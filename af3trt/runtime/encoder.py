@@ -3,19 +3,28 @@
 `AudioEncoder` is af3trt's own torch module of AF3's audio path (Whisper conv front end, pre-LN
 transformer layers with a key-padding mask, AvgPool1d(2), LayerNorm, 2-layer GELU projector); its
 parameter names are the checkpoint's (`audio_tower.*` without prefix, `projector.*`). Backends share
-one interface: `backend(features, mask) -> (W, 750, hidden)` where rows past a window's valid
-count are padding.
+one interface: `backend(features, frames) -> (W, 750, hidden)` torch tensor, where rows past a
+window's valid count (`valid_rows`) are padding, and a `name`:
+- `TorchEncoder` ("torch"): this module, on the checkpoint's weights;
+- `OnnxRuntimeEncoder` ("onnxruntime"): ENGINE_DIR/encoder/encoder.onnx (af3trt.build.encoder);
+- `TensorRTEncoder` ("tensorrt"): ENGINE_DIR/encoder/encoder.plan, on the current CUDA stream.
+`load_encoder(name, path)` picks one; `available_encoders(path)` lists them best first.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..spec import AudioSpec, ModelSpec, audio_token_count
+from ..spec import FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW, AudioSpec, ModelSpec, audio_token_count
 
 
 class EncoderLayer(nn.Module):
@@ -123,3 +132,275 @@ class TorchEncoder:
             for i in range(0, feats.shape[0], self.max_windows_per_call)
         ]
         return torch.cat(outs) if outs else feats.new_zeros((0, 0, 0))
+
+
+# -- deployable backends: the exported graph on ONNX Runtime or TensorRT -------------------------
+
+ENCODER_DIR = "encoder"  # ENGINE_DIR/encoder/ (DESIGN §3)
+ONNX_FILE = "encoder.onnx"
+ONNX_DATA_FILE = "encoder.onnx.data"  # external weights, one file, when the graph is large
+PLAN_FILE = "encoder.plan"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class EncoderIO:
+    """Names, dtypes and the dynamic axis of the encoder graph, declared once for export, build, runtime.
+
+    features: (W, 128, 3000) float32 log-mel; frames: (W,) int64 valid mel frames per window (the
+    graph masks attention keys past them exactly as `AudioEncoder` does); embeddings: (W, 750,
+    hidden) float32 (float16 for an fp16 graph). W, the window axis, is the only dynamic axis.
+    """
+
+    features: str = "features"
+    frames: str = "frames"
+    embeddings: str = "embeddings"
+    windows: str = "windows"
+    features_dtype: str = "float32"
+    frames_dtype: str = "int64"
+
+    @property
+    def inputs(self) -> tuple[str, str]:
+        return (self.features, self.frames)
+
+    @property
+    def outputs(self) -> tuple[str]:
+        return (self.embeddings,)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {name: {0: self.windows} for name in (*self.inputs, *self.outputs)}
+
+    def input_shapes(self, windows: int) -> dict[str, tuple[int, ...]]:
+        return {self.features: (windows, N_MELS, FRAMES_PER_WINDOW), self.frames: (windows,)}
+
+    def describe(self, hidden: int, embeddings_dtype: str) -> dict:
+        """The I/O block of the encoder's config.json."""
+        w = self.windows
+        return {
+            "inputs": {self.features: {"dtype": self.features_dtype, "shape": [w, N_MELS, FRAMES_PER_WINDOW]},
+                       self.frames: {"dtype": self.frames_dtype, "shape": [w]}},
+            "outputs": {self.embeddings: {"dtype": embeddings_dtype, "shape": [w, TOKENS_PER_WINDOW, hidden]}},
+        }
+
+    def check_names(self, inputs, outputs, where: str) -> None:
+        if sorted(inputs) != sorted(self.inputs) or list(outputs) != list(self.outputs):
+            raise ValueError(f"expected encoder inputs {list(self.inputs)} and outputs {list(self.outputs)} in "
+                             f"{where}, got inputs {list(inputs)} and outputs {list(outputs)}")
+
+    def check_frames(self, frames: np.ndarray) -> None:
+        """Every window needs 1..3000 valid frames (0 would mask every attention key)."""
+        if frames.size and (frames.min() < 1 or frames.max() > FRAMES_PER_WINDOW):
+            raise ValueError(f"expected 1..{FRAMES_PER_WINDOW} valid frames per window, got {frames.tolist()}")
+
+    def check_batch(self, features_shape, frames_shape) -> int:
+        """Validate (W, 128, 3000) features and (W,) frames; returns W."""
+        features_shape, frames_shape = tuple(features_shape), tuple(frames_shape)
+        w = features_shape[0] if features_shape else -1
+        if features_shape != (w, N_MELS, FRAMES_PER_WINDOW) or frames_shape != (w,):
+            raise ValueError(f"expected features (W, {N_MELS}, {FRAMES_PER_WINDOW}) and frames (W,), "
+                             f"got features {features_shape} and frames {frames_shape}")
+        return w
+
+
+IO = EncoderIO()
+
+
+def _numpy(x, dtype) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+class OnnxRuntimeEncoder:
+    """Encoder backend on the exported ONNX graph (ONNX Runtime).
+
+    __call__(features (W,128,3000) float, frames (W,) int) -> (W, 750, H) torch tensor on `device`,
+    in the graph's output dtype unless `dtype` is given. providers: ONNX Runtime execution providers
+    in priority order (default: CUDA then CPU for a cuda `device` where the CUDA provider exists, else CPU).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path, providers=None, device: str | torch.device = "cpu", dtype=None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"expected an encoder ONNX file, got {path} (no such file)")
+        self.device = torch.device(device)
+        available = ort.get_available_providers()
+        if providers is None:
+            cuda = self.device.type == "cuda" and "CUDAExecutionProvider" in available
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise ValueError(f"expected ONNX Runtime providers among {available}, got {missing}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        outputs = self.session.get_outputs()
+        IO.check_names([i.name for i in self.session.get_inputs()], [o.name for o in outputs], str(path))
+        self.hidden = int(outputs[0].shape[-1])
+        self.dtype = dtype
+        self.path = path
+
+    def __call__(self, features, frames) -> torch.Tensor:
+        feats = _numpy(features, np.float32)
+        frames = _numpy(frames, np.int64)
+        empty = IO.check_batch(feats.shape, frames.shape) == 0
+        IO.check_frames(frames)
+        if empty:
+            out = torch.zeros((0, TOKENS_PER_WINDOW, self.hidden), device=self.device)
+        else:
+            (emb,) = self.session.run([IO.embeddings], {IO.features: feats, IO.frames: frames})
+            out = torch.from_numpy(emb).to(self.device)
+        return out.to(self.dtype) if self.dtype is not None else out
+
+
+def import_tensorrt(command: str | None = None):
+    """`import tensorrt`, or raise MissingDependency naming what is missing (and how to finish elsewhere)."""
+    try:
+        import tensorrt
+    except ImportError as exc:
+        from .trtllm import MissingDependency
+
+        finish = f" Finish this step on a machine with TensorRT: {command}" if command else ""
+        raise MissingDependency(
+            "the TensorRT encoder needs the `tensorrt` Python package (TensorRT 10.x: `pip install "
+            "tensorrt-cu12` from NVIDIA's index, or an NGC TensorRT / TensorRT-LLM container); "
+            f"import failed: {exc}.{finish}"
+        ) from exc
+    return tensorrt
+
+
+_TRT_TO_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+                 "INT64": torch.int64, "INT8": torch.int8, "BOOL": torch.bool}
+
+
+class TensorRTEncoder:
+    """Encoder backend on a TensorRT plan (`encoder.plan`), run on the current torch CUDA stream.
+
+    __call__(features (W,128,3000), frames (W,)) -> (W, 750, H) CUDA tensor (the plan's output dtype
+    unless `dtype` is given); inputs are copied to the device if they are not there, outputs stay on
+    it. W above the plan's profile maximum runs in chunks. One inference at a time per instance.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, plan_path, device: str | torch.device = "cuda", dtype=None):
+        trt = import_tensorrt()
+        path = Path(plan_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"expected a TensorRT encoder plan, got {path} (no such file)")
+        self.device = torch.device(device)
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"expected a CUDA device for the TensorRT encoder, got {self.device} "
+                             f"(torch.cuda.is_available() = {torch.cuda.is_available()})")
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        with torch.cuda.device(self.device):
+            self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            if self.engine is None:
+                raise RuntimeError(f"TensorRT {trt.__version__} could not deserialize {path}: a plan only loads "
+                                   "with the TensorRT version and GPU that built it; rebuild it here")
+            self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        IO.check_names(inputs, [n for n in names if n not in inputs], str(path))
+        self._dtypes = {n: _TRT_TO_TORCH[self.engine.get_tensor_dtype(n).name] for n in names}
+        lo, _, hi = self.engine.get_tensor_profile_shape(IO.features, 0)
+        self.min_windows, self.max_windows = int(lo[0]), int(hi[0])
+        self.hidden = int(self.engine.get_tensor_shape(IO.embeddings)[-1])
+        self.dtype = dtype
+        self.path = path
+        self._lock = threading.Lock()
+
+    def _run(self, feats: torch.Tensor, frames: torch.Tensor, stream: int) -> torch.Tensor:
+        ctx = self.context
+        for name, t in ((IO.features, feats), (IO.frames, frames)):
+            if not ctx.set_input_shape(name, tuple(t.shape)):
+                raise ValueError(f"expected {name} within the plan's profile ({self.min_windows}..{self.max_windows}"
+                                 f" windows), got shape {tuple(t.shape)}")
+        out = torch.empty(tuple(ctx.get_tensor_shape(IO.embeddings)), dtype=self._dtypes[IO.embeddings],
+                          device=self.device)
+        for name, t in ((IO.features, feats), (IO.frames, frames), (IO.embeddings, out)):
+            ctx.set_tensor_address(name, t.data_ptr())
+        if not ctx.execute_async_v3(stream):
+            raise RuntimeError(f"TensorRT execute_async_v3 failed for {tuple(feats.shape)} features on {self.path}")
+        return out
+
+    def __call__(self, features, frames) -> torch.Tensor:
+        feats = torch.as_tensor(features).to(self.device, self._dtypes[IO.features]).contiguous()
+        frames = torch.as_tensor(frames).to(self.device, self._dtypes[IO.frames]).contiguous()
+        w = IO.check_batch(feats.shape, frames.shape)
+        outs = []
+        with self._lock, torch.cuda.device(self.device):
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            for i in range(0, w, self.max_windows):
+                f, n = feats[i : i + self.max_windows], frames[i : i + self.max_windows]
+                real = f.shape[0]
+                if real < self.min_windows:  # a profile with min > 1: pad with copies of the last window
+                    f = torch.cat([f, f[-1:].expand(self.min_windows - real, *f.shape[1:])]).contiguous()
+                    n = torch.cat([n, n[-1:].expand(self.min_windows - real)]).contiguous()
+                outs.append(self._run(f, n, stream)[:real])
+        out = torch.cat(outs) if outs else torch.zeros((0, TOKENS_PER_WINDOW, self.hidden), device=self.device)
+        return out.to(self.dtype) if self.dtype is not None else out
+
+
+def encoder_dir(path) -> Path:
+    """ENGINE_DIR/encoder for an engine dir, or `path` itself when it already is the encoder folder."""
+    path = Path(path)
+    return path / ENCODER_DIR if (path / ENCODER_DIR).is_dir() else path
+
+
+def available_encoders(engine_dir) -> list[str]:
+    """Encoder backends usable for `engine_dir`, best first: tensorrt (plan + tensorrt + CUDA),
+    onnxruntime (encoder.onnx + onnxruntime), torch (needs the checkpoint's weights; always listed)."""
+    if not isinstance(engine_dir, (str, Path)):  # a Checkpoint: weights only
+        return ["torch"]
+    d = encoder_dir(engine_dir)
+    out = []
+    if (d / PLAN_FILE).is_file() and importlib.util.find_spec("tensorrt") and torch.cuda.is_available():
+        out.append("tensorrt")
+    if (d / ONNX_FILE).is_file() and importlib.util.find_spec("onnxruntime"):
+        out.append("onnxruntime")
+    return out + ["torch"]
+
+
+def _load_torch(path, device, dtype):
+    from ..checkpoint import Checkpoint
+
+    ckpt = path if isinstance(path, Checkpoint) else None
+    if ckpt is None:
+        try:
+            ckpt = Checkpoint.open(path)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"the torch encoder needs the AF3 checkpoint (safetensors): {exc}") from exc
+    return TorchEncoder.from_checkpoint(ckpt, device, dtype or torch.float32)
+
+
+def _engine_file(path, name: str) -> Path:
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"expected an engine dir path for this encoder backend, got {type(path).__name__}")
+    return encoder_dir(path) / name
+
+
+_LOADERS = {
+    "tensorrt": lambda path, device, dtype: TensorRTEncoder(_engine_file(path, PLAN_FILE), device, dtype),
+    "onnxruntime": lambda path, device, dtype: OnnxRuntimeEncoder(_engine_file(path, ONNX_FILE), device=device,
+                                                                  dtype=dtype),
+    "torch": _load_torch,
+}
+
+
+def load_encoder(name: str, engine_dir_or_checkpoint, device: str | torch.device = "cpu", dtype=None):
+    """Encoder backend `name` ("auto" = the first of available_encoders) for an engine dir (tensorrt,
+    onnxruntime) or an AF3 checkpoint dir / `Checkpoint` (torch). dtype: output dtype (torch: the
+    module's dtype, default float32); None keeps the graph's."""
+    if name == "auto":
+        name = available_encoders(engine_dir_or_checkpoint)[0]
+    if name not in _LOADERS:
+        raise ValueError(f"expected encoder backend in {['auto', *_LOADERS]}, got {name!r}")
+    return _LOADERS[name](engine_dir_or_checkpoint, torch.device(device), dtype)

@@ -1,0 +1,473 @@
+"""Encoder + projector -> ONNX (dynamic windows) -> ModelOpt Q/DQ ONNX -> TensorRT plan.
+
+Three stages, each a pure function, with `python -m af3trt.build.encoder {onnx,quantize,plan}` as
+the thin CLI:
+- `export_onnx`: `AudioEncoder` -> ENGINE_DIR/encoder/encoder.onnx (+ encoder.onnx.data when the
+  weights pass ~1.5 GB), then ONNX Runtime CPU must reproduce the torch module on 1 and 3 windows
+  (one partial) or the export raises; written in a temp folder and renamed into place.
+- `quantize_onnx`: ModelOpt ONNX PTQ (INT8 / FP8 Q/DQ) calibrated on log-mel windows of real audio.
+- `build_plan` (af3trt.build.encoder_plan, re-exported here): TensorRT Python API -> encoder.plan.
+Each stage records itself in encoder/config.json (sections io, onnx, quantized, plan).
+The graph's I/O (names, dtypes, dynamic axis) is `EncoderIO`, declared once in af3trt.runtime.encoder
+(the runtime backends read it too) and re-exported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+import torch
+
+from ..runtime.encoder import (CONFIG_FILE, IO, ONNX_DATA_FILE, ONNX_FILE, AudioEncoder, EncoderIO,
+                               OnnxRuntimeEncoder, TorchEncoder, valid_rows)
+from ..spec import FRAMES_PER_WINDOW, MAX_WINDOWS, N_MELS
+from .manifest import atomic_write_text, package_versions, staged_dir, stage_key
+
+__all__ = ["EncoderIO", "IO", "export_onnx", "quantize_onnx", "read_config", "relative_error", "cosine_similarity",
+           "ExportVerificationError", "QuantizationError", "main"]
+# TensorRT-stage names served from af3trt.build.encoder_plan on first use (it imports this module)
+_PLAN_NAMES = frozenset({"build_plan", "PlanBuildError", "PlanResult", "PLAN_PRECISIONS", "GraphFacts", "graph_facts",
+                         "plan_command"})
+
+
+def __getattr__(name: str):
+    if name in _PLAN_NAMES:
+        from . import encoder_plan
+
+        return getattr(encoder_plan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+CONFIG_FORMAT = "af3trt-encoder"
+CONFIG_VERSION = 1
+_CONFIG_KEYS = frozenset({"format", "format_version", "io", "onnx", "quantized", "plan"})
+EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB of weights: beyond it, weights go to encoder.onnx.data (protobuf caps at 2 GiB)
+DEFAULT_CALIBRATION_WINDOWS = 32
+
+
+class ExportVerificationError(ValueError):
+    """The exported graph does not reproduce the torch reference within the dtype's tolerance."""
+
+
+class QuantizationError(ValueError):
+    """The Q/DQ graph strays from the float graph past its cosine-similarity budget."""
+
+
+@dataclass(frozen=True)
+class OnnxDtype:
+    """Export dtype: `tolerance` = max relative error on valid rows vs the float32 torch reference."""
+
+    name: str
+    torch_dtype: torch.dtype
+    numpy_dtype: str
+    tolerance: float
+
+
+@dataclass(frozen=True)
+class QuantPrecision:
+    """ModelOpt ONNX PTQ mode; `min_cosine` = default budget (per-row cosine to the float graph)."""
+
+    name: str
+    modelopt_mode: str
+    description: str
+    min_cosine: float
+
+
+ONNX_DTYPES = MappingProxyType({
+    "fp32": OnnxDtype("fp32", torch.float32, "float32", 1e-4),
+    "fp16": OnnxDtype("fp16", torch.float16, "float16", 1e-2),
+})
+QUANT_PRECISIONS = MappingProxyType({
+    "int8": QuantPrecision("int8", "int8", "INT8 W8A8: per-channel weights, per-tensor activations", 0.9),
+    "fp8": QuantPrecision("fp8", "fp8", "FP8 E4M3 W8A8, per-tensor scales (TensorRT on SM89+)", 0.9),
+})
+
+
+def lookup(registry, name: str, what: str):
+    if name not in registry:
+        raise ValueError(f"expected {what} in {sorted(registry)}, got {name!r}")
+    return registry[name]
+
+
+# -- config.json ------------------------------------------------------------------------------------
+
+def read_config(folder) -> dict:
+    """encoder/config.json, strictly: our format and version, known sections only."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"expected an encoder config at {path}, found none")
+    data = json.loads(path.read_text())
+    if data.get("format") != CONFIG_FORMAT or data.get("format_version") != CONFIG_VERSION:
+        raise ValueError(f"expected {CONFIG_FORMAT!r} version {CONFIG_VERSION} in {path}, "
+                         f"got {data.get('format')!r} version {data.get('format_version')!r}")
+    unknown = set(data) - _CONFIG_KEYS
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)} in {path}; expected only {sorted(_CONFIG_KEYS)}")
+    return data
+
+
+def update_config(folder: Path, **sections) -> Path:
+    path = Path(folder) / CONFIG_FILE
+    data = read_config(folder) if path.is_file() else {"format": CONFIG_FORMAT, "format_version": CONFIG_VERSION}
+    data.update(sections)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
+    os.chmod(path, 0o644)
+    return path
+
+
+# -- comparisons (valid rows only: padding rows of a partial window are not compared) -----------------
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor, frames) -> float:
+    """max |got - ref| / max |ref| over each window's valid rows; got, ref (W, 750, H)."""
+    worst = 0.0
+    for i, rows in enumerate(valid_rows(frames)):
+        g, r = got[i, :rows].float(), ref[i, :rows].float()
+        worst = max(worst, float((g - r).abs().max() / r.abs().max().clamp_min(1e-30)))
+    return worst
+
+
+def cosine_similarity(got: torch.Tensor, ref: torch.Tensor, frames) -> tuple[float, float]:
+    """(min, mean) cosine similarity of the valid embedding rows; got, ref (W, 750, H)."""
+    rows = [torch.nn.functional.cosine_similarity(got[i, :n].float(), ref[i, :n].float(), dim=-1)
+            for i, n in enumerate(valid_rows(frames))]
+    cos = torch.cat(rows)
+    return float(cos.min()), float(cos.mean())
+
+
+@functools.lru_cache(maxsize=1)
+def _verification_batches() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """1 full window; 3 windows whose last is partial (65.3 s: 3000, 3000, 530 frames); cached, do not modify."""
+    from ..features import extract_features
+    from ..testing import synthetic_audio
+
+    out = []
+    for seconds, seed in ((30.0, 101), (65.3, 102)):
+        feats = extract_features([synthetic_audio(seconds, seed)])
+        out.append((feats.features, feats.valid_frames.astype(np.int64)))
+    return tuple(out)
+
+
+# -- export -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExportResult:
+    onnx_path: Path
+    config_path: Path
+    dtype: str
+    external_data: bool
+    max_rel_error: float | None
+    skipped: bool = False
+
+
+def _module_for_export(ckpt, dtype: OnnxDtype) -> AudioEncoder:
+    return AudioEncoder.from_checkpoint(ckpt, dtype.torch_dtype)
+
+
+def _export_graph(module: AudioEncoder, path: Path, opset: int, external: bool) -> None:
+    """torch.onnx.export (TorchScript exporter), then re-save with all weights in one external file if asked."""
+    import onnx
+
+    raw = Path(tempfile.mkdtemp(prefix=".raw-", dir=path.parent)) / path.name
+    example = (torch.zeros((2, N_MELS, FRAMES_PER_WINDOW)), torch.tensor([FRAMES_PER_WINDOW, FRAMES_PER_WINDOW // 3]))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+            torch.onnx.export(module.eval(), example, str(raw), input_names=list(IO.inputs),
+                              output_names=list(IO.outputs), dynamic_axes=IO.dynamic_axes(), opset_version=opset,
+                              dynamo=False)
+        model = onnx.load(str(raw))  # also pulls in the per-tensor files torch writes beside a > 2 GiB graph
+    finally:
+        shutil.rmtree(raw.parent, ignore_errors=True)
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=ONNX_DATA_FILE, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    for name in (path.name, *([ONNX_DATA_FILE] if external else [])):
+        os.chmod(path.parent / name, 0o644)  # onnx writes the data file 0600
+    onnx.checker.check_model(str(path))
+
+
+def _verify_export(path: Path, reference: AudioEncoder, dtype: OnnxDtype, where: Path) -> dict:
+    """Run the graph on ONNX Runtime CPU and the float32 torch reference; raise past the tolerance.
+    where: the final path named in errors (`path` lies in the stage's temporary folder)."""
+    ort_encoder = OnnxRuntimeEncoder(path)
+    torch_encoder = TorchEncoder(reference)
+    errors = []
+    for feats, frames in _verification_batches():
+        ref = torch_encoder(feats, frames)
+        got = ort_encoder(feats, frames)
+        if tuple(got.shape) != tuple(ref.shape):
+            raise ExportVerificationError(f"expected ONNX Runtime output {tuple(ref.shape)} from {where}, "
+                                          f"got {tuple(got.shape)}")
+        errors.append(relative_error(got, ref, frames))
+    worst = max(errors)
+    if not worst <= dtype.tolerance:  # `not <=` also catches NaN
+        raise ExportVerificationError(
+            f"ONNX Runtime output of {where} differs from the torch reference: max relative error {worst:.3e} on "
+            f"valid rows (1 and 3 windows, one partial), expected <= {dtype.tolerance:.0e} for {dtype.name}")
+    return {"windows": [1, 3], "max_rel_error": worst, "per_batch": errors, "tolerance": dtype.tolerance}
+
+
+def _open_checkpoint(checkpoint):
+    from ..checkpoint import Checkpoint
+
+    return checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
+
+
+def _check_replaceable(final: Path) -> None:
+    """The stage replaces `final` whole: refuse a folder that is not an earlier encoder export."""
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise FileExistsError(f"expected a folder for the encoder export, got a file: {final}")
+    try:
+        read_config(final)
+    except (FileNotFoundError, ValueError):
+        if any(final.iterdir()):
+            raise FileExistsError(f"expected an empty folder or an earlier encoder export at {final}, got a folder "
+                                  f"with other files (it would be replaced): pass e.g. ENGINE_DIR/encoder") from None
+
+
+def _existing_export(final: Path, key: str, verify: bool) -> ExportResult | None:
+    try:
+        onnx_section = read_config(final).get("onnx") or {}
+    except (FileNotFoundError, ValueError):
+        return None
+    if onnx_section.get("key") != key or not (final / ONNX_FILE).is_file():
+        return None
+    check = onnx_section.get("verification")
+    if verify and check is None:
+        return None
+    return ExportResult(final / ONNX_FILE, final / CONFIG_FILE, onnx_section["dtype"],
+                        bool(onnx_section["external_data"]), check and check["max_rel_error"], skipped=True)
+
+
+def export_onnx(*, checkpoint, out_dir, dtype: str = "fp32", opset: int = 17, verify: bool = True,
+                max_windows: int = MAX_WINDOWS, external_data: bool | None = None, force: bool = False) -> ExportResult:
+    """Export AF3's encoder + projector to OUT_DIR/encoder.onnx (+ config.json) and verify it.
+
+    out_dir: the encoder folder, ENGINE_DIR/encoder (DESIGN §3); it is replaced whole, so it must be
+    empty, absent or an earlier export. checkpoint: AF3 checkpoint dir or `Checkpoint`. dtype:
+    "fp32" | "fp16" graph weights (inputs stay float32 log-mel + int64 frames; output (W, 750,
+    hidden) in that dtype). external_data: None = only past EXTERNAL_DATA_BYTES of weights; True
+    forces encoder.onnx.data. max_windows: the
+    largest W the deployment uses (recorded; build_plan's default profile maximum). verify: ONNX
+    Runtime CPU vs the float32 torch module, raising ExportVerificationError past the tolerance.
+    An unchanged export (same checkpoint fingerprint and flags) is skipped unless `force`.
+    """
+    spec = lookup(ONNX_DTYPES, dtype, "ONNX export dtype")
+    if not 1 <= int(max_windows):
+        raise ValueError(f"expected max_windows >= 1, got {max_windows}")
+    ckpt = _open_checkpoint(checkpoint)
+    final = Path(out_dir)
+    _check_replaceable(final)
+    fingerprint = ckpt.fingerprint()
+    key = stage_key(fingerprint=fingerprint, dtype=dtype, opset=opset, external_data=external_data,
+                    max_windows=int(max_windows))
+    if not force and (done := _existing_export(final, key, verify)) is not None:
+        return done
+    module = _module_for_export(ckpt, spec)
+    external = external_data if external_data is not None else (
+        sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES)
+    with staged_dir(final) as tmp:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the engine dir is read by other users (Triton)
+        _export_graph(module, tmp / ONNX_FILE, opset, external)
+        check = None
+        if verify:
+            reference = module if spec.torch_dtype == torch.float32 else AudioEncoder.from_checkpoint(ckpt)
+            check = _verify_export(tmp / ONNX_FILE, reference, spec, final / ONNX_FILE)
+        hidden = ckpt.spec.text.hidden_size
+        update_config(tmp, io=IO.describe(hidden, spec.numpy_dtype), onnx={
+            "file": ONNX_FILE, "external_data": ONNX_DATA_FILE if external else None, "dtype": dtype,
+            "opset": opset, "hidden_size": hidden, "max_windows": int(max_windows), "key": key,
+            "checkpoint": {"path": str(ckpt.path), "fingerprint": fingerprint}, "verification": check,
+            "versions": package_versions()})
+    return ExportResult(final / ONNX_FILE, final / CONFIG_FILE, dtype, external, check and check["max_rel_error"])
+
+
+# -- quantization ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    onnx_path: Path
+    precision: str
+    calibration_windows: int
+    cosine_min: float | None
+    cosine_mean: float | None
+
+
+def external_data_files(onnx_path) -> list[str]:
+    """Names of the external-data files an ONNX graph references (relative to its folder)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    locations = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+    return sorted(locations)
+
+
+def _calibration(calibration):
+    from .calibration import CalibrationWindows, calibration_windows
+
+    if calibration is None:
+        return calibration_windows(count=DEFAULT_CALIBRATION_WINDOWS)
+    if isinstance(calibration, CalibrationWindows):
+        return calibration
+    if isinstance(calibration, (str, Path)):
+        return calibration_windows(calibration, count=DEFAULT_CALIBRATION_WINDOWS)
+    raise TypeError(f"expected calibration None, an audio folder or CalibrationWindows, "
+                    f"got {type(calibration).__name__}")
+
+
+def _modelopt_quantize(src: Path, dst: Path, spec: QuantPrecision, cal, method, high_precision_dtype: str,
+                       eps, external: bool) -> None:
+    try:
+        from modelopt.onnx.quantization import quantize
+    except ImportError as exc:
+        from ..runtime.trtllm import MissingDependency
+
+        raise MissingDependency(
+            "ModelOpt ONNX PTQ needs nvidia-modelopt's ONNX extras: `pip install onnx-graphsurgeon==0.6.1 "
+            f"onnxslim==0.1.98 onnxscript==0.7.2 lief==1.0.0`; import failed: {exc}") from exc
+    quantize(str(src), quantize_mode=spec.modelopt_mode, calibration_data=cal.as_inputs(IO.features, IO.frames),
+             calibration_method=method, calibration_eps=list(eps), output_path=str(dst),
+             high_precision_dtype=high_precision_dtype, use_external_data_format=external, log_level="WARNING")
+    if not dst.is_file():
+        raise QuantizationError(f"expected ModelOpt to write {dst}, found no file")
+
+
+def _ort_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def _quantized_cosine(float_onnx: Path, qdq_onnx: Path) -> tuple[float, float]:
+    device = "cuda" if _ort_cuda() else "cpu"  # a cosine budget, not a bit-level check: the GPU will do
+    ref_encoder = OnnxRuntimeEncoder(float_onnx, device=device)
+    q_encoder = OnnxRuntimeEncoder(qdq_onnx, device=device)
+    stats = [cosine_similarity(q_encoder(f, n), ref_encoder(f, n), n) for f, n in _verification_batches()]
+    return min(s[0] for s in stats), float(np.mean([s[1] for s in stats]))
+
+
+def quantize_onnx(onnx_path, out_path=None, precision: str = "int8", calibration=None, *,
+                  calibration_method: str | None = None, high_precision_dtype: str = "fp16",
+                  calibration_eps=None, verify: bool = True, min_cosine: float | None = None) -> QuantizeResult:
+    """ModelOpt ONNX PTQ of the float graph `onnx_path` -> Q/DQ graph `out_path` (default
+    encoder.{precision}.onnx beside it; ModelOpt's `<name>_data` beside it for large graphs).
+
+    calibration: None (bundled speech + synthetic speech-like windows), an audio folder, or
+    `CalibrationWindows`. high_precision_dtype: dtype of the unquantized ops ("fp16" for TensorRT,
+    "fp32" keeps them float32). calibration_eps: ModelOpt's execution providers in priority order
+    (default: cuda:0 then cpu where ONNX Runtime has CUDA, else cpu). verify: per-row cosine of the
+    valid rows against the float graph on ONNX Runtime (1 and 3 windows, not the calibration ones);
+    raises QuantizationError below `min_cosine` (default: the precision's budget).
+    """
+    spec = lookup(QUANT_PRECISIONS, precision, "quantization precision")
+    src = Path(onnx_path)
+    if not src.is_file():
+        raise FileNotFoundError(f"expected a float encoder ONNX file, got {src} (no such file)")
+    out = Path(out_path) if out_path else src.with_name(f"encoder.{precision}.onnx")
+    cal = _calibration(calibration)
+    eps = list(calibration_eps) if calibration_eps else (["cuda:0", "cpu"] if _ort_cuda() else ["cpu"])
+    budget = spec.min_cosine if min_cosine is None else min_cosine
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        extra = external_data_files(src)
+        for name in [src.name, *extra]:  # ModelOpt writes beside its input: work on a copy
+            shutil.copy2(src.parent / name, tmp / name)
+        _modelopt_quantize(tmp / src.name, tmp / out.name, spec, cal, calibration_method, high_precision_dtype,
+                           eps, external=bool(extra))
+        cos = _quantized_cosine(src, tmp / out.name) if verify else (None, None)
+        if verify and not cos[0] >= budget:
+            raise QuantizationError(f"{precision} Q/DQ graph strays from {src}: min per-row cosine {cos[0]:.4f} "
+                                    f"(mean {cos[1]:.4f}), expected >= {budget}")
+        for name in external_data_files(tmp / out.name):
+            os.replace(tmp / name, out.parent / name)
+        os.replace(tmp / out.name, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    section = dict(read_config(out.parent).get("quantized") or {}) if (out.parent / CONFIG_FILE).is_file() else {}
+    section[precision] = {"file": out.name, "source": src.name, "calibration_windows": len(cal),
+                          "calibration_sources": sorted(set(cal.sources)), "calibration_method": calibration_method,
+                          "high_precision_dtype": high_precision_dtype, "cosine_min": cos[0], "cosine_mean": cos[1]}
+    update_config(out.parent, quantized=section)
+    return QuantizeResult(out, precision, len(cal), cos[0], cos[1])
+
+
+# -- CLI -----------------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    from . import encoder_plan
+
+    p = argparse.ArgumentParser(prog="python -m af3trt.build.encoder", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="stage", required=True)
+    o = sub.add_parser("onnx", help="export + verify OUT/encoder.onnx")
+    o.add_argument("--checkpoint", required=True, help="AF3 checkpoint dir (HF layout, safetensors)")
+    o.add_argument("--out", required=True, help="encoder folder, ENGINE_DIR/encoder (replaced whole)")
+    o.add_argument("--dtype", choices=sorted(ONNX_DTYPES), default="fp32")
+    o.add_argument("--opset", type=int, default=17)
+    o.add_argument("--max-windows", type=int, default=MAX_WINDOWS)
+    o.add_argument("--external-data", action="store_true", default=None, help="force encoder.onnx.data")
+    o.add_argument("--no-verify", dest="verify", action="store_false")
+    o.add_argument("--force", action="store_true")
+    q = sub.add_parser("quantize", help="ModelOpt ONNX PTQ -> Q/DQ encoder ONNX")
+    q.add_argument("--onnx", required=True)
+    q.add_argument("--out", default=None, help="output .onnx (default encoder.PRECISION.onnx beside --onnx)")
+    q.add_argument("--precision", choices=sorted(QUANT_PRECISIONS), default="int8")
+    q.add_argument("--audio-dir", default=None, help="calibration audio folder (default: bundled + synthetic)")
+    q.add_argument("--count", type=int, default=DEFAULT_CALIBRATION_WINDOWS, help="calibration windows")
+    q.add_argument("--calibration-method", default=None, help="ModelOpt method (int8/fp8: entropy | max)")
+    q.add_argument("--high-precision-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    q.add_argument("--no-verify", dest="verify", action="store_false")
+    b = sub.add_parser("plan", help="TensorRT plan from an encoder ONNX")
+    b.add_argument("--onnx", required=True)
+    b.add_argument("--out", default=None, help="folder for encoder.plan (default: the ONNX's folder)")
+    b.add_argument("--precision", choices=sorted(encoder_plan.PLAN_PRECISIONS), default="fp16")
+    b.add_argument("--profile", type=int, nargs=3, metavar=("MIN", "OPT", "MAX"), default=None, help="windows")
+    b.add_argument("--timing-cache", default=None)
+    b.add_argument("--workspace-gib", type=float, default=None)
+    b.add_argument("--force", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    from ..runtime.trtllm import MissingDependency
+    from .calibration import calibration_windows
+
+    args = _parser().parse_args(argv)
+    try:
+        if args.stage == "onnx":
+            result = export_onnx(checkpoint=args.checkpoint, out_dir=args.out, dtype=args.dtype, opset=args.opset,
+                                 verify=args.verify, max_windows=args.max_windows, external_data=args.external_data,
+                                 force=args.force)
+        elif args.stage == "quantize":
+            result = quantize_onnx(args.onnx, args.out, args.precision, calibration_windows(args.audio_dir, args.count),
+                                   calibration_method=args.calibration_method,
+                                   high_precision_dtype=args.high_precision_dtype, verify=args.verify)
+        else:
+            from .encoder_plan import build_plan
+
+            result = build_plan(args.onnx, args.out, precision=args.precision, profile=args.profile,
+                                timing_cache=args.timing_cache, workspace_gib=args.workspace_gib, force=args.force)
+    except MissingDependency as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    print(json.dumps(asdict(result), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""TensorRT plan of the encoder graph: ONNX (float or Q/DQ) -> ENGINE_DIR/encoder/encoder.plan.
+
+The TensorRT Python API as reference/trtllm.md §5.2 lists it: Builder, a network from OnnxParser
+(every parser error collected and raised), one optimization profile over the window axis of
+`features`/`frames`, a timing cache loaded and saved, `build_serialized_network` returning None
+raises. A Q/DQ graph (quantize_onnx) or an fp16 graph builds strongly typed; an fp32 graph builds
+weakly typed with the precision's BuilderFlag. `tensorrt` is imported only here and lazily: where it
+is missing, `build_plan` raises MissingDependency with the CLI line that finishes the step elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+
+from ..runtime.encoder import CONFIG_FILE, IO, PLAN_FILE, import_tensorrt
+from ..spec import MAX_WINDOWS
+from .encoder import external_data_files, lookup, read_config, update_config
+from .manifest import stage_key
+
+
+class PlanBuildError(RuntimeError):
+    """TensorRT rejected the graph or failed to build the plan."""
+
+
+@dataclass(frozen=True)
+class PlanPrecision:
+    """TensorRT plan precision: `flag` = BuilderFlag for a weakly typed float build; `qdq` = the Q/DQ
+    kind the graph must carry (strongly typed build)."""
+
+    name: str
+    description: str
+    flag: str | None = None
+    qdq: str | None = None
+
+
+PLAN_PRECISIONS = MappingProxyType({
+    "fp32": PlanPrecision("fp32", "float32 (reference/debugging)"),
+    "fp16": PlanPrecision("fp16", "float16 compute, float32 I/O (or an fp16 graph, strongly typed)", flag="FP16"),
+    "bf16": PlanPrecision("bf16", "bfloat16 compute, float32 I/O", flag="BF16"),
+    "int8": PlanPrecision("int8", "INT8 Q/DQ graph from quantize_onnx, strongly typed", qdq="int8"),
+    "fp8": PlanPrecision("fp8", "FP8 Q/DQ graph from quantize_onnx, strongly typed (SM89+)", qdq="fp8"),
+})
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan_path: Path
+    config_path: Path
+    precision: str
+    profile: tuple[int, int, int]
+    strongly_typed: bool
+    tensorrt_version: str
+    seconds: float
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What build_plan needs of an encoder ONNX: Q/DQ kind (None, int8, fp8), output dtype, hidden."""
+
+    qdq: str | None
+    embeddings_dtype: str
+    hidden: int
+
+
+_ONNX_FP8 = {17, 18, 19, 20}  # TensorProto FLOAT8E4M3FN, E4M3FNUZ, E5M2, E5M2FNUZ
+
+
+def graph_facts(onnx_path) -> GraphFacts:
+    """Inspect the graph (without its external weights) for its I/O, Q/DQ kind and output dtype."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    g = model.graph
+    inits = {t.name: t.data_type for t in g.initializer}
+    consts = {n.output[0]: a.t.data_type for n in g.node if n.op_type == "Constant"
+              for a in n.attribute if a.name == "value"}
+    IO.check_names([i.name for i in g.input if i.name not in inits], [o.name for o in g.output], str(onnx_path))
+    kinds = set()
+    for node in g.node:
+        if node.op_type == "QuantizeLinear":
+            zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            kinds.add("fp8" if (inits.get(zero) or consts.get(zero)) in _ONNX_FP8 else "int8")
+    if len(kinds) > 1:
+        raise ValueError(f"expected one Q/DQ kind in {onnx_path}, got {sorted(kinds)}")
+    out = next(o for o in g.output if o.name == IO.embeddings)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(out.type.tensor_type.elem_type).name
+    hidden = out.type.tensor_type.shape.dim[-1].dim_value
+    return GraphFacts(kinds.pop() if kinds else None, dtype, int(hidden))
+
+
+def _strongly_typed(spec: PlanPrecision, facts: GraphFacts, path: Path) -> bool:
+    """Q/DQ or reduced-precision graphs carry their types (strongly typed); an fp32 graph takes a flag."""
+    if facts.qdq or spec.qdq:
+        if facts.qdq != spec.qdq:
+            got = f"an {facts.qdq} Q/DQ graph" if facts.qdq else "a float graph without Q/DQ"
+            want = f"an {spec.qdq} Q/DQ graph (quantize_onnx(precision={spec.qdq!r}))" if spec.qdq else "a float graph"
+            raise ValueError(f"plan precision {spec.name!r} needs {want}, got {got}: {path}")
+        return True
+    if facts.embeddings_dtype == "float16":
+        if spec.name != "fp16":
+            raise ValueError(f"plan precision {spec.name!r} needs a float32 graph, got a float16 graph: {path}")
+        return True
+    return spec.flag is None
+
+
+def _profile(profile, src: Path) -> tuple[int, int, int]:
+    if profile is None:
+        try:
+            top = int((read_config(src.parent).get("onnx") or {}).get("max_windows", MAX_WINDOWS))
+        except (FileNotFoundError, ValueError):
+            top = MAX_WINDOWS
+        return 1, min(4, top), top
+    lo, opt, hi = (int(v) for v in profile)
+    if not 1 <= lo <= opt <= hi:
+        raise ValueError(f"expected a windows profile 1 <= min <= opt <= max, got {tuple(profile)}")
+    return lo, opt, hi
+
+
+def plan_command(onnx_path, out_dir, precision: str, profile, timing_cache=None, workspace_gib=None) -> str:
+    """The CLI line that runs build_plan with these arguments (printed where TensorRT is missing)."""
+    cmd = (f"python -m af3trt.build.encoder plan --onnx {shlex.quote(str(onnx_path))} --out "
+           f"{shlex.quote(str(out_dir))} --precision {precision} --profile {' '.join(str(v) for v in profile)}")
+    if timing_cache:
+        cmd += f" --timing-cache {shlex.quote(str(timing_cache))}"
+    if workspace_gib:
+        cmd += f" --workspace-gib {workspace_gib}"
+    return cmd
+
+
+def _trt_logger(trt):
+    class Logger(trt.ILogger):
+        """Keeps TensorRT's error messages for the exception; prints warnings and worse."""
+
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            level = getattr(severity, "name", str(severity))
+            if level in ("INTERNAL_ERROR", "ERROR"):
+                self.errors.append(msg)
+            if level in ("INTERNAL_ERROR", "ERROR", "WARNING"):
+                print(f"[TensorRT {level}] {msg}", file=sys.stderr)
+
+    return Logger()
+
+
+def _parse_network(trt, builder, logger, src: Path, strongly_typed: bool):
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse_from_file(str(src))
+    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    if not ok or errors:
+        listed = "\n".join(f"  {e}" for e in errors) or "  (the parser recorded no error)"
+        raise PlanBuildError(f"TensorRT {trt.__version__}'s ONNX parser rejected {src} with {len(errors)} error(s):\n"
+                             f"{listed}")
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
+    IO.check_names(inputs, outputs, f"the TensorRT network parsed from {src}")
+    return network, parser  # the parser owns the weights: keep it alive until the build ends
+
+
+def _builder_config(trt, builder, spec: PlanPrecision, strongly_typed: bool, profile, cache: bytes,
+                    workspace_gib: float | None):
+    config = builder.create_builder_config()
+    if workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if not strongly_typed:
+        flag = getattr(trt.BuilderFlag, spec.flag, None)
+        if flag is None:
+            raise PlanBuildError(f"TensorRT {trt.__version__} has no BuilderFlag.{spec.flag} (weak typing removed): "
+                                 f"export the ONNX with dtype='fp16' for an fp16 plan")
+        config.set_flag(flag)
+    shapes = [IO.input_shapes(w) for w in profile]
+    opt = builder.create_optimization_profile()
+    for name in IO.inputs:
+        opt.set_shape(name, *(s[name] for s in shapes))
+    if config.add_optimization_profile(opt) < 0:
+        raise PlanBuildError(f"TensorRT rejected the optimization profile {profile} windows for {list(IO.inputs)}")
+    if not config.set_timing_cache(config.create_timing_cache(cache), ignore_mismatch=False):
+        raise PlanBuildError("TensorRT rejected the timing cache (made by another TensorRT or GPU): "
+                             "delete it or pass another --timing-cache path")
+    return config
+
+
+def _atomic_write_bytes(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _onnx_fingerprint(path: Path) -> str:
+    """Hash of the graph file and of its external weights (size + first/last MiB, like checkpoints)."""
+    h = hashlib.sha256(path.read_bytes())
+    for name in external_data_files(path):
+        data = path.parent / name
+        size = data.stat().st_size
+        h.update(f"{name}:{size}".encode())
+        with open(data, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def build_plan(onnx_path, out_dir=None, *, precision: str = "fp16", profile=None, timing_cache=None,
+               workspace_gib: float | None = None, force: bool = False) -> PlanResult:
+    """Build OUT_DIR/encoder.plan (default: the ONNX's folder) with TensorRT's Python API.
+
+    precision: fp16 | bf16 | fp32 on a float graph; int8 | fp8 on a quantize_onnx Q/DQ graph
+    (strongly typed). profile: (min, opt, max) windows, default (1, 4, the export's max_windows).
+    timing_cache: file loaded if present and saved after the build. Raises MissingDependency (with
+    the CLI line to run elsewhere) without tensorrt, PlanBuildError on any parser or build error.
+    """
+    spec = lookup(PLAN_PRECISIONS, precision, "plan precision")
+    src = Path(onnx_path)
+    if not src.is_file():
+        raise FileNotFoundError(f"expected an encoder ONNX file, got {src} (no such file)")
+    out = Path(out_dir) if out_dir else src.parent
+    facts = graph_facts(src)
+    strongly_typed = _strongly_typed(spec, facts, src)
+    prof = _profile(profile, src)
+    trt = import_tensorrt(plan_command(src, out, precision, prof, timing_cache, workspace_gib))
+    key = stage_key(onnx=_onnx_fingerprint(src), precision=precision, profile=prof, tensorrt=trt.__version__)
+    if not force and (done := _existing_plan(out, key)) is not None:
+        return done
+    t0 = time.perf_counter()
+    cache_path = Path(timing_cache) if timing_cache else None
+    logger = _trt_logger(trt)
+    builder = trt.Builder(logger)
+    network, _parser = _parse_network(trt, builder, logger, src, strongly_typed)
+    cache = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    config = _builder_config(trt, builder, spec, strongly_typed, prof, cache, workspace_gib)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise PlanBuildError(f"TensorRT {trt.__version__} failed to build the {precision} plan from {src} "
+                             f"(build_serialized_network returned None): {logger.errors or 'no error logged'}")
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(out / PLAN_FILE, serialized)
+    if cache_path:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(cache_path, config.get_timing_cache().serialize())
+    seconds = time.perf_counter() - t0
+    io = {network.get_input(i).name: network.get_input(i).dtype.name for i in range(network.num_inputs)}
+    io.update({network.get_output(i).name: network.get_output(i).dtype.name for i in range(network.num_outputs)})
+    config_path = update_config(out, plan={
+        "file": PLAN_FILE, "onnx": src.name if src.parent.resolve() == out.resolve() else str(src),
+        "key": key, "precision": precision, "strongly_typed": strongly_typed,
+        "profile": dict(zip(("min", "opt", "max"), prof)), "io": io, "tensorrt": trt.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "timing_cache": str(cache_path) if cache_path else None, "build_seconds": round(seconds, 1)})
+    return PlanResult(out / PLAN_FILE, config_path, precision, prof, strongly_typed, trt.__version__, seconds)
+
+
+def _existing_plan(out: Path, key: str) -> PlanResult | None:
+    try:
+        plan = read_config(out).get("plan") or {}
+    except (FileNotFoundError, ValueError):
+        return None
+    if plan.get("key") != key or not (out / PLAN_FILE).is_file():
+        return None
+    prof = tuple(plan["profile"][k] for k in ("min", "opt", "max"))
+    return PlanResult(out / PLAN_FILE, out / CONFIG_FILE, plan["precision"], prof, plan["strongly_typed"],
+                      plan["tensorrt"], 0.0, skipped=True)

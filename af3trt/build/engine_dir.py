@@ -1,0 +1,233 @@
+"""`af3trt build`: AF3 checkpoint -> engine directory (DESIGN §3), one stage after another.
+
+Stages: tokenizer (tokenizer, chat template, processor and model configs) -> encoder_onnx ->
+encoder_plan (TensorRT) -> llm_checkpoint (TensorRT-LLM checkpoint via ModelOpt) -> llm_engine
+(trtllm-build). Each stage writes into a temporary folder and is renamed into place when complete;
+a stage whose key (checkpoint fingerprint + flags) is unchanged is skipped. Where tensorrt or
+tensorrt_llm is missing, the stages before still complete and the manifest records the exact
+command that finishes the build on a machine that has them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .manifest import Manifest, ManifestError, clean_partials, stage_key, staged_dir
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+                   "generation_config.json", "config.json", "added_tokens.json")
+ENCODER_PLAN_PRECISIONS = ("fp16", "bf16", "fp8", "int8")
+STAGE_NAMES = ("encoder", "llm")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What `af3trt build` is asked for. limits: `af3trt.build.llm.EngineLimits`."""
+
+    precision: str = "bf16"
+    kv_cache: str = "auto"
+    tp_size: int = 1
+    encoder_precision: str = "fp16"
+    limits: object = None
+    calib_audio: str | None = None
+    calib_size: int = 16
+    calib_max_tokens: int = 1024
+    stages: tuple[str, ...] = STAGE_NAMES
+    force: bool = False
+
+    def __post_init__(self):
+        from .llm import EngineLimits
+        from .precision import get_kv_cache, get_precision
+
+        get_precision(self.precision)
+        get_kv_cache(self.kv_cache)
+        if self.encoder_precision not in ENCODER_PLAN_PRECISIONS:
+            raise ValueError(f"expected encoder precision in {ENCODER_PLAN_PRECISIONS}, got {self.encoder_precision!r}")
+        unknown = set(self.stages) - set(STAGE_NAMES)
+        if unknown or not self.stages:
+            raise ValueError(f"expected stages from {STAGE_NAMES}, got {self.stages!r}")
+        if self.limits is None:
+            object.__setattr__(self, "limits", EngineLimits())
+        for name in ("calib_size", "calib_max_tokens", "tp_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def limits_record(limits) -> dict:
+    return {**asdict(limits), "max_audio_tokens": limits.audio_tokens_per_request, "max_input_len": limits.max_input_len,
+            "max_seq_len": limits.max_seq_len, "max_prompt_embedding_table_size": limits.prompt_table_size,
+            "max_num_tokens": limits.num_tokens}
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="af3trt build", unit="stage", file=sys.stderr)
+    except ImportError:  # tqdm is a base dependency; keep building without a bar all the same
+        return None
+
+
+def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOptions = BuildOptions()) -> Manifest:
+    """Build (or complete) the engine dir `out` from the AF3 checkpoint `model`. Returns the manifest."""
+    from ..checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_partials(out)
+    fingerprint = ckpt.fingerprint()
+    manifest = _start_manifest(out, ckpt, fingerprint, options)
+    plan = [("tokenizer", _stage_tokenizer)]
+    if "encoder" in options.stages:
+        plan += [("encoder_onnx", _stage_encoder_onnx), ("encoder_plan", _stage_encoder_plan)]
+    if "llm" in options.stages:
+        plan += [("llm_checkpoint", _stage_llm_checkpoint), ("llm_engine", _stage_llm_engine)]
+    bar = _progress(len(plan))
+    for name, run in plan:
+        key = stage_key(stage=name, checkpoint=fingerprint, options=_stage_flags(name, options))
+        entry = manifest.stages.get(name)
+        if not options.force and entry and entry.get("key") == key and "missing" not in entry \
+                and (out / entry["path"]).exists():
+            log.info("stage %s unchanged: skipped", name)
+        else:
+            manifest.stages[name] = {"key": key, "checkpoint": fingerprint, **run(ckpt, out, options, manifest)}
+            manifest.write(out)
+        if bar is not None:
+            bar.set_postfix_str(name)
+            bar.update()
+    if bar is not None:
+        bar.close()
+    manifest.write(out)
+    return manifest
+
+
+def _start_manifest(out: Path, ckpt, fingerprint: str, options: BuildOptions) -> Manifest:
+    record = {"checkpoint": {"path": str(ckpt.path.resolve()), "fingerprint": fingerprint},
+              "model": {"vocab_size": ckpt.spec.text.vocab_size, "hidden_size": ckpt.spec.text.hidden_size,
+                        "audio_token_id": ckpt.spec.audio_token_id, "num_layers": ckpt.spec.text.num_layers},
+              "limits": limits_record(options.limits),
+              "precision": {"llm": options.precision, "kv_cache": options.kv_cache, "tp_size": options.tp_size,
+                            "encoder_plan": options.encoder_precision}}
+    try:
+        old = Manifest.read(out)
+    except ManifestError:
+        old = None
+    if old is not None and old.checkpoint.get("fingerprint") == fingerprint and old.limits == record["limits"] \
+            and old.precision == record["precision"]:
+        manifest = old
+        manifest.checkpoint = record["checkpoint"]
+    else:
+        manifest = Manifest(**record)
+    return manifest
+
+
+def _stage_flags(name: str, o: BuildOptions) -> dict:
+    if name == "encoder_plan":
+        return {"precision": o.encoder_precision, "limits": asdict(o.limits)}
+    if name == "llm_checkpoint":
+        return {"precision": o.precision, "kv_cache": o.kv_cache, "tp": o.tp_size, "calib_audio": o.calib_audio,
+                "calib_size": o.calib_size, "calib_max_tokens": o.calib_max_tokens}
+    if name == "llm_engine":
+        return {"precision": o.precision, "kv_cache": o.kv_cache, "tp": o.tp_size, "limits": asdict(o.limits)}
+    return {}
+
+
+def _stage_tokenizer(ckpt, out: Path, options: BuildOptions, manifest: Manifest) -> dict:
+    with staged_dir(out / "tokenizer") as tmp:
+        copied = [n for n in TOKENIZER_FILES if (ckpt.path / n).is_file()]
+        for name in copied:
+            shutil.copy2(ckpt.path / name, tmp / name)
+    return {"path": "tokenizer", "files": copied}
+
+
+def _stage_encoder_onnx(ckpt, out: Path, options: BuildOptions, manifest: Manifest) -> dict:
+    from .encoder import export_onnx
+
+    res = export_onnx(checkpoint=ckpt.path, out_dir=out / "encoder", dtype="fp32",
+                      max_windows=_plan_profile(options)[2], force=options.force)
+    return {"path": str(res.onnx_path.relative_to(out)), "dtype": res.dtype, "external_data": res.external_data,
+            "max_rel_error": res.max_rel_error}
+
+
+def _plan_profile(options: BuildOptions) -> tuple[int, int, int]:
+    """(min, opt, max) encoder windows: up to 20 windows (10 min) for each of max_batch_size requests."""
+    from ..spec import MAX_WINDOWS, WINDOW_SECONDS
+
+    per_request = min(MAX_WINDOWS, -(-int(options.limits.max_audio_seconds) // WINDOW_SECONDS))
+    hi = max(1, per_request * options.limits.max_batch_size)
+    return 1, min(hi, per_request), hi
+
+
+def _stage_encoder_plan(ckpt, out: Path, options: BuildOptions, manifest: Manifest) -> dict:
+    from .encoder_plan import plan_command
+
+    onnx_path = out / manifest.stages["encoder_onnx"]["path"]
+    entry: dict = {"path": "encoder/encoder.plan", "precision": options.encoder_precision}
+    if options.encoder_precision in ("int8", "fp8"):  # ModelOpt Q/DQ graph first: runs on CPU too
+        from .encoder import quantize_onnx
+
+        q = quantize_onnx(onnx_path, precision=options.encoder_precision, calibration=options.calib_audio)
+        onnx_path = q.onnx_path
+        entry.update(qdq_onnx=str(onnx_path.relative_to(out)), qdq_cosine_min=q.cosine_min)
+    profile = _plan_profile(options)
+    if not has_module("tensorrt"):
+        return {**entry, "missing": "tensorrt is not installed here",
+                "command": plan_command(onnx_path, out / "encoder", options.encoder_precision, profile)}
+    from .encoder_plan import build_plan
+
+    plan = build_plan(onnx_path, out / "encoder", precision=options.encoder_precision, profile=profile,
+                      timing_cache=out / "encoder" / "timing.cache", force=options.force)
+    return {**entry, "path": str(plan.plan_path.relative_to(out)), "profile": list(plan.profile),
+            "tensorrt": plan.tensorrt_version}
+
+
+def _stage_llm_checkpoint(ckpt, out: Path, options: BuildOptions, manifest: Manifest) -> dict:
+    from .calibration import llm_calibration_batches
+    from .llm import export_checkpoint
+    from .precision import get_kv_cache, get_precision, needs_calibration
+
+    batches = None
+    if needs_calibration(get_precision(options.precision), get_kv_cache(options.kv_cache)):
+        batches = llm_calibration_batches(ckpt.path, audio_dir=options.calib_audio, count=options.calib_size,
+                                          max_tokens=options.calib_max_tokens)
+    export_checkpoint(checkpoint_dir=ckpt.path, out_dir=out / "llm" / "checkpoint", precision=options.precision,
+                      kv_cache=options.kv_cache, tp_size=options.tp_size, calib_batches=batches)
+    return {"path": "llm/checkpoint", "precision": options.precision, "kv_cache": options.kv_cache,
+            "tp_size": options.tp_size, "calibration": None if batches is None else
+            {"audio_dir": options.calib_audio, "count": options.calib_size, "max_tokens": options.calib_max_tokens}}
+
+
+def _stage_llm_engine(ckpt, out: Path, options: BuildOptions, manifest: Manifest) -> dict:
+    from .llm import trtllm_build_command
+
+    argv = trtllm_build_command(out / "llm" / "checkpoint", out / "llm" / "engine", options.limits,
+                                options.precision, options.kv_cache)
+    script = out / "llm" / "build_engine.sh"
+    script.write_text("#!/usr/bin/env bash\n# trtllm-build for this engine dir (TensorRT-LLM 1.2)\nset -euo pipefail\n"
+                      + shlex.join(argv) + "\n")
+    script.chmod(0o755)
+    if not has_module("tensorrt_llm"):
+        return {"path": "llm/engine", "missing": "tensorrt_llm is not installed here", "command": f"bash {script}",
+                "argv": argv}
+    with staged_dir(out / "llm" / "engine") as tmp:
+        run_argv = list(argv)
+        run_argv[run_argv.index("--output_dir") + 1] = str(tmp)
+        subprocess.run(run_argv, check=True)
+        if not (tmp / "config.json").is_file():
+            raise RuntimeError(f"trtllm-build finished without writing config.json in {tmp}")
+    return {"path": "llm/engine", "argv": argv}

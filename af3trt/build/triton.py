@@ -1,0 +1,705 @@
+"""Triton model repository for AF3: `write_repository(engine_dir, out_dir, ...)` (`af3trt triton`).
+
+Models (every config.pbtxt rendered from the typed specs below with `string.Template.substitute`):
+
+    preprocessing   python  AUDIO (BYTES: encoded WAV/FLAC/MP3/OGG file bytes, one per element) or
+                            AUDIO_BASE64 (the same, base64 text, for JSON clients), PROMPT, generation
+                            params -> log-mel windows, prompt ids with fake ids, extra ids, limits checked
+    audio_encoder   tensorrt_plan (ENGINE_DIR/encoder/encoder.plan) | python (ONNX Runtime, else torch)
+                            (W, 128, 3000) log-mel + (W,) frames -> (W, 750, H) padded embeddings;
+                            the window axis W is Triton's batch axis, so windows of concurrent
+                            requests batch together (plan); the python encoders run request by request
+    prompt_table    python  gathers the valid rows of the padded windows -> [1, rows, H] FP16 table
+    tensorrt_llm    tensorrtllm C++ backend (gpt_model_path = ENGINE_DIR/llm/engine), or with
+                            llm_backend="python" af3trt's torch decoder behind the SAME tensors
+    postprocessing  python  output_ids -> TEXT (optional STRIP_PREFIX; a streaming ensemble decodes each
+                            response's tokens alone and takes no STRIP_PREFIX: stream through `af3`)
+    ensemble        preprocessing -> audio_encoder -> prompt_table -> tensorrt_llm -> postprocessing
+    af3             python BLS, decoupled: the same chain; STREAM=true streams text pieces
+                            (incremental detokenization); text-only requests skip the encoder
+
+Prompt table (DESIGN §4): valid rows are gathered in `prompt_table` (on the GPU via DLPack when the
+encoder output lives there), so a request's table is exactly the in-process Pipeline's: its audios'
+valid embeddings in prompt order, and fake id `vocab_size + row` addresses that compact table.
+Addressing the padded layout (`w*750 + r`) was rejected: every window would send 750 rows whatever
+its length (a 1 s clip: 750 rows for 25 valid) into the engine's prompt table, whose size is fixed
+engine-wide, and Triton cannot turn the encoder's (W, 750, H) batch into the LLM's (1, rows, H)
+input without a python step anyway. Cross-model embeddings are FP16
+(the python backend has no BF16; the engine casts to its dtype). A text-only request through the
+ensemble runs one dummy window and sends a 1-row zero table that no token reads; `af3` skips both.
+Extra ids (KV-cache reuse): per audio a positive 62-bit id of its decoded samples' hash
+(`runtime.stitch.extra_id`), on that audio's fake-id positions, 0 on text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..spec import FRAMES_PER_WINDOW, MAX_AUDIO_SECONDS, MAX_AUDIO_TOKENS, MAX_WINDOWS, N_MELS, TOKENS_PER_WINDOW
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+GENERATOR = "af3trt"
+MARKER = ".af3trt-repository"  # only folders holding this file (or empty ones) are replaced
+LLM_BACKENDS = ("tensorrtllm", "python")
+PREPROCESSING, ENCODER, PROMPT_TABLE, LLM, POSTPROCESSING, ENSEMBLE, BLS = (
+    "preprocessing", "audio_encoder", "prompt_table", "tensorrt_llm", "postprocessing", "ensemble", "af3")
+NUMPY_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
+                   "int32": "TYPE_INT32", "uint64": "TYPE_UINT64", "bool": "TYPE_BOOL", "bytes": "TYPE_STRING"}
+
+
+# ------------------------------------------------------------------------------------ typed specs
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One config.pbtxt input/output. dtype: a Triton TYPE_*; dims exclude the batch axis."""
+
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+    optional: bool = False
+    reshape: tuple[int, ...] | None = None
+    ragged: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in NUMPY_TO_TRITON.values():
+            raise ValueError(f"{self.name}: expected a dtype in {sorted(NUMPY_TO_TRITON.values())}, got {self.dtype!r}")
+
+
+def _t(name, dtype, *dims, **kw) -> TensorSpec:
+    return TensorSpec(name, NUMPY_TO_TRITON[dtype], tuple(dims), **kw)
+
+
+def _scalar(name, dtype, optional=True) -> TensorSpec:
+    """A per-request scalar of a batching model: dims [1], reshaped to [] (the C++ backend's layout)."""
+    return TensorSpec(name, NUMPY_TO_TRITON[dtype], (1,), optional=optional, reshape=())
+
+
+# User-facing request (ensemble and af3): AUDIO elements are whole encoded files, never URLs or paths.
+# PROMPT is required but declared optional: preprocessing then answers its absence with an error
+# naming it, where Triton's ensemble would skip the step and return an empty answer.
+REQUEST_INPUTS = (
+    _t("AUDIO", "bytes", -1, optional=True), _t("AUDIO_BASE64", "bytes", -1, optional=True),
+    _t("PROMPT", "bytes", 1, optional=True),
+    _t("MAX_TOKENS", "int32", 1, optional=True), _t("DO_SAMPLE", "bool", 1, optional=True),
+    _t("TEMPERATURE", "float32", 1, optional=True), _t("TOP_P", "float32", 1, optional=True),
+    _t("TOP_K", "int32", 1, optional=True), _t("REPETITION_PENALTY", "float32", 1, optional=True),
+    _t("SEED", "uint64", 1, optional=True), _t("STREAM", "bool", 1, optional=True),
+    _t("STRIP_PREFIX", "bool", 1, optional=True),
+)
+REQUEST_OUTPUTS = (_t("TEXT", "bytes", -1),)
+
+# The TensorRT-LLM C++ backend's tensors this repository uses (reference/trtllm.md §3.3); the python
+# LLM backend declares exactly these. Preprocessing emits the per-request ones under the same names.
+LLM_INPUTS = (
+    _t("input_ids", "int32", -1, ragged=True), _scalar("input_lengths", "int32", optional=False),
+    _scalar("request_output_len", "int32", optional=False), _scalar("end_id", "int32"), _scalar("pad_id", "int32"),
+    _t("stop_words_list", "int32", 2, -1, optional=True, ragged=True), _scalar("runtime_top_k", "int32"),
+    _scalar("runtime_top_p", "float32"), _scalar("temperature", "float32"), _scalar("repetition_penalty", "float32"),
+    _scalar("seed", "uint64"), _scalar("streaming", "bool"),
+    _t("prompt_embedding_table", "float16", -1, -1, optional=True, ragged=True),
+    _scalar("prompt_vocab_size", "int32"), _t("prompt_table_extra_ids", "uint64", -1, optional=True, ragged=True),
+)
+LLM_OUTPUTS = (_t("output_ids", "int32", -1, -1), _t("sequence_length", "int32", -1))
+TABLE_INPUTS = ("prompt_embedding_table", "prompt_vocab_size")  # from prompt_table, the rest from preprocessing
+
+
+def _from_preprocessing(spec: TensorSpec) -> TensorSpec:
+    """The preprocessing output (max_batch_size 0) feeding LLM input `spec`: explicit leading batch 1."""
+    dims = (1,) + (spec.reshape if spec.reshape is not None else spec.dims)
+    return TensorSpec(spec.name, spec.dtype, dims if dims != (1,) else (1, 1))
+
+
+@dataclass(frozen=True)
+class EncoderIO:
+    """The encoder's tensor names and Triton dtypes (ENGINE_DIR/encoder/config.json, else defaults)."""
+
+    features: str
+    frames: str
+    embeddings: str
+    features_dtype: str
+    frames_dtype: str
+    embeddings_dtype: str
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A non-ensemble config.pbtxt. backend: 'backend: "python"' or 'platform: "tensorrt_plan"' line."""
+
+    name: str
+    backend: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    instance_count: int = 1
+    instance_kind: str = "KIND_CPU"
+    decoupled: bool | None = None
+    dynamic_batching: str = ""
+    parameters: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Step:
+    model: str
+    input_map: tuple[tuple[str, str], ...]  # (model input, ensemble tensor)
+    output_map: tuple[tuple[str, str], ...]  # (model output, ensemble tensor)
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """Per-request limits the repository enforces (from ENGINE_DIR/manifest.json `limits` when present).
+
+    max_batch_size: sequences in flight in the LLM; max_audio_seconds: audio per request (all of its
+    audios together); max_windows: 30 s encoder windows per request; max_input_len: prompt tokens
+    (audio rows + text); max_new_tokens: per request; max_seq_len: prompt + new tokens.
+    """
+
+    max_batch_size: int = 8
+    max_audio_seconds: float = float(MAX_AUDIO_SECONDS)
+    max_windows: int = MAX_WINDOWS
+    max_input_len: int = MAX_AUDIO_TOKENS + 2048
+    max_new_tokens: int = 2048
+    max_seq_len: int = MAX_AUDIO_TOKENS + 2048 + 2048
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_windows", "max_input_len", "max_new_tokens", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ServingLimits.{name}: expected an int >= 1, got {value!r}")
+        if not 0 < self.max_audio_seconds <= MAX_AUDIO_SECONDS:
+            raise ValueError(f"ServingLimits.max_audio_seconds: expected (0, {MAX_AUDIO_SECONDS}], "
+                             f"got {self.max_audio_seconds!r}")
+        if self.max_seq_len <= self.max_input_len:
+            raise ValueError(f"ServingLimits: expected max_seq_len > max_input_len, got {self.max_seq_len} "
+                             f"<= {self.max_input_len}")
+
+    @classmethod
+    def from_engine_dir(cls, engine_dir: str | os.PathLike) -> "ServingLimits":
+        """Limits of ENGINE_DIR/manifest.json (its `limits` record), defaults where there is none."""
+        path = Path(engine_dir) / "manifest.json"
+        if not path.is_file():
+            return cls()
+        from .manifest import Manifest
+
+        lim = Manifest.read(engine_dir).limits
+        picked = {k: lim[k] for k in ("max_batch_size", "max_audio_seconds", "max_input_len", "max_new_tokens",
+                                      "max_seq_len") if lim.get(k) is not None}
+        if "max_audio_seconds" in picked:
+            picked["max_audio_seconds"] = float(picked["max_audio_seconds"])
+        return cls(**picked)
+
+
+# -------------------------------------------------------------- python model parameters (typed)
+
+
+def _params(obj) -> tuple[tuple[str, str], ...]:
+    """A params dataclass -> config.pbtxt parameters (strings as-is, everything else as JSON)."""
+    return tuple((f.name, v if isinstance(v := getattr(obj, f.name), str) else json.dumps(v))
+                 for f in dataclasses.fields(obj))
+
+
+def load_params(cls, model_config: dict):
+    """Inverse of `_params` for a python model's `args["model_config"]`; unknown keys are an error."""
+    raw = {k: v["string_value"] for k, v in (model_config.get("parameters") or {}).items()
+           if k != "FORCE_CPU_ONLY_INPUT_TENSORS"}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    if set(raw) != set(names):
+        raise ValueError(f"{model_config.get('name')}: expected parameters {sorted(names)}, got {sorted(raw)}")
+    return cls(**{k: v if names[k].type in ("str", str) else json.loads(v) for k, v in raw.items()})
+
+
+@dataclass(frozen=True)
+class PreprocessingParams:
+    tokenizer_dir: str
+    vocab_size: int
+    audio_token_id: int
+    end_id: int
+    pad_id: int
+    stop_ids: list
+    limits: dict
+    default_max_tokens: int
+    features: str
+    frames: str
+    features_dtype: str
+    frames_dtype: str
+
+
+@dataclass(frozen=True)
+class EncoderParams:
+    backend: str  # onnxruntime | torch
+    path: str  # engine dir (onnxruntime) or AF3 checkpoint dir (torch)
+    device: str
+    features: str
+    frames: str
+    embeddings: str
+
+
+@dataclass(frozen=True)
+class PromptTableParams:
+    hidden_size: int
+    embeddings: str
+
+
+@dataclass(frozen=True)
+class LLMParams:
+    path: str  # ENGINE_DIR (its llm/checkpoint) or an AF3 checkpoint dir
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class PostprocessingParams:
+    tokenizer_dir: str
+
+
+@dataclass(frozen=True)
+class BLSParams:
+    tokenizer_dir: str
+    preprocessing_inputs: list
+    llm_inputs: list
+    encoder_inputs: list
+    embeddings: str
+    llm_decoupled: bool
+    workers: int
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+_INPUT = string.Template("  {\n    name: \"${name}\"\n    data_type: ${dtype}\n    dims: ${dims}${extra}\n  }")
+_PARAM = string.Template("parameters: {\n  key: \"${key}\"\n  value: { string_value: \"${value}\" }\n}")
+_STEP = string.Template("    {\n      model_name: \"${model}\"\n      model_version: -1\n${maps}\n    }")
+_MAP = string.Template("      ${kind} { key: \"${key}\" value: \"${value}\" }")
+
+
+def _quote(value: str) -> str:
+    if any(ord(c) < 32 for c in value):
+        raise ValueError(f"expected a single-line printable parameter value, got {value!r}")
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _dims(dims) -> str:
+    return f"[ {', '.join(str(d) for d in dims)} ]" if dims else "[ ]"
+
+
+def render_tensor(t: TensorSpec, is_input: bool) -> str:
+    extra = ""
+    if t.reshape is not None:
+        extra += f"\n    reshape: {{ shape: {_dims(t.reshape)} }}"
+    if is_input and t.optional:
+        extra += "\n    optional: true"
+    if is_input and t.ragged:
+        extra += "\n    allow_ragged_batch: true"
+    return _INPUT.substitute(name=t.name, dtype=t.dtype, dims=_dims(t.dims), extra=extra)
+
+
+def render_model(cfg: ModelConfig) -> str:
+    template = string.Template((TEMPLATES / "model.pbtxt").read_text())
+    policy = "" if cfg.decoupled is None else \
+        f"model_transaction_policy {{\n  decoupled: {str(cfg.decoupled).lower()}\n}}\n"
+    return template.substitute(
+        generator=GENERATOR, name=cfg.name, backend=cfg.backend, max_batch_size=cfg.max_batch_size,
+        transaction_policy=policy, dynamic_batching=cfg.dynamic_batching,
+        inputs=",\n".join(render_tensor(t, True) for t in cfg.inputs),
+        outputs=",\n".join(render_tensor(t, False) for t in cfg.outputs),
+        instance_count=cfg.instance_count, instance_kind=cfg.instance_kind,
+        parameters="\n".join(_PARAM.substitute(key=k, value=_quote(v)) for k, v in cfg.parameters),
+    )
+
+
+def render_ensemble(name: str, inputs, outputs, steps: list[Step]) -> str:
+    template = string.Template((TEMPLATES / "ensemble.pbtxt").read_text())
+    blocks = []
+    for s in steps:
+        maps = [_MAP.substitute(kind="input_map", key=k, value=v) for k, v in s.input_map]
+        maps += [_MAP.substitute(kind="output_map", key=k, value=v) for k, v in s.output_map]
+        blocks.append(_STEP.substitute(model=s.model, maps="\n".join(maps)))
+    return template.substitute(generator=GENERATOR, name=name, inputs=",\n".join(render_tensor(t, True) for t in inputs),
+                               outputs=",\n".join(render_tensor(t, False) for t in outputs), steps=",\n".join(blocks))
+
+
+# --------------------------------------------------------------------------- engine dir facts
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the writer reads from an engine dir (DESIGN §3) or a plain AF3 checkpoint dir."""
+
+    engine_dir: Path
+    tokenizer_dir: Path
+    vocab_size: int
+    hidden_size: int
+    audio_token_id: int
+    eos_token_ids: tuple[int, ...]
+    pad_id: int
+    checkpoint_dir: Path | None  # AF3 HF checkpoint (torch encoder / decoder)
+    encoder_onnx: Path | None
+    encoder_plan: Path | None
+    encoder_io: EncoderIO
+    plan_max_windows: int | None
+    llm_engine: Path | None
+    llm_checkpoint: Path | None
+    limits: ServingLimits
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _model_facts(root: Path, tokenizer_dir: Path) -> dict:
+    if (root / "manifest.json").is_file():
+        from .manifest import Manifest
+
+        m = Manifest.read(root).model
+        return {k: int(m[k]) for k in ("vocab_size", "hidden_size", "audio_token_id")}
+    from ..spec import ModelSpec
+
+    for d in (root, tokenizer_dir):
+        if (d / "config.json").is_file():
+            spec = ModelSpec.from_dir(d)
+            return {"vocab_size": spec.text.vocab_size, "hidden_size": spec.text.hidden_size,
+                    "audio_token_id": spec.audio_token_id}
+    raise FileNotFoundError(f"expected manifest.json (engine dir) or an AF3 config.json in {root}, found neither")
+
+
+def _generation_ids(root: Path, tokenizer_dir: Path) -> tuple[tuple[int, ...], int]:
+    for d in (tokenizer_dir, root):
+        gen = _json(d / "generation_config.json")
+        eos = gen.get("eos_token_id")
+        if eos is not None:
+            eos = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+            pad = gen.get("pad_token_id")
+            return eos, int(pad if pad is not None else eos[0])
+    raise FileNotFoundError(f"expected generation_config.json with eos_token_id in {tokenizer_dir} or {root}, found none")
+
+
+_TRT_TO_TRITON = {"FLOAT": "TYPE_FP32", "HALF": "TYPE_FP16", "BF16": "TYPE_BF16", "INT64": "TYPE_INT64",
+                  "INT32": "TYPE_INT32"}
+
+
+def _encoder_facts(enc: Path) -> tuple[EncoderIO, int | None]:
+    """Encoder tensor names/dtypes and the plan's profile maximum, from encoder/config.json (its `io`
+    section, the `plan` section's TensorRT I/O dtypes and profile) or runtime.encoder.IO's defaults."""
+    from ..runtime.encoder import IO
+
+    if not (enc / "config.json").is_file():
+        return EncoderIO(IO.features, IO.frames, IO.embeddings, NUMPY_TO_TRITON[IO.features_dtype],
+                         NUMPY_TO_TRITON[IO.frames_dtype], "TYPE_FP32"), None
+    from .encoder import read_config
+
+    cfg = read_config(enc)
+    inputs, outputs = (cfg.get("io") or {}).get("inputs") or {}, (cfg.get("io") or {}).get("outputs") or {}
+    by_rank = {len(v["shape"]): k for k, v in inputs.items()}
+    if sorted(by_rank) != [1, 3] or len(outputs) != 1:
+        raise ValueError(f"expected encoder inputs (W,128,3000) features and (W,) frames and one output in "
+                         f"{enc / 'config.json'}, got inputs {inputs} and outputs {outputs}")
+    dtypes = {k: NUMPY_TO_TRITON[v["dtype"]] for k, v in {**inputs, **outputs}.items()}
+    plan = cfg.get("plan") or {}
+    dtypes.update({k: _TRT_TO_TRITON[v] for k, v in (plan.get("io") or {}).items()})
+    (emb,) = outputs
+    io = EncoderIO(by_rank[3], by_rank[1], emb, dtypes[by_rank[3]], dtypes[by_rank[1]], dtypes[emb])
+    top = (plan.get("profile") or {}).get("max")
+    return io, (int(top) if top else None)
+
+
+def inspect_engine_dir(engine_dir: str | os.PathLike) -> EngineFacts:
+    root = Path(engine_dir).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"expected an engine dir or AF3 checkpoint dir, got {root} (not a directory)")
+    tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
+    if not any((tokenizer_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"expected a tokenizer (tokenizer.json) in {tokenizer_dir}, found none")
+    facts = _model_facts(root, tokenizer_dir)
+    eos, pad = _generation_ids(root, tokenizer_dir)
+    checkpoint = root if (root / "config.json").is_file() and any(root.glob("*.safetensors")) else None
+    if checkpoint is None and (root / "manifest.json").is_file():
+        from .manifest import Manifest
+
+        path = Path(Manifest.read(root).checkpoint.get("path", ""))
+        checkpoint = path if path.is_dir() and any(path.glob("*.safetensors")) else None
+    enc = root / "encoder"
+    io, profile_max = _encoder_facts(enc)
+    llm_engine = root / "llm" / "engine"
+    if (llm_engine / "config.json").is_file():
+        engine_vocab = int(_json(llm_engine / "config.json").get("pretrained_config", {}).get("vocab_size", 0))
+        if engine_vocab and engine_vocab != facts["vocab_size"]:
+            raise ValueError(f"expected the engine's vocab_size {facts['vocab_size']} (model), got {engine_vocab} "
+                             f"in {llm_engine / 'config.json'}")
+    return EngineFacts(
+        engine_dir=root, tokenizer_dir=tokenizer_dir, eos_token_ids=eos, pad_id=pad, checkpoint_dir=checkpoint,
+        encoder_onnx=enc / "encoder.onnx" if (enc / "encoder.onnx").is_file() else None,
+        encoder_plan=enc / "encoder.plan" if (enc / "encoder.plan").is_file() else None,
+        encoder_io=io, plan_max_windows=profile_max,
+        llm_engine=llm_engine if (llm_engine / "config.json").is_file() else None,
+        llm_checkpoint=root / "llm" / "checkpoint" if (root / "llm" / "checkpoint" / "config.json").is_file() else None,
+        limits=ServingLimits.from_engine_dir(root), **facts,
+    )
+
+
+# ------------------------------------------------------------------------------- model configs
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    """How to serve. llm_backend: tensorrtllm (C++ backend on llm/engine) | python (torch decoder);
+    encoder_backend: auto | tensorrt | onnxruntime | torch; streaming: decoupled LLM (token streaming);
+    instances: count of each python model (and of the encoder plan); server_engine_dir: where the
+    server will see the engine dir (e.g. a container mount), default: where it is now."""
+
+    llm_backend: str = "tensorrtllm"
+    encoder_backend: str = "auto"
+    max_batch_size: int | None = None
+    instances: int = 1
+    streaming: bool = True
+    kv_cache_reuse: bool = True
+    device: str = "auto"
+    default_max_tokens: int = 256
+    max_queue_delay_us: int = 0
+    limits: ServingLimits | None = None
+    server_engine_dir: str | None = None
+
+    def __post_init__(self):
+        if self.llm_backend not in LLM_BACKENDS:
+            raise ValueError(f"expected llm_backend in {LLM_BACKENDS}, got {self.llm_backend!r}")
+        if self.encoder_backend not in ("auto", "tensorrt", "onnxruntime", "torch"):
+            raise ValueError(f"expected encoder_backend in ('auto', 'tensorrt', 'onnxruntime', 'torch'), "
+                             f"got {self.encoder_backend!r}")
+        for name in ("instances", "default_max_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"expected {name} an int >= 1, got {getattr(self, name)!r}")
+        if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
+            raise ValueError(f"expected max_batch_size None or an int >= 1, got {self.max_batch_size!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Resolved choices: limits in force, encoder backend, and the path mapper for server paths."""
+
+    facts: EngineFacts
+    options: RepositoryOptions
+    limits: ServingLimits
+    encoder: str
+    encoder_windows: int
+
+    def path(self, p: Path) -> str:
+        if self.options.server_engine_dir is None:
+            return str(p)
+        try:
+            return str(Path(self.options.server_engine_dir) / p.relative_to(self.facts.engine_dir))
+        except ValueError:
+            return str(p)
+
+
+def make_plan(facts: EngineFacts, o: RepositoryOptions) -> Plan:
+    limits = o.limits or facts.limits
+    if o.max_batch_size is not None:
+        if o.llm_backend == "tensorrtllm" and facts.llm_engine is not None and o.max_batch_size > limits.max_batch_size:
+            raise ValueError(f"expected max_batch_size <= {limits.max_batch_size} (the engine's), got {o.max_batch_size}")
+        limits = dataclasses.replace(limits, max_batch_size=o.max_batch_size)
+    if o.llm_backend == "tensorrtllm" and facts.llm_engine is None:
+        raise FileNotFoundError(
+            f"expected a TensorRT-LLM engine at {facts.engine_dir / 'llm/engine/config.json'} for llm_backend "
+            f"'tensorrtllm', found none: finish `af3trt build` on a machine with TensorRT-LLM, or use llm_backend 'python'")
+    if o.llm_backend == "python" and facts.llm_checkpoint is None and facts.checkpoint_dir is None:
+        raise FileNotFoundError(f"expected llm/checkpoint or AF3 weights in {facts.engine_dir} for the python LLM, found none")
+    encoder = o.encoder_backend
+    if encoder == "auto":
+        encoder = ("tensorrt" if facts.encoder_plan and o.llm_backend == "tensorrtllm" else
+                   "onnxruntime" if facts.encoder_onnx else "torch")
+    needs = {"tensorrt": (facts.encoder_plan, "encoder/encoder.plan"), "onnxruntime": (facts.encoder_onnx,
+             "encoder/encoder.onnx"), "torch": (facts.checkpoint_dir, "the AF3 checkpoint's weights")}[encoder]
+    if needs[0] is None:
+        raise FileNotFoundError(f"expected {needs[1]} in {facts.engine_dir} for the {encoder} encoder, found none")
+    windows = limits.max_windows
+    if encoder == "tensorrt":
+        windows = facts.plan_max_windows or limits.max_windows
+        if windows < limits.max_windows:
+            raise ValueError(f"expected the encoder plan's profile to allow {limits.max_windows} windows (one "
+                             f"{limits.max_audio_seconds:.0f} s request), got a maximum of {windows}")
+    return Plan(facts, o, limits, encoder, windows)
+
+
+def _dynamic_batching(delay_us: int, preferred: int | None = None) -> str:
+    pref = f"  preferred_batch_size: [ {preferred} ]\n" if preferred else ""
+    return f"dynamic_batching {{\n{pref}  max_queue_delay_microseconds: {delay_us}\n}}\n"
+
+
+def _encoder_tensors(io: EncoderIO, windows: tuple[int, ...], embeddings_dtype: str, hidden: int):
+    """features, frames, embeddings; windows () for the encoder (W is its batch axis), (-1,) elsewhere."""
+    return (TensorSpec(io.features, io.features_dtype, windows + (N_MELS, FRAMES_PER_WINDOW)),
+            TensorSpec(io.frames, io.frames_dtype, windows + (1,), reshape=None if windows else ()),
+            TensorSpec(io.embeddings, embeddings_dtype, windows + (TOKENS_PER_WINDOW, hidden)))
+
+
+def preprocessing_config(plan: Plan) -> ModelConfig:
+    f, o, io = plan.facts, plan.options, plan.facts.encoder_io
+    features, frames, _ = _encoder_tensors(io, (-1,), io.embeddings_dtype, f.hidden_size)
+    outputs = (features, frames, _t("rows", "int32", -1)) + tuple(
+        _from_preprocessing(t) for t in LLM_INPUTS if t.name not in TABLE_INPUTS)
+    params = PreprocessingParams(
+        tokenizer_dir=plan.path(f.tokenizer_dir), vocab_size=f.vocab_size, audio_token_id=f.audio_token_id,
+        end_id=f.eos_token_ids[0], pad_id=f.pad_id, stop_ids=list(f.eos_token_ids[1:]),
+        limits=dataclasses.asdict(plan.limits), default_max_tokens=min(o.default_max_tokens, plan.limits.max_new_tokens),
+        features=io.features, frames=io.frames, features_dtype=_numpy_dtype(io.features_dtype),
+        frames_dtype=_numpy_dtype(io.frames_dtype))
+    return ModelConfig(PREPROCESSING, 'backend: "python"', 0, REQUEST_INPUTS, outputs, o.instances,
+                       parameters=_params(params))
+
+
+def _numpy_dtype(triton: str) -> str:
+    return {v: k for k, v in NUMPY_TO_TRITON.items()}[triton]
+
+
+def encoder_config(plan: Plan) -> ModelConfig:
+    f, o, io = plan.facts, plan.options, plan.facts.encoder_io
+    if plan.encoder == "tensorrt":
+        features, frames, emb = _encoder_tensors(io, (), io.embeddings_dtype, f.hidden_size)
+        if io.embeddings_dtype not in ("TYPE_FP16", "TYPE_FP32"):
+            raise ValueError(f"expected the encoder plan's output FP16 or FP32 (python models read it), got {io.embeddings_dtype}")
+        return ModelConfig(ENCODER, 'platform: "tensorrt_plan"', plan.encoder_windows, (features, frames), (emb,),
+                           o.instances, "KIND_GPU", dynamic_batching=_dynamic_batching(o.max_queue_delay_us))
+    features, frames, emb = _encoder_tensors(io, (), "TYPE_FP16", f.hidden_size)
+    path = f.engine_dir if plan.encoder == "onnxruntime" else f.checkpoint_dir
+    params = EncoderParams(backend=plan.encoder, path=plan.path(path), device=o.device, features=io.features,
+                           frames=io.frames, embeddings=io.embeddings)
+    return ModelConfig(ENCODER, 'backend: "python"', plan.encoder_windows, (features, frames), (emb,), o.instances,
+                       parameters=_params(params))
+
+
+def _encoder_output_dtype(plan: Plan) -> str:
+    return plan.facts.encoder_io.embeddings_dtype if plan.encoder == "tensorrt" else "TYPE_FP16"
+
+
+def prompt_table_config(plan: Plan) -> ModelConfig:
+    io, h = plan.facts.encoder_io, plan.facts.hidden_size
+    emb = _encoder_tensors(io, (-1,), _encoder_output_dtype(plan), h)[2]
+    outputs = (_t("prompt_embedding_table", "float16", 1, -1, h), _t("prompt_vocab_size", "int32", 1, 1))
+    params = _params(PromptTableParams(hidden_size=h, embeddings=io.embeddings))
+    if plan.encoder == "tensorrt":
+        params += (("FORCE_CPU_ONLY_INPUT_TENSORS", "no"),)  # take the plan's GPU output as is (DLPack)
+    return ModelConfig(PROMPT_TABLE, 'backend: "python"', 0, (emb, _t("rows", "int32", -1)), outputs,
+                       plan.options.instances, parameters=params)
+
+
+def llm_config(plan: Plan) -> ModelConfig:
+    f, o, mbs = plan.facts, plan.options, plan.limits.max_batch_size
+    if o.llm_backend == "python":
+        params = LLMParams(path=plan.path(f.engine_dir if f.llm_checkpoint else f.checkpoint_dir), device=o.device,
+                           dtype="auto")
+        return ModelConfig(LLM, 'backend: "python"', mbs, LLM_INPUTS, LLM_OUTPUTS, o.instances,
+                           decoupled=o.streaming, parameters=_params(params))
+    params = (("gpt_model_type", "inflight_fused_batching"), ("gpt_model_path", plan.path(f.llm_engine)),
+              ("max_beam_width", "1"), ("batch_scheduler_policy", "guaranteed_no_evict"),
+              ("kv_cache_free_gpu_mem_fraction", "0.9"), ("enable_kv_cache_reuse", str(o.kv_cache_reuse).lower()),
+              ("exclude_input_in_output", "true"), ("enable_chunked_context", "false"),
+              ("FORCE_CPU_ONLY_INPUT_TENSORS", "no"))
+    return ModelConfig(LLM, 'backend: "tensorrtllm"', mbs, LLM_INPUTS, LLM_OUTPUTS, 1, "KIND_CPU",
+                       decoupled=o.streaming, dynamic_batching=_dynamic_batching(o.max_queue_delay_us, mbs),
+                       parameters=params)
+
+
+def postprocessing_config(plan: Plan) -> ModelConfig:
+    inputs = (_t("output_ids", "int32", -1, -1, -1), _t("sequence_length", "int32", -1, -1),
+              _t("STRIP_PREFIX", "bool", 1, optional=True))
+    params = PostprocessingParams(tokenizer_dir=plan.path(plan.facts.tokenizer_dir))
+    return ModelConfig(POSTPROCESSING, 'backend: "python"', 0, inputs, REQUEST_OUTPUTS, plan.options.instances,
+                       parameters=_params(params))
+
+
+def bls_config(plan: Plan) -> ModelConfig:
+    io = plan.facts.encoder_io
+    params = BLSParams(
+        tokenizer_dir=plan.path(plan.facts.tokenizer_dir), preprocessing_inputs=[t.name for t in REQUEST_INPUTS],
+        llm_inputs=[t.name for t in LLM_INPUTS if t.name not in TABLE_INPUTS], encoder_inputs=[io.features, io.frames],
+        embeddings=io.embeddings, llm_decoupled=plan.options.streaming, workers=2 * plan.limits.max_batch_size)
+    return ModelConfig(BLS, 'backend: "python"', 0, REQUEST_INPUTS, REQUEST_OUTPUTS, 1, decoupled=True,
+                       parameters=_params(params))
+
+
+def ensemble_steps(plan: Plan) -> list[Step]:
+    io = plan.facts.encoder_io
+    llm_from_prep = [t.name for t in LLM_INPUTS if t.name not in TABLE_INPUTS]
+    prep_out = [io.features, io.frames, "rows", *llm_from_prep]
+    return [
+        Step(PREPROCESSING, tuple((t.name, t.name) for t in ensemble_inputs(plan)), tuple((n, f"_{n}") for n in prep_out)),
+        Step(ENCODER, ((io.features, f"_{io.features}"), (io.frames, f"_{io.frames}")),
+             ((io.embeddings, f"_{io.embeddings}"),)),
+        Step(PROMPT_TABLE, ((io.embeddings, f"_{io.embeddings}"), ("rows", "_rows")),
+             tuple((n, f"_{n}") for n in TABLE_INPUTS)),
+        Step(LLM, tuple((t.name, f"_{t.name}") for t in LLM_INPUTS), tuple((t.name, f"_{t.name}") for t in LLM_OUTPUTS)),
+        Step(POSTPROCESSING, (("output_ids", "_output_ids"), ("sequence_length", "_sequence_length"))
+             + ((("STRIP_PREFIX", "STRIP_PREFIX"),) if not plan.options.streaming else ()), (("TEXT", "TEXT"),)),
+    ]
+
+
+def ensemble_inputs(plan: Plan) -> tuple[TensorSpec, ...]:
+    """The request inputs; a streaming ensemble has no STRIP_PREFIX: Triton refuses a step fed by both a
+    decoupled model (the LLM) and the request, and streamed pieces cannot be stripped (use `af3`)."""
+    return tuple(t for t in REQUEST_INPUTS if not (plan.options.streaming and t.name == "STRIP_PREFIX"))
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class Repository:
+    """A written model repository: where, which models, the limits it enforces, how it was asked for."""
+
+    path: Path
+    models: tuple[str, ...]
+    limits: ServingLimits
+    options: RepositoryOptions
+    encoder: str = field(default="")
+
+
+def render_repository(plan: Plan) -> dict[str, str]:
+    """{model name: config.pbtxt text} for every model of the repository."""
+    configs = [preprocessing_config(plan), encoder_config(plan), prompt_table_config(plan), llm_config(plan),
+               postprocessing_config(plan), bls_config(plan)]
+    out = {c.name: render_model(c) for c in configs}
+    out[ENSEMBLE] = render_ensemble(ENSEMBLE, ensemble_inputs(plan), REQUEST_OUTPUTS, ensemble_steps(plan))
+    return out
+
+
+def _model_files(plan: Plan, name: str, version_dir: Path) -> None:
+    version_dir.mkdir(parents=True)
+    if name == ENCODER and plan.encoder == "tensorrt":
+        (version_dir / "model.plan").symlink_to(plan.path(plan.facts.encoder_plan))
+    elif name == ENSEMBLE or (name == LLM and plan.options.llm_backend == "tensorrtllm"):
+        (version_dir / ".gitkeep").write_text("")
+    else:
+        (version_dir / "model.py").write_text((TEMPLATES / name / "model.py").read_text())
+
+
+def write_repository(engine_dir: str | os.PathLike, out_dir: str | os.PathLike, *, llm_backend: str = "tensorrtllm",
+                     max_batch_size: int | None = None, instances: int = 1, streaming: bool = True,
+                     **options) -> Repository:
+    """Write the Triton model repository for `engine_dir` (an af3trt engine dir, or an AF3 checkpoint
+    dir for the python backends) into `out_dir`, atomically. Other keywords: `RepositoryOptions`.
+
+    An existing `out_dir` is replaced only if an earlier `write_repository` made it (or it is empty).
+    """
+    from .manifest import staged_dir
+
+    o = RepositoryOptions(llm_backend=llm_backend, max_batch_size=max_batch_size, instances=instances,
+                          streaming=streaming, **options)
+    plan = make_plan(inspect_engine_dir(engine_dir), o)
+    out = Path(out_dir).resolve()
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise FileExistsError(f"expected {out} empty or an af3trt model repository ({MARKER}), got other files; "
+                              f"not replacing it")
+    configs = render_repository(plan)
+    with staged_dir(out) as tmp:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a containerized server may run as another user
+        for name, text in configs.items():
+            (tmp / name).mkdir()
+            (tmp / name / "config.pbtxt").write_text(text)
+            _model_files(plan, name, tmp / name / "1")
+        record = {"engine_dir": str(plan.facts.engine_dir), "limits": dataclasses.asdict(plan.limits),
+                  "encoder": plan.encoder, "options": {k: v for k, v in dataclasses.asdict(o).items() if k != "limits"}}
+        (tmp / MARKER).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    return Repository(out, tuple(sorted(configs)), plan.limits, o, plan.encoder)

@@ -1,0 +1,156 @@
+"""Client helper for an af3trt Triton repository: audio file bytes + prompt in, text out.
+
+    client = Af3Client(http_url="127.0.0.1:8000", grpc_url="127.0.0.1:8001")
+    text = client.generate("Transcribe the input speech.", audio="speech.wav")   # HTTP generate
+    for piece in client.stream("Describe the audio.", audio=wav_bytes):         # gRPC streaming
+        print(piece, end="", flush=True)
+
+Audio is sent as the bytes of encoded files (WAV/FLAC/MP3/OGG): a local path is read here, on the
+client, never passed to the server; a numpy array (16 kHz mono float) is encoded as WAV first.
+Over HTTP the generate endpoint takes JSON, so the files travel base64-encoded in AUDIO_BASE64; over
+gRPC they travel as raw BYTES in AUDIO. Works against `af3` (default) and `ensemble`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import queue
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+DEFAULT_MODEL = "af3"
+# keyword -> (input name, numpy dtype, Triton dtype)
+PARAMS = {
+    "max_tokens": ("MAX_TOKENS", np.int32, "INT32"), "do_sample": ("DO_SAMPLE", np.bool_, "BOOL"),
+    "temperature": ("TEMPERATURE", np.float32, "FP32"), "top_p": ("TOP_P", np.float32, "FP32"),
+    "top_k": ("TOP_K", np.int32, "INT32"), "repetition_penalty": ("REPETITION_PENALTY", np.float32, "FP32"),
+    "seed": ("SEED", np.uint64, "UINT64"), "strip_prefix": ("STRIP_PREFIX", np.bool_, "BOOL"),
+}
+
+
+class RequestFailed(RuntimeError):
+    """The server answered with an error; the message is Triton's (it names what was wrong)."""
+
+
+def audio_bytes(audio) -> list[bytes]:
+    """None | bytes | path | (N,) float array at 16 kHz | a list of those -> encoded file bytes, in order."""
+    if audio is None:
+        return []
+    if isinstance(audio, (list, tuple)):
+        return [b for a in audio for b in audio_bytes(a)]
+    if isinstance(audio, (bytes, bytearray, memoryview)):
+        return [bytes(audio)]
+    if isinstance(audio, (str, os.PathLike)):
+        if "://" in str(audio):
+            raise ValueError(f"expected audio bytes, a local file or an array, got a URL {audio!r}")
+        return [Path(audio).read_bytes()]
+    if isinstance(audio, np.ndarray):
+        import soundfile as sf
+
+        buf = io.BytesIO()
+        sf.write(buf, np.asarray(audio, np.float32), 16_000, format="WAV", subtype="FLOAT")
+        return [buf.getvalue()]
+    raise TypeError(f"expected audio as bytes, a path, a numpy array or a list of them, got {type(audio).__name__}")
+
+
+def _check_params(params: dict) -> None:
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        raise TypeError(f"expected generation keywords among {sorted(PARAMS)}, got {unknown}")
+
+
+class Af3Client:
+    """HTTP generate and gRPC (streaming) requests to an af3trt Triton server."""
+
+    def __init__(self, http_url: str = "127.0.0.1:8000", grpc_url: str = "127.0.0.1:8001",
+                 model: str = DEFAULT_MODEL, timeout_s: float = 600.0):
+        self.http_url, self.grpc_url, self.model, self.timeout_s = http_url, grpc_url, model, timeout_s
+
+    # -- HTTP -----------------------------------------------------------------------------------
+    def generate(self, prompt: str, audio=None, *, model: str | None = None, **params) -> str:
+        """POST /v2/models/{model}/generate (JSON; audio base64 in AUDIO_BASE64) -> the answer's text."""
+        _check_params(params)
+        body = {"PROMPT": prompt, **{PARAMS[k][0]: v for k, v in params.items() if v is not None}}
+        files = audio_bytes(audio)
+        if files:
+            body["AUDIO_BASE64"] = [base64.b64encode(f).decode("ascii") for f in files]
+        url = f"http://{self.http_url}/v2/models/{model or self.model}/generate"
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                out = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raw = exc.read().decode(errors="replace")
+            try:
+                message = json.loads(raw).get("error", raw)
+            except ValueError:
+                message = raw
+            raise RequestFailed(f"HTTP {exc.code}: {message}") from None
+        text = out["TEXT"]
+        return "".join(text) if isinstance(text, list) else text
+
+    # -- gRPC -----------------------------------------------------------------------------------
+    def inputs(self, prompt: str, audio=None, stream: bool = False, **params):
+        """The gRPC InferInput list of a request (raw audio bytes in AUDIO)."""
+        import tritonclient.grpc as grpcclient
+
+        _check_params(params)
+        tensors = [("PROMPT", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES"),
+                   ("STREAM", np.array([stream]), "BOOL")]
+        files = audio_bytes(audio)
+        if files:
+            tensors.append(("AUDIO", np.array(files, dtype=np.object_), "BYTES"))
+        for key, value in params.items():
+            if value is not None:
+                name, dtype, triton = PARAMS[key]
+                tensors.append((name, np.array([value], dtype=dtype), triton))
+        out = []
+        for name, array, triton in tensors:
+            t = grpcclient.InferInput(name, list(array.shape), triton)
+            t.set_data_from_numpy(array)
+            out.append(t)
+        return out
+
+    def stream(self, prompt: str, audio=None, *, model: str | None = None, **params) -> Iterator[str]:
+        """Yield the answer's text pieces as the server streams them (gRPC, STREAM=true)."""
+        yield from self.stream_inputs(self.inputs(prompt, audio, stream=True, **params), model=model)
+
+    def infer(self, prompt: str, audio=None, *, model: str | None = None, **params) -> str:
+        """One whole answer over gRPC (STREAM=false; works for decoupled and plain models)."""
+        return "".join(self.stream_inputs(self.inputs(prompt, audio, stream=False, **params), model=model))
+
+    def stream_inputs(self, inputs, *, model: str | None = None) -> Iterator[str]:
+        """Send prepared InferInputs on a gRPC stream; yield TEXT pieces until the final response."""
+        import tritonclient.grpc as grpcclient
+
+        results: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        client.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=self.timeout_s)
+        try:
+            client.async_stream_infer(model or self.model, inputs, request_id=uuid.uuid4().hex,
+                                      enable_empty_final_response=True)
+            while True:
+                try:
+                    result, error = results.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise RequestFailed(f"expected a response within {self.timeout_s:.0f} s, got none") from None
+                if error is not None:
+                    raise RequestFailed(error.message() if hasattr(error, "message") else str(error))
+                text = result.as_numpy("TEXT")
+                if text is not None:
+                    for piece in text.reshape(-1):
+                        yield piece.decode("utf-8") if isinstance(piece, bytes) else str(piece)
+                final = result.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    return
+        finally:
+            client.stop_stream()
+            client.close()

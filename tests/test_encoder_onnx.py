@@ -1,0 +1,377 @@
+"""Encoder engine: ONNX export verified against the torch module, ModelOpt Q/DQ, TensorRT plan build.
+
+CPU tests run everything but TensorRT; `build_plan`'s TensorRT calls are exercised against a
+recording stand-in of the `tensorrt` module, and the `-m tensorrt` tests build and run real plans.
+"""
+
+import json
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from af3trt.build import encoder as enc
+from af3trt.build.calibration import calibration_windows
+from af3trt.checkpoint import Checkpoint
+from af3trt.features import extract_features
+from af3trt.runtime.encoder import (OnnxRuntimeEncoder, TorchEncoder, available_encoders, load_encoder,
+                                   valid_rows)
+from af3trt.runtime.trtllm import MissingDependency
+from af3trt.spec import TOKENS_PER_WINDOW, audio_token_count, audio_tokens_for_seconds
+from af3trt.testing import synthetic_audio
+
+from .test_prompt import CASES
+
+INT8_MIN_COSINE = 0.98  # per valid row, INT8 Q/DQ vs the fp32 graph on the tiny model (measured ~0.99)
+
+
+def windows(seconds: float, seed: int):
+    f = extract_features([synthetic_audio(seconds, seed)])
+    return f.features, f.valid_frames.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir, tmp_path_factory):
+    return enc.export_onnx(checkpoint=tiny_dir, out_dir=tmp_path_factory.mktemp("engine") / "encoder")
+
+
+@pytest.fixture(scope="module")
+def torch_encoder(tiny_dir):
+    return TorchEncoder.from_checkpoint(Checkpoint.open(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def int8_onnx(engine, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "encoder.int8.onnx"
+    return enc.quantize_onnx(engine.onnx_path, out, "int8", calibration_windows(count=4),
+                             min_cosine=INT8_MIN_COSINE)
+
+
+@pytest.mark.parametrize("seconds,count", [(30.0, 1), (75.5, 3), (597.3, 20)])
+def test_onnxruntime_equals_torch(seconds, count, engine, torch_encoder):
+    feats, frames = windows(seconds, seed=count)
+    got = OnnxRuntimeEncoder(engine.onnx_path)(feats, frames)
+    ref = torch_encoder(feats, frames)
+    err = enc.relative_error(got, ref, frames)
+    rows = valid_rows(frames)
+    print(f"{count} windows, frames {frames.tolist()}: max relative error {err:.2e}")
+    assert got.shape == ref.shape == (count, TOKENS_PER_WINDOW, 128)
+    assert err <= 1e-4
+    assert rows == [int(audio_token_count(int(f))) for f in frames]
+    assert sum(rows) == audio_tokens_for_seconds(seconds)
+    assert rows[-1] < TOKENS_PER_WINDOW or seconds % 30 == 0
+
+
+def test_export_config_and_skip(engine, tiny_dir):
+    cfg = enc.read_config(engine.onnx_path.parent)
+    print(json.dumps(cfg["onnx"]["verification"]))
+    assert cfg["io"]["inputs"]["frames"]["dtype"] == "int64"
+    assert cfg["io"]["outputs"]["embeddings"]["shape"] == ["windows", TOKENS_PER_WINDOW, 128]
+    assert cfg["onnx"]["checkpoint"]["fingerprint"] == Checkpoint.open(tiny_dir).fingerprint()
+    assert cfg["onnx"]["verification"]["max_rel_error"] <= 1e-4
+    again = enc.export_onnx(checkpoint=tiny_dir, out_dir=engine.onnx_path.parent)
+    assert again.skipped and again.onnx_path == engine.onnx_path
+
+
+def _scale_largest_weight(path, factor=1.05):
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
+    onnx.save(model, str(path))
+
+
+def test_export_raises_when_verification_mismatches(tiny_dir, tmp_path, monkeypatch):
+    real = enc._export_graph
+
+    def wrong_weight(module, path, opset, external):
+        real(module, path, opset, external)
+        _scale_largest_weight(path)
+
+    monkeypatch.setattr(enc, "_export_graph", wrong_weight)
+    with pytest.raises(enc.ExportVerificationError, match=r"max relative error .* expected <= 1e-04") as info:
+        enc.export_onnx(checkpoint=tiny_dir, out_dir=tmp_path / "encoder")
+    print(info.value)
+    assert not (tmp_path / "encoder").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_external_data_round_trip(tiny_dir, tmp_path, torch_encoder, monkeypatch):
+    result = enc.export_onnx(checkpoint=tiny_dir, out_dir=tmp_path / "encoder", external_data=True)
+    folder = tmp_path / "encoder"
+    data = folder / "encoder.onnx.data"
+    print(f"graph {result.onnx_path.stat().st_size} B, weights {data.stat().st_size} B")
+    assert result.external_data and data.stat().st_size > 10 * result.onnx_path.stat().st_size
+    assert enc.read_config(folder)["onnx"]["external_data"] == "encoder.onnx.data"
+    assert {p.name: p.stat().st_mode & 0o777 for p in (folder, data, result.onnx_path, result.config_path)} == {
+        "encoder": 0o755, "encoder.onnx.data": 0o644, "encoder.onnx": 0o644, "config.json": 0o644}
+    feats, frames = windows(41.0, seed=9)
+    got = load_encoder("onnxruntime", tmp_path)(feats, frames)
+    assert enc.relative_error(got, torch_encoder(feats, frames), frames) <= 1e-4
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt()[0])
+    plan = enc.build_plan(result.onnx_path, precision="fp16")
+    assert plan.plan_path == folder / "encoder.plan" and enc.graph_facts(result.onnx_path).hidden == 128
+    assert set(enc.read_config(folder)) == {"format", "format_version", "io", "onnx", "plan"}
+
+
+def test_interrupted_export_leaves_no_partial_encoder(tiny_dir, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("interrupted during verification")
+
+    monkeypatch.setattr(enc, "_verify_export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        enc.export_onnx(checkpoint=tiny_dir, out_dir=tmp_path / "fresh" / "encoder")
+    assert list((tmp_path / "fresh").iterdir()) == []
+
+    done = enc.export_onnx(checkpoint=tiny_dir, out_dir=tmp_path / "kept" / "encoder", verify=False)
+    before = done.config_path.read_text()
+    with pytest.raises(KeyboardInterrupt):
+        enc.export_onnx(checkpoint=tiny_dir, out_dir=tmp_path / "kept" / "encoder", force=True)
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["encoder"]
+    assert done.config_path.read_text() == before and done.onnx_path.is_file()
+
+
+def test_export_refuses_to_replace_a_foreign_folder(tiny_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="expected an empty folder or an earlier encoder export"):
+        enc.export_onnx(checkpoint=tiny_dir, out_dir=tmp_path, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_int8_qdq_runs_on_onnxruntime_within_budget(engine, int8_onnx, torch_encoder):
+    facts = enc.graph_facts(int8_onnx.onnx_path)
+    f = extract_features([synthetic_audio(5.0, 21), synthetic_audio(44.0, 22)])
+    frames = f.valid_frames.astype(np.int64)
+    got = OnnxRuntimeEncoder(int8_onnx.onnx_path)(f.features, frames)
+    lo, mean = enc.cosine_similarity(got, torch_encoder(f.features, frames), frames)
+    print(f"int8 Q/DQ: cosine to fp32 min {lo:.4f} mean {mean:.4f} (held out); "
+          f"at build: min {int8_onnx.cosine_min:.4f} mean {int8_onnx.cosine_mean:.4f}; budget {INT8_MIN_COSINE}")
+    assert facts.qdq == "int8" and int8_onnx.calibration_windows == 4
+    assert lo >= INT8_MIN_COSINE and int8_onnx.cosine_min >= INT8_MIN_COSINE
+    assert enc.read_config(int8_onnx.onnx_path.parent)["quantized"]["int8"]["file"] == "encoder.int8.onnx"
+
+
+def test_fp16_export_through_cli(tiny_dir, tmp_path, capsys, torch_encoder):
+    out = str(tmp_path / "encoder")
+    assert enc.main(["onnx", "--checkpoint", str(tiny_dir), "--out", out, "--dtype", "fp16"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cfg = enc.read_config(tmp_path / "encoder")
+    print("fp16 export:", cfg["onnx"]["verification"])
+    assert result["dtype"] == "fp16" and cfg["io"]["outputs"]["embeddings"]["dtype"] == "float16"
+    assert cfg["onnx"]["verification"]["max_rel_error"] <= 1e-2
+    feats, frames = windows(33.0, seed=5)
+    got = load_encoder("onnxruntime", tmp_path)(feats, frames)
+    assert got.dtype == torch.float16
+    assert enc.relative_error(got, torch_encoder(feats, frames), frames) <= 1e-2
+
+
+def test_fp8_qdq_graph(engine, tmp_path):
+    res = enc.quantize_onnx(engine.onnx_path, tmp_path / "encoder.fp8.onnx", "fp8", calibration_windows(count=2),
+                            high_precision_dtype="fp32")
+    print(f"fp8 Q/DQ on ONNX Runtime CPU: cosine to fp32 min {res.cosine_min:.4f} mean {res.cosine_mean:.4f}")
+    assert enc.graph_facts(res.onnx_path).qdq == "fp8" and res.cosine_min >= 0.95
+    with pytest.raises(ValueError, match="needs an int8 Q/DQ graph .* got an fp8 Q/DQ graph"):
+        enc.build_plan(res.onnx_path, precision="int8")
+
+
+def test_calibration_windows_from_folder_and_default(tmp_path):
+    import soundfile as sf
+
+    sf.write(tmp_path / "b.wav", synthetic_audio(31.0, 1), 16000)
+    sf.write(tmp_path / "a.flac", synthetic_audio(4.0, 2), 16000)
+    (tmp_path / "notes.txt").write_text("not audio")
+    cal = calibration_windows(tmp_path, count=8)
+    assert cal.sources == ("a.flac", "b.wav", "b.wav")
+    assert cal.features.shape == (3, 128, 3000) and cal.frames.dtype == np.int64
+    assert cal.frames.tolist() == [400, 3000, 100]
+    default = calibration_windows(count=3)
+    assert len(default) == 3 and default.sources[0] == "speech.wav"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="expected audio files"):
+        calibration_windows(tmp_path / "empty")
+
+
+@pytest.fixture(scope="module")
+def ort_pipe(pipe, engine):
+    from af3trt.runtime.pipeline import Pipeline
+
+    return Pipeline(pipe.builder, OnnxRuntimeEncoder(engine.onnx_path), pipe.decoder, pipe.spec,
+                    pipe.eos_token_ids, "cpu")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pipeline_tokens_equal_with_onnxruntime_encoder(case, pipe, ort_pipe):
+    ref = [r.token_ids for r in pipe.generate(CASES[case](), max_new_tokens=8)]
+    got = [r.token_ids for r in ort_pipe.generate(CASES[case](), max_new_tokens=8)]
+    print(case, "torch", ref, "onnxruntime", got)
+    assert got == ref
+
+
+def test_available_and_load_encoders(engine, tiny_dir):
+    engine_dir = engine.onnx_path.parent.parent
+    assert available_encoders(engine_dir) == ["onnxruntime", "torch"]
+    assert available_encoders(tiny_dir) == ["torch"]
+    assert load_encoder("auto", engine_dir).name == "onnxruntime"
+    assert load_encoder("torch", tiny_dir).name == "torch"
+    with pytest.raises(ValueError, match=r"expected encoder backend in \['auto', 'tensorrt'"):
+        load_encoder("tflite", engine_dir)
+    with pytest.raises(FileNotFoundError, match="needs the AF3 checkpoint"):
+        load_encoder("torch", engine_dir)
+    with pytest.raises(ValueError, match=r"expected features \(W, 128, 3000\)"):
+        load_encoder("onnxruntime", engine_dir)(np.zeros((2, 128, 3000), np.float32), np.array([3000]))
+
+
+# -- build_plan without TensorRT --------------------------------------------------------------------
+
+def test_build_plan_without_tensorrt_raises_with_command(engine, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    out = engine.onnx_path.parent
+    expected = (f"python -m af3trt.build.encoder plan --onnx {engine.onnx_path} --out {out} --precision fp16 "
+                "--profile 1 4 20")
+    with pytest.raises(MissingDependency, match="tensorrt") as info:
+        enc.build_plan(engine.onnx_path, out, precision="fp16")
+    print(info.value)
+    assert expected in str(info.value)
+    assert enc.main(["plan", "--onnx", str(engine.onnx_path), "--profile", "1", "2", "8"]) == 3
+    assert "--profile 1 2 8" in capsys.readouterr().err
+
+
+def test_build_plan_validates_before_tensorrt(engine, int8_onnx):
+    with pytest.raises(ValueError, match=r"expected plan precision in \['bf16', 'fp16', 'fp32', 'fp8', 'int8'\]"):
+        enc.build_plan(engine.onnx_path, precision="int4")
+    with pytest.raises(ValueError, match="needs an int8 Q/DQ graph .* got a float graph without Q/DQ"):
+        enc.build_plan(engine.onnx_path, precision="int8")
+    with pytest.raises(ValueError, match="needs a float graph, got an int8 Q/DQ graph"):
+        enc.build_plan(int8_onnx.onnx_path, precision="fp16")
+    with pytest.raises(ValueError, match=r"1 <= min <= opt <= max, got \(2, 1, 4\)"):
+        enc.build_plan(engine.onnx_path, profile=(2, 1, 4))
+
+
+def fake_tensorrt(parse_errors=(), serialized=b"PLAN"):
+    """A recording stand-in for the few `tensorrt` calls build_plan makes (TensorRT 10 names)."""
+    rec = SimpleNamespace(flags=[], shapes={}, network_flags=None, cache_in=None, pool=None)
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.99.0"
+    trt.ILogger = type("ILogger", (), {"__init__": lambda self: None})
+    trt.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=5)
+    trt.BuilderFlag = SimpleNamespace(FP16="FP16", BF16="BF16")
+    trt.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
+    tensor = lambda name, dtype: SimpleNamespace(name=name, dtype=SimpleNamespace(name=dtype))  # noqa: E731
+    network = SimpleNamespace(num_inputs=2, num_outputs=1,
+                              get_input=[tensor("features", "FLOAT"), tensor("frames", "INT64")].__getitem__,
+                              get_output=[tensor("embeddings", "FLOAT")].__getitem__)
+
+    class Parser:
+        num_errors = len(parse_errors)
+
+        def __init__(self, net, logger):
+            assert net is network
+
+        def parse_from_file(self, path):
+            rec.parsed = path
+            return not parse_errors
+
+        def get_error(self, i):
+            return parse_errors[i]
+
+    cache = SimpleNamespace(serialize=lambda: b"CACHE")
+    config = SimpleNamespace(
+        set_flag=rec.flags.append, add_optimization_profile=lambda p: 0,
+        set_memory_pool_limit=lambda pool, size: setattr(rec, "pool", (pool, size)),
+        create_timing_cache=lambda data: setattr(rec, "cache_in", data) or cache,
+        set_timing_cache=lambda c, ignore_mismatch: c is cache and ignore_mismatch is False,
+        get_timing_cache=lambda: cache)
+    profile = SimpleNamespace(set_shape=lambda name, lo, opt, hi: rec.shapes.__setitem__(name, (lo, opt, hi)))
+
+    class Builder:
+        def __init__(self, logger):
+            rec.logger = logger
+
+        def create_network(self, flags):
+            rec.network_flags = flags
+            return network
+
+        create_builder_config = staticmethod(lambda: config)
+        create_optimization_profile = staticmethod(lambda: profile)
+        build_serialized_network = staticmethod(lambda net, cfg: serialized)
+
+    trt.OnnxParser, trt.Builder = Parser, Builder
+    return trt, rec
+
+
+def test_build_plan_tensorrt_calls(engine, int8_onnx, tmp_path, monkeypatch):
+    trt, rec = fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    cache = tmp_path / "timing.cache"
+    res = enc.build_plan(engine.onnx_path, tmp_path / "fp16", precision="fp16", profile=(1, 2, 4),
+                         timing_cache=cache, workspace_gib=2)
+    assert (res.plan_path.read_bytes(), cache.read_bytes(), rec.cache_in) == (b"PLAN", b"CACHE", b"")
+    assert rec.flags == ["FP16"] and rec.network_flags == 0 and not res.strongly_typed
+    assert rec.shapes == {"features": ((1, 128, 3000), (2, 128, 3000), (4, 128, 3000)),
+                          "frames": ((1,), (2,), (4,))}
+    assert rec.pool == ("WORKSPACE", 2 << 30)
+    plan = enc.read_config(tmp_path / "fp16")["plan"]
+    assert plan["profile"] == {"min": 1, "opt": 2, "max": 4} and plan["io"]["frames"] == "INT64"
+    assert enc.build_plan(engine.onnx_path, tmp_path / "fp16", precision="fp16", profile=(1, 2, 4)).skipped
+    enc.build_plan(engine.onnx_path, tmp_path / "fp16", precision="fp16", profile=(1, 2, 4), timing_cache=cache,
+                   force=True)
+    assert rec.cache_in == b"CACHE"
+
+    rec.flags.clear()
+    res = enc.build_plan(int8_onnx.onnx_path, tmp_path / "int8", precision="int8")
+    assert res.strongly_typed and rec.network_flags == 1 << 5 and rec.flags == []
+    assert res.profile == (1, 4, 20)
+
+
+def test_build_plan_raises_every_parser_error_and_failed_build(engine, tmp_path, monkeypatch):
+    trt, _ = fake_tensorrt(parse_errors=("In node 3 (Where): bad type", "In node 9 (Range): unsupported"))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with pytest.raises(enc.PlanBuildError, match=r"2 error\(s\):\n  In node 3 .*\n  In node 9") as info:
+        enc.build_plan(engine.onnx_path, tmp_path, precision="fp16")
+    print(info.value)
+    trt, _ = fake_tensorrt(serialized=None)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with pytest.raises(enc.PlanBuildError, match="build_serialized_network returned None"):
+        enc.build_plan(engine.onnx_path, tmp_path, precision="bf16")
+    assert not (tmp_path / "encoder.plan").exists()
+
+
+# -- real TensorRT (skip only where `tensorrt` cannot be imported) -----------------------------------
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision,tolerance", [("fp32", 5e-3), ("fp16", 3e-2)])
+def test_tensorrt_plan_matches_onnxruntime(precision, tolerance, engine, tmp_path):
+    pytest.importorskip("tensorrt")
+    from af3trt.runtime.encoder import TensorRTEncoder
+
+    res = enc.build_plan(engine.onnx_path, tmp_path, precision=precision, profile=(1, 2, 4))
+    trt_encoder = TensorRTEncoder(res.plan_path, "cuda")
+    ort_encoder = OnnxRuntimeEncoder(engine.onnx_path)
+    for seconds in (30.0, 75.5, 140.0):  # 1, 3 and 5 windows (5 > profile max 4: two chunks)
+        feats, frames = windows(seconds, seed=int(seconds))
+        got = trt_encoder(feats, frames)
+        torch.cuda.synchronize()
+        err = enc.relative_error(got.cpu(), ort_encoder(feats, frames), frames)
+        print(f"{precision} plan, {len(frames)} windows: max relative error {err:.2e} (budget {tolerance})")
+        assert got.is_cuda and err <= tolerance
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_int8_plan_and_auto_backend(engine, int8_onnx, tmp_path):
+    pytest.importorskip("tensorrt")
+    import shutil
+
+    res = enc.build_plan(int8_onnx.onnx_path, tmp_path, precision="int8", profile=(1, 2, 4))
+    shutil.copy(engine.onnx_path, tmp_path / "encoder.onnx")
+    assert available_encoders(tmp_path)[:2] == ["tensorrt", "onnxruntime"]
+    trt_encoder = load_encoder("auto", tmp_path, "cuda")
+    feats, frames = windows(75.5, seed=3)
+    lo, mean = enc.cosine_similarity(trt_encoder(feats, frames).cpu(), OnnxRuntimeEncoder(engine.onnx_path)(
+        feats, frames), frames)
+    print(f"int8 plan ({res.tensorrt_version}): cosine to fp32 min {lo:.4f} mean {mean:.4f}")
+    assert trt_encoder.name == "tensorrt" and lo >= INT8_MIN_COSINE

@@ -1,0 +1,343 @@
+"""Triton model repository (af3trt.build.triton) and a real tritonserver on CPU (af3trt.serving).
+
+Config tests parse every generated config.pbtxt with Triton's protobuf schema. Server tests
+(`-m triton_server`) start ONE tritonserver from the nvidia-pytriton wheel for the module, on
+127.0.0.1 with free ports, serving the CPU repository (python LLM backend) of the tiny model.
+"""
+
+import importlib.util
+import io
+import json
+import shutil
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+
+from af3trt.assets import SPEECH_WAV
+from af3trt.build.triton import (
+    LLM_INPUTS, LLM_OUTPUTS, MARKER, ServingLimits, write_repository,
+)
+
+PROMPT = "Transcribe the input speech."
+MAX_TOKENS = 16
+LIMITS = ServingLimits(max_input_len=2048, max_new_tokens=512, max_seq_len=4096)
+MODELS = {"preprocessing", "audio_encoder", "prompt_table", "tensorrt_llm", "postprocessing", "ensemble", "af3"}
+
+
+def parse_config(path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    text = path.read_text()
+    assert "${" not in text, f"unfilled placeholder in {path}"
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def parse_repository(repo):
+    configs = {p.parent.name: parse_config(p) for p in sorted(repo.glob("*/config.pbtxt"))}
+    assert set(configs) == MODELS
+    return configs
+
+
+def io_signature(tensors):
+    return [(t.name, t.data_type, list(t.dims), list(t.reshape.shape) if t.HasField("reshape") else None)
+            for t in tensors]
+
+
+def conversation(prompt=PROMPT, audio=SPEECH_WAV):
+    content = ([{"type": "audio", "audio": audio}] if audio is not None else []) + [{"type": "text", "text": prompt}]
+    return [{"role": "user", "content": content}]
+
+
+# ------------------------------------------------------------------------------ repository configs
+
+
+@pytest.fixture(scope="module")
+def cpu_repo(tiny_dir, tmp_path_factory):
+    return write_repository(tiny_dir, tmp_path_factory.mktemp("triton") / "repo", llm_backend="python",
+                            streaming=True, limits=LIMITS)
+
+
+def fake_engine_dir(tiny_dir, root):
+    """An engine dir whose TensorRT artifacts are stand-in files (config generation only)."""
+    from af3trt.build.encoder import update_config
+    from af3trt.build.manifest import Manifest
+    from af3trt.runtime.encoder import IO
+    from af3trt.spec import ModelSpec
+
+    spec = ModelSpec.from_dir(tiny_dir)
+    (root / "tokenizer").mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):
+        shutil.copy2(tiny_dir / name, root / "tokenizer" / name)
+    (root / "encoder").mkdir()
+    (root / "encoder" / "encoder.plan").write_bytes(b"stand-in plan")
+    update_config(root / "encoder", io=IO.describe(spec.text.hidden_size, "float32"),
+                  plan={"profile": {"min": 1, "opt": 20, "max": 40}, "precision": "fp16",
+                        "io": {"features": "FLOAT", "frames": "INT64", "embeddings": "HALF"}})
+    (root / "llm" / "engine").mkdir(parents=True)
+    (root / "llm" / "engine" / "config.json").write_text(json.dumps(
+        {"pretrained_config": {"vocab_size": spec.text.vocab_size}, "build_config": {"max_batch_size": 4}}))
+    limits = {"max_batch_size": 4, "max_audio_seconds": 600.0, "max_input_len": 17048, "max_new_tokens": 2048,
+              "max_seq_len": 19096}
+    Manifest(checkpoint={"path": str(tiny_dir)}, limits=limits, precision={"llm": "bf16"},
+             model={"vocab_size": spec.text.vocab_size, "hidden_size": spec.text.hidden_size,
+                    "audio_token_id": spec.audio_token_id}).write(root)
+    return root
+
+
+def test_cpu_repository_configs(cpu_repo):
+    configs = parse_repository(cpu_repo.path)
+    llm = configs["tensorrt_llm"]
+    assert llm.backend == "python" and llm.model_transaction_policy.decoupled
+    assert [t.name for t in llm.input] == [t.name for t in LLM_INPUTS]
+    assert [t.name for t in llm.output] == [t.name for t in LLM_OUTPUTS]
+    assert configs["audio_encoder"].backend == "python" and configs["af3"].model_transaction_policy.decoupled
+    steps = configs["ensemble"].ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["preprocessing", "audio_encoder", "prompt_table", "tensorrt_llm",
+                                            "postprocessing"]
+    for step in steps:  # every mapped tensor exists on the model it is mapped to
+        model = configs[step.model_name]
+        assert set(step.input_map) <= {t.name for t in model.input}, step.model_name
+        assert set(step.output_map) <= {t.name for t in model.output}, step.model_name
+    assert (cpu_repo.path / MARKER).is_file()
+
+
+@pytest.fixture(scope="module")
+def prod_repo(tiny_dir, tmp_path_factory):
+    engine = fake_engine_dir(tiny_dir, tmp_path_factory.mktemp("prod") / "engine")
+    return engine, write_repository(engine, engine.parent / "repo", llm_backend="tensorrtllm", streaming=True)
+
+
+def test_production_repository(prod_repo, cpu_repo, tmp_path):
+    from tritonclient.grpc import model_config_pb2
+
+    engine, repo = prod_repo
+    configs = parse_repository(repo.path)
+    llm = configs["tensorrt_llm"]
+    params = {k: v.string_value for k, v in llm.parameters.items()}
+    assert llm.backend == "tensorrtllm" and llm.max_batch_size == 4 and llm.model_transaction_policy.decoupled
+    assert params["gpt_model_path"] == str(engine.resolve() / "llm" / "engine")
+    assert params["gpt_model_type"] == "inflight_fused_batching" and params["enable_kv_cache_reuse"] == "true"
+    inputs = {t.name: t for t in llm.input}
+    assert inputs["prompt_embedding_table"].data_type == model_config_pb2.TYPE_FP16
+    assert inputs["prompt_table_extra_ids"].data_type == model_config_pb2.TYPE_UINT64
+    assert "prompt_vocab_size" in inputs and "end_id" in inputs and "pad_id" in inputs
+    python_llm = parse_config(cpu_repo.path / "tensorrt_llm" / "config.pbtxt")
+    assert io_signature(llm.input) == io_signature(python_llm.input)  # same tensors either backend
+    assert io_signature(llm.output) == io_signature(python_llm.output)
+    enc = configs["audio_encoder"]
+    assert enc.platform == "tensorrt_plan" and enc.max_batch_size == 40
+    assert (repo.path / "audio_encoder" / "1" / "model.plan").resolve() == (engine / "encoder" / "encoder.plan").resolve()
+    table = {t.name: t for t in configs["prompt_table"].input}["embeddings"]
+    assert table.data_type == model_config_pb2.TYPE_FP16 and list(table.dims) == [-1, 750, 128]
+    mounted = write_repository(engine, tmp_path / "repo2", server_engine_dir="/models/af3")
+    params = {k: v.string_value for k, v in parse_config(mounted.path / "tensorrt_llm" / "config.pbtxt")
+              .parameters.items()}
+    assert params["gpt_model_path"] == "/models/af3/llm/engine"
+
+
+def _import_model(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stub_backend_utils(monkeypatch):
+    stub = types.ModuleType("triton_python_backend_utils")
+    stub.TritonError = type("TritonError", (Exception,), {})
+    stub.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
+    return stub
+
+
+def test_python_models_work_without_tensorrt(prod_repo, cpu_repo, monkeypatch):
+    """The production repository's python models import and initialize where TensorRT is absent."""
+    from google.protobuf import json_format
+
+    _stub_backend_utils(monkeypatch)
+    before = set(sys.modules)
+    _, repo = prod_repo
+    paths = sorted(repo.path.glob("*/1/model.py"))
+    assert [p.parent.parent.name for p in paths] == ["af3", "postprocessing", "preprocessing", "prompt_table"]
+    for path in paths + [cpu_repo.path / "tensorrt_llm" / "1" / "model.py"]:
+        name = path.parent.parent.name
+        model = _import_model(path, f"af3trt_test_{name}").TritonPythonModel()
+        if path in paths:
+            config = json_format.MessageToDict(parse_config(path.parent.parent / "config.pbtxt"),
+                                               preserving_proto_field_name=True)
+            model.initialize({"model_config": json.dumps(config)})
+            getattr(model, "finalize", lambda: None)()
+    assert not {m for m in set(sys.modules) - before if m.split(".")[0] in ("tensorrt", "tensorrt_llm")}
+
+
+def test_prompt_table_gathers_valid_rows(cpu_repo, monkeypatch):
+    _stub_backend_utils(monkeypatch)
+    gather = _import_model(cpu_repo.path / "prompt_table" / "1" / "model.py", "af3trt_test_gather").gather_rows
+    emb = np.arange(2 * 750 * 3, dtype=np.float32).reshape(2, 750, 3)
+    table = gather(emb, [750, 4], 3)
+    assert table.shape == (1, 754, 3) and table.dtype == np.float16
+    np.testing.assert_array_equal(table[0, 750:], emb[1, :4].astype(np.float16))
+    assert gather(emb[:1], [0], 3).shape == (1, 1, 3)  # text only: one unread zero row
+    with pytest.raises(ValueError, match="expected embeddings"):
+        gather(emb, [750], 3)
+
+
+def test_writer_errors(tiny_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="llm/engine/config.json"):
+        write_repository(tiny_dir, tmp_path / "r1", llm_backend="tensorrtllm")
+    with pytest.raises(ValueError, match="expected llm_backend"):
+        write_repository(tiny_dir, tmp_path / "r2", llm_backend="vllm")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not replacing"):
+        write_repository(tiny_dir, tmp_path / "other", llm_backend="python")
+    engine = fake_engine_dir(tiny_dir, tmp_path / "engine")
+    with pytest.raises(ValueError, match=r"max_batch_size <= 4"):
+        write_repository(engine, tmp_path / "r3", max_batch_size=8)
+    assert ServingLimits.from_engine_dir(engine).max_batch_size == 4
+
+
+# -------------------------------------------------------------------------------- real server
+
+
+@pytest.fixture(scope="module")
+def server(cpu_repo, tmp_path_factory):
+    pytest.importorskip("pytriton", reason="the tritonserver binary comes from the nvidia-pytriton wheel")
+    from af3trt.serving.server import start_server
+
+    log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
+    with start_server(cpu_repo.path, startup_timeout_s=300, log_path=log) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from af3trt.serving.client import Af3Client
+
+    return Af3Client(server.http_url, server.grpc_url, timeout_s=120)
+
+
+@pytest.mark.triton_server
+def test_repository_loads(server):
+    import tritonclient.http as httpclient
+
+    c = httpclient.InferenceServerClient(server.http_url)
+    index = {m["name"]: m.get("state") for m in c.get_model_repository_index()}
+    assert index == {name: "READY" for name in MODELS}, index
+
+
+@pytest.mark.triton_server
+@pytest.mark.parametrize("model", ["af3", "ensemble"])
+def test_http_matches_pipeline(client, pipe, model):
+    expected = pipe.generate(conversation(), max_new_tokens=MAX_TOKENS)[0].text
+    got = client.generate(PROMPT, SPEECH_WAV, model=model, max_tokens=MAX_TOKENS)
+    print(f"expected {expected!r}\ngot      {got!r}")
+    assert got == expected
+
+
+@pytest.mark.triton_server
+def test_grpc_streaming_matches_pipeline(client, pipe):
+    expected = list(pipe.stream(conversation(), max_new_tokens=MAX_TOKENS))
+    pieces = list(client.stream(PROMPT, SPEECH_WAV, max_tokens=MAX_TOKENS))
+    print(f"expected {expected}\ngot      {pieces}")
+    assert len(pieces) > 1 and pieces == expected
+
+
+@pytest.mark.triton_server
+def test_text_only_request(client, pipe):
+    expected = pipe.generate(conversation("What is the weather?", None), max_new_tokens=MAX_TOKENS)[0].text
+    assert client.infer("What is the weather?", max_tokens=MAX_TOKENS) == expected
+    assert client.infer("What is the weather?", max_tokens=MAX_TOKENS, model="ensemble") == expected
+
+
+@pytest.mark.triton_server
+def test_concurrent_clients(client, server):
+    from af3trt.testing import synthetic_audio
+
+    audios = [synthetic_audio(s, seed=i) for i, s in enumerate((0.8, 3.0, 7.5, 31.0))]  # 31 s: two windows
+    jobs = [(a, f"Describe audio {i}.") for i, a in enumerate(audios)]
+    sequential = [client.infer(p, a, max_tokens=8) for a, p in jobs]
+    results, errors = {}, []
+
+    def worker(w):  # even clients talk to af3, odd ones to the ensemble
+        try:
+            for k in range(4):
+                a, p = jobs[(w + k) % len(jobs)]
+                got = client.infer(p, a, max_tokens=8, model="af3" if w % 2 == 0 else "ensemble")
+                results[(w, k)] = (got, sequential[(w + k) % len(jobs)])
+        except Exception as exc:  # collected and reported below
+            errors.append(f"client {w}: {exc}")
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert len(results) == 32 and all(got == want for got, want in results.values())
+    assert server.alive() and server.is_ready()
+
+
+@pytest.mark.triton_server
+def test_extra_ids_identify_audio(client, server, pipe):
+    """prompt_table_extra_ids: one positive id per audio on its fake ids, equal for equal samples."""
+    import soundfile as sf
+    import tritonclient.grpc as grpcclient
+
+    from af3trt.testing import synthetic_audio
+
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    samples, rate = sf.read(SPEECH_WAV, dtype="int16")
+    flac = io.BytesIO()
+    sf.write(flac, samples, rate, format="FLAC")
+
+    def run(audio):
+        inputs = [t for t in client.inputs(PROMPT, audio) if t.name() in ("PROMPT", "AUDIO")]
+        out = grpc.infer("preprocessing", inputs, outputs=[grpcclient.InferRequestedOutput(n)
+                                                           for n in ("prompt_table_extra_ids", "input_ids")])
+        return out.as_numpy("prompt_table_extra_ids")[0], out.as_numpy("input_ids")[0]
+
+    wav_ids, ids = run(SPEECH_WAV)
+    fake = ids >= pipe.spec.text.vocab_size
+    assert fake.any() and ((wav_ids > 0) == fake).all() and len(set(wav_ids[fake].tolist())) == 1
+    np.testing.assert_array_equal(run(flac.getvalue())[0], wav_ids)  # same samples, other container
+    two, ids = run([SPEECH_WAV, synthetic_audio(1.0)])
+    assert len(set(two[ids >= pipe.spec.text.vocab_size].tolist())) == 2
+
+
+def _wav(seconds):
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(int(seconds * 16_000), np.int16), 16_000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+@pytest.mark.triton_server
+@pytest.mark.parametrize("model", ["af3", "ensemble"])
+def test_bad_requests(client, server, model):
+    import tritonclient.grpc as grpcclient
+
+    from af3trt.serving.client import RequestFailed
+
+    def fails(match, inputs):
+        with pytest.raises(RequestFailed, match=match):
+            list(client.stream_inputs(inputs, model=model))
+
+    fails(r"AUDIO\[0\]: expected a WAV, FLAC, MP3 or OGG file", client.inputs(PROMPT, b"not audio at all" * 8))
+    fails(r"expected AUDIO\[0\] as the bytes of an audio file, got 0 bytes", client.inputs(PROMPT, b""))
+    fails(r"expected AUDIO\[0\] of at most 600 s, got 660.0 s", client.inputs(PROMPT, _wav(660)))
+    fails(r"expected a prompt of at most 2048 tokens .*, got \d+", client.inputs("hello world " * 1500, SPEECH_WAV))
+    fails(r"expected MAX_TOKENS in \[1, 512\], got 100000", client.inputs(PROMPT, SPEECH_WAV, max_tokens=100000))
+    fails(r"expected PROMPT with 1 element \(text\), got none",
+          [t for t in client.inputs(PROMPT, SPEECH_WAV) if t.name() != "PROMPT"])
+    wrong = grpcclient.InferInput("MAX_TOKENS", [1], "FP32")
+    wrong.set_data_from_numpy(np.array([8.0], np.float32))
+    fails(r"'MAX_TOKENS' data-type is 'FP32', but model '\w+' expects 'INT32'",
+          [t for t in client.inputs(PROMPT, SPEECH_WAV) if t.name() != "MAX_TOKENS"] + [wrong])
+    assert client.infer(PROMPT, SPEECH_WAV, model=model, max_tokens=4)
+    assert server.alive()
