@@ -34,3 +34,24 @@ def hf(tiny_dir):
 
     model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tiny_dir, tmp_path_factory):
+    """`af3trt build` output for the tiny model (bf16 TensorRT-LLM checkpoint, ONNX encoder; the
+    TensorRT stages are recorded as missing where tensorrt / tensorrt_llm are not installed)."""
+    from af3trt.build.engine_dir import BuildOptions, build_engine_dir
+    from af3trt.build.llm import EngineLimits
+
+    out = tmp_path_factory.mktemp("engine") / "tiny-bf16"
+    limits = EngineLimits(max_batch_size=4, max_text_tokens=2048, max_new_tokens=512)
+    build_engine_dir(model=tiny_dir, out=out, options=BuildOptions(precision="bf16", limits=limits))
+    return out
+
+
+@pytest.fixture(scope="session")
+def engine_pipe(engine_dir):
+    """The in-process pipeline on `engine_dir` (ONNX Runtime encoder, torch decoder on llm/checkpoint)."""
+    from af3trt.runtime import Pipeline
+
+    return Pipeline.from_pretrained(engine_dir, device="cpu", dtype="float32")

@@ -100,10 +100,11 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
     bar = _progress(len(plan))
     for name, run in plan:
         key = stage_key(stage=name, checkpoint=fingerprint, options=_stage_flags(name, options))
-        entry = manifest.stages.get(name)
+        entry = manifest.stages.pop(name, None)  # re-inserted below: the manifest lists stages in build order
         if not options.force and entry and entry.get("key") == key and "missing" not in entry \
                 and (out / entry["path"]).exists():
             log.info("stage %s unchanged: skipped", name)
+            manifest.stages[name] = entry
         else:
             manifest.stages[name] = {"key": key, "checkpoint": fingerprint, **run(ckpt, out, options, manifest)}
             manifest.write(out)
@@ -127,16 +128,26 @@ def _start_manifest(out: Path, ckpt, fingerprint: str, options: BuildOptions) ->
         old = Manifest.read(out)
     except ManifestError:
         old = None
-    if old is not None and old.checkpoint.get("fingerprint") == fingerprint and old.limits == record["limits"] \
-            and old.precision == record["precision"]:
-        manifest = old
-        manifest.checkpoint = record["checkpoint"]
-    else:
-        manifest = Manifest(**record)
+    manifest = Manifest(**record)
+    if old is not None and old.checkpoint.get("fingerprint") == fingerprint:
+        for name, entry in old.stages.items():  # keep what still matches these options, drop the rest
+            if entry.get("key") == stage_key(stage=name, checkpoint=fingerprint, options=_stage_flags(name, options)):
+                manifest.stages[name] = entry
+            elif "missing" not in entry:
+                _remove(out / entry["path"])
     return manifest
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def _stage_flags(name: str, o: BuildOptions) -> dict:
+    if name == "encoder_onnx":
+        return {"max_windows": _plan_profile(o)[2]}
     if name == "encoder_plan":
         return {"precision": o.encoder_precision, "limits": asdict(o.limits)}
     if name == "llm_checkpoint":
@@ -186,14 +197,29 @@ def _stage_encoder_plan(ckpt, out: Path, options: BuildOptions, manifest: Manife
         entry.update(qdq_onnx=str(onnx_path.relative_to(out)), qdq_cosine_min=q.cosine_min)
     profile = _plan_profile(options)
     if not has_module("tensorrt"):
-        return {**entry, "missing": "tensorrt is not installed here",
-                "command": plan_command(onnx_path, out / "encoder", options.encoder_precision, profile)}
+        return {**entry, "missing": "tensorrt is not installed here", "command": rebuild_command(ckpt.path, out, options),
+                "manual": plan_command(onnx_path, out / "encoder", options.encoder_precision, profile)}
     from .encoder_plan import build_plan
 
     plan = build_plan(onnx_path, out / "encoder", precision=options.encoder_precision, profile=profile,
                       timing_cache=out / "encoder" / "timing.cache", force=options.force)
     return {**entry, "path": str(plan.plan_path.relative_to(out)), "profile": list(plan.profile),
             "tensorrt": plan.tensorrt_version}
+
+
+def rebuild_command(model: Path, out: Path, o: BuildOptions) -> str:
+    """The `af3trt build` line that completes this engine dir on a machine with TensorRT / TensorRT-LLM
+    (finished stages are skipped, the manifest records the new ones)."""
+    lim = o.limits
+    argv = ["af3trt", "build", "--model", str(model), "--out", str(out), "--precision", o.precision,
+            "--kv-cache", o.kv_cache, "--tp-size", str(o.tp_size), "--encoder-precision", o.encoder_precision,
+            "--max-batch-size", str(lim.max_batch_size), "--max-audio-seconds", str(lim.max_audio_seconds),
+            "--max-text-tokens", str(lim.max_text_tokens), "--max-new-tokens", str(lim.max_new_tokens),
+            "--calib-size", str(o.calib_size), "--calib-max-tokens", str(o.calib_max_tokens),
+            "--stages", ",".join(o.stages)]
+    if o.calib_audio:
+        argv += ["--calib-audio", str(o.calib_audio)]
+    return shlex.join(argv)
 
 
 def _stage_llm_checkpoint(ckpt, out: Path, options: BuildOptions, manifest: Manifest) -> dict:
@@ -222,12 +248,14 @@ def _stage_llm_engine(ckpt, out: Path, options: BuildOptions, manifest: Manifest
                       + shlex.join(argv) + "\n")
     script.chmod(0o755)
     if not has_module("tensorrt_llm"):
-        return {"path": "llm/engine", "missing": "tensorrt_llm is not installed here", "command": f"bash {script}",
-                "argv": argv}
+        return {"path": "llm/engine", "missing": "tensorrt_llm is not installed here",
+                "command": rebuild_command(ckpt.path, out, options), "manual": f"bash {script}", "argv": argv}
     with staged_dir(out / "llm" / "engine") as tmp:
         run_argv = list(argv)
         run_argv[run_argv.index("--output_dir") + 1] = str(tmp)
         subprocess.run(run_argv, check=True)
         if not (tmp / "config.json").is_file():
             raise RuntimeError(f"trtllm-build finished without writing config.json in {tmp}")
-    return {"path": "llm/engine", "argv": argv}
+    from importlib import metadata
+
+    return {"path": "llm/engine", "argv": argv, "tensorrt_llm": metadata.version("tensorrt_llm")}

@@ -131,8 +131,10 @@ def staged_dir(final: Path):
 
 
 def clean_partials(engine_dir: Path) -> None:
-    """Remove leftovers of an interrupted build (`.NAME.partial-*`, `.NAME.old`)."""
-    for path in Path(engine_dir).rglob(".*.partial-*"):
-        shutil.rmtree(path, ignore_errors=True)
-    for path in Path(engine_dir).rglob(".*.old"):
-        shutil.rmtree(path, ignore_errors=True)
+    """Remove leftovers of an interrupted build (`.NAME.partial-*`, `.NAME.tmp-*`, `.NAME.old[-*]`)."""
+    for pattern in (".*.partial-*", ".*.tmp-*", ".*.old", ".*.old-*"):
+        for path in Path(engine_dir).rglob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

@@ -331,20 +331,15 @@ def load_decoder(name: str, path: Path, manifest, spec: ModelSpec, device, dtype
     """Decoder backend for an engine dir: TensorRT-LLM engine, or torch on the TensorRT-LLM checkpoint."""
     from importlib import metadata
 
-    from ..build.manifest import ManifestError
-
     name = _pick(name, available_decoders(path, manifest), "decoder")
     if name == "tensorrt_llm":
-        from .trtllm import TensorRTLLMDecoder
+        from .trtllm import TensorRTLLMDecoder, check_engine, engine_config
 
-        built, here = manifest.versions.get("tensorrt_llm"), metadata.version("tensorrt_llm")
-        if built != here:
-            raise ManifestError(f"llm/engine of {path} was built with TensorRT-LLM {built}, this is {here}")
-        dec = TensorRTLLMDecoder(path / manifest.stages["llm_engine"]["path"], end_id=eos[0], pad_id=pad_id,
-                                 max_batch_size=manifest.limits.get("max_batch_size"))
-        if dec.vocab_size != spec.text.vocab_size:
-            raise ManifestError(f"engine vocab_size {dec.vocab_size} differs from the model's {spec.text.vocab_size}")
-        return dec
+        stage = manifest.stages["llm_engine"]
+        engine = path / stage["path"]
+        check_engine(engine_config(engine), manifest.limits, stage.get("tensorrt_llm"),
+                     metadata.version("tensorrt_llm"), spec.text.vocab_size)
+        return TensorRTLLMDecoder(engine, end_id=eos[0], pad_id=pad_id, max_batch_size=manifest.limits.get("max_batch_size"))
     return _TORCH_DECODERS[name]().from_trtllm_checkpoint(path / manifest.stages["llm_checkpoint"]["path"], spec,
                                                           device, dtype)
 

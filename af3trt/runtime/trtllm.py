@@ -43,6 +43,29 @@ def engine_config(engine_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+_LIMIT_FIELDS = {"max_batch_size": "max_batch_size", "max_input_len": "max_input_len", "max_seq_len": "max_seq_len",
+                 "max_prompt_embedding_table_size": "max_prompt_embedding_table_size"}
+
+
+def check_engine(config: dict, limits: dict, built_version: str | None, installed_version: str | None,
+                 vocab_size: int | None = None) -> None:
+    """Refuse an engine that is not the one the manifest describes: built by another TensorRT-LLM
+    than the installed one, for other limits (build_config vs manifest limits) or another vocab."""
+    from ..build.manifest import ManifestError
+
+    if built_version != installed_version:
+        raise ManifestError(f"llm/engine was built with TensorRT-LLM {built_version}, this is {installed_version}: "
+                            f"rebuild it with llm/build_engine.sh")
+    build = config.get("build_config", {})
+    differs = [f"{key}: engine {build.get(key)}, manifest {limits.get(want)}" for key, want in _LIMIT_FIELDS.items()
+               if limits.get(want) is not None and build.get(key) != limits.get(want)]
+    if differs:
+        raise ManifestError("llm/engine was built for other limits than the manifest's: " + "; ".join(differs))
+    engine_vocab = config.get("pretrained_config", {}).get("vocab_size")
+    if vocab_size is not None and engine_vocab != vocab_size:
+        raise ManifestError(f"expected an engine with vocab_size {vocab_size} (the model's), got {engine_vocab}")
+
+
 class TensorRTLLMDecoder:
     """Decoder backend on a TensorRT-LLM engine dir (`llm/engine`). steps(requests) like TorchDecoder."""
 
