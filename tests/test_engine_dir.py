@@ -316,3 +316,24 @@ def test_trtllm_engine_gives_the_torch_tokens(tmp_path):
     ref = Pipeline.from_pretrained(out, decoder="torch", dtype="float16")
     assert [r.token_ids for r in trt.generate(convs[:2], max_new_tokens=8)] == \
         [r.token_ids for r in ref.generate(convs[:2], max_new_tokens=8)]
+
+
+def test_cli_build_fp8_then_run_the_engine_dir(tiny_dir, tmp_path, capsys):
+    """`af3trt build --precision fp8` then `af3trt run` on it: ONNX Runtime encoder + torch decoder
+    on the FP8 TensorRT-LLM checkpoint."""
+    from af3trt.assets import SPEECH_WAV
+    from af3trt.cli import main
+
+    out = tmp_path / "fp8"
+    assert main(["build", "--model", str(tiny_dir), "--out", str(out), "--precision", "fp8",
+                 "--calib-size", "2", "--calib-max-tokens", "256"]) == 0
+    printed = capsys.readouterr().out
+    assert "encoder_onnx: encoder/encoder.onnx" in printed and "llm_checkpoint: llm/checkpoint" in printed
+    cfg = json.loads((out / "llm" / "checkpoint" / "config.json").read_text())
+    assert cfg["quantization"]["quant_algo"] == "FP8"
+    assert main(["run", "--model", str(out), "--audio", str(SPEECH_WAV), "--max-new-tokens", "6", "--json",
+                 "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_audio_tokens"] == 144 and len(result["token_ids"]) == 6
+    pipe = Pipeline.from_pretrained(out, device="cpu")
+    assert pipe.encoder.name == "onnxruntime" and type(pipe.decoder).__name__ == "TorchDecoder"
