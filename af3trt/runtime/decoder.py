@@ -197,7 +197,7 @@ class TorchDecoder:
         them); the first yield follows the prefill.
         """
         from ..prompt import left_pad
-        from .sampling import select_next
+        from .sampling import decode_loop
 
         opts = requests[0].options
         sequences = [r.input_ids for r in requests]
@@ -216,19 +216,14 @@ class TorchDecoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         x = self.module.embed(ids, table, offsets)
         logits = self.module(x, positions, cache, 0, attention_bias(key_mask[:, :n], n, 0, self.dtype))
-        history = ids
-        eos = torch.as_tensor(list(opts.eos_token_ids), device=self.device, dtype=torch.long)
-        last = positions[:, -1]
-        for step in range(opts.max_new_tokens):
-            if step < opts.min_new_tokens and eos.numel():
-                logits[:, eos] = float("-inf")
-            nxt = select_next(logits, history, opts, generator)
-            yield nxt
-            if step + 1 == opts.max_new_tokens:
-                return
-            history = torch.cat([history, nxt[:, None]], dim=1)
+        last = positions[:, -1:]
+
+        def advance(nxt, step):
+            nonlocal last
             key_mask[:, n + step] = 1
             last = last + 1
             x = self.module.embed(nxt[:, None], None, None)
             bias = attention_bias(key_mask[:, : n + step + 1], 1, n + step, self.dtype)
-            logits = self.module(x, last[:, None], cache, n + step, bias)
+            return self.module(x, last, cache, n + step, bias)
+
+        yield from decode_loop(logits, ids, opts, generator, advance)

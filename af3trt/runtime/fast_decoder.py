@@ -350,21 +350,11 @@ class FastTorchDecoder:
     def steps(self, requests, generator=None):
         """Greedy/sampled decoding of a batch of `DecoderRequest`s, as `TorchDecoder.steps`:
         yields (B,) int64 next ids per step, the first after the prefill."""
-        from .sampling import select_next
+        from .sampling import decode_loop
 
-        opts = requests[0].options
         logits = self.prefill(requests)
-        history = self._session.history
-        eos = torch.as_tensor(list(opts.eos_token_ids), device=self.device, dtype=torch.long)
-        for step in range(opts.max_new_tokens):
-            if step < opts.min_new_tokens and eos.numel():
-                logits[:, eos] = float("-inf")
-            nxt = select_next(logits, history, opts, generator)
-            yield nxt
-            if step + 1 == opts.max_new_tokens:
-                return
-            history = torch.cat([history, nxt[:, None]], dim=1)
-            logits = self.decode(nxt)
+        yield from decode_loop(logits, self._session.history, requests[0].options, generator,
+                               lambda nxt, step: self.decode(nxt))
 
 
 # --------------------------------------------------------------------------- benchmark

@@ -58,3 +58,18 @@ def select_next(logits: torch.Tensor, history: torch.Tensor, opts: GenerationOpt
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def decode_loop(logits: torch.Tensor, history: torch.Tensor, opts: GenerationOptions, generator, advance):
+    """The token loop every torch decoder shares: from the prefill's last logits (B, V), yield (B,)
+    next ids; `advance(next_ids, step)` runs one decode step and returns the next logits."""
+    eos = torch.as_tensor(list(opts.eos_token_ids), device=logits.device, dtype=torch.long)
+    for step in range(opts.max_new_tokens):
+        if step < opts.min_new_tokens and eos.numel():
+            logits[:, eos] = float("-inf")
+        nxt = select_next(logits, history, opts, generator)
+        yield nxt
+        if step + 1 == opts.max_new_tokens:
+            return
+        history = torch.cat([history, nxt[:, None]], dim=1)
+        logits = advance(nxt, step)
