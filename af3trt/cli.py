@@ -1,4 +1,12 @@
-"""`af3trt` command line: tiny | run | build | triton | serve | bench. Each command calls a library function."""
+"""`af3trt` command line; each command calls a library function.
+
+    af3trt tiny   --out DIR                          the deterministic tiny random AF3 checkpoint
+    af3trt run    --model M --audio A --prompt P     answer a prompt about audio files (Pipeline)
+    af3trt build  --model M --out ENGINE_DIR         engine dir (af3trt.build.engine_dir.build_engine_dir)
+    af3trt triton --engine-dir E --out REPO          Triton model repository (af3trt.build.triton.write_repository)
+    af3trt serve  --repo REPO                        tritonserver on it, in the foreground (af3trt.serving.server.serve)
+    af3trt bench  ARGS                               latency benchmark (af3trt.benchmark.cli; = benchmarks/latency.py)
+"""
 
 from __future__ import annotations
 
@@ -55,14 +63,78 @@ def _cmd_build(args) -> int:
     manifest = build_engine_dir(model=model, out=args.out, options=options)
     for name, entry in manifest.stages.items():
         if "missing" in entry:
-            print(f"{name}: not built here ({entry['missing']}); finish with:\n  {entry['command']}")
+            print(f"{name}: not built here ({entry['missing']}); finish on a machine that has it with:\n"
+                  f"  {entry['command']}")
         else:
             print(f"{name}: {entry['path']}")
     return 0
 
 
+def _cmd_triton(args) -> int:
+    from .build.triton import write_repository
+
+    repo = write_repository(args.engine_dir, args.out, llm_backend=args.llm_backend,
+                            max_batch_size=args.max_batch_size, instances=args.instances, streaming=args.streaming,
+                            encoder_backend=args.encoder_backend, server_engine_dir=args.server_engine_dir)
+    print(repo.path)
+    print(f"models: {', '.join(repo.models)} (llm: {args.llm_backend}, encoder: {repo.encoder})")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from .serving.server import TritonServerError, serve
+
+    try:
+        return serve(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                     metrics_port=args.metrics_port)
+    except TritonServerError as exc:
+        print(f"af3trt serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _cmd_bench(rest: list[str]) -> int:
+    """The benchmark's own parser (af3trt.benchmark.cli, imports torch) reads the arguments after `bench`."""
+    from .benchmark.cli import main as bench_main
+
+    return bench_main(rest, prog="af3trt bench")
+
+
+def _add_triton(sub) -> None:
+    p = sub.add_parser("triton", help="engine dir -> Triton model repository (preprocessing, encoder, LLM, af3, ensemble)")
+    p.add_argument("--engine-dir", "--engine", dest="engine_dir", required=True,
+                   help="engine dir (af3trt build), or an AF3 checkpoint dir with --llm-backend python")
+    p.add_argument("--out", required=True, help="model repository to write (replaces an earlier af3trt one)")
+    p.add_argument("--llm-backend", default="tensorrtllm", choices=("tensorrtllm", "python"),
+                   help="tensorrtllm: C++ backend on llm/engine; python: af3trt's torch decoder (CPU reference)")
+    p.add_argument("--encoder-backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"))
+    p.add_argument("--max-batch-size", type=int, default=None, help="default: the engine dir's limit")
+    p.add_argument("--instances", type=int, default=1, help="instances of each python model")
+    p.add_argument("--streaming", dest="streaming", action="store_true", default=True,
+                   help="decoupled LLM model that streams tokens (the default)")
+    p.add_argument("--no-streaming", dest="streaming", action="store_false", help="non-decoupled LLM model")
+    p.add_argument("--server-engine-dir", default=None,
+                   help="where the server sees the engine dir (e.g. a container mount); default: where it is now")
+    p.set_defaults(func=_cmd_triton)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run tritonserver on a model repository until Ctrl-C / SIGTERM")
+    p.add_argument("--repo", required=True, help="model repository (af3trt triton --out)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind HTTP, gRPC and metrics to")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _add_bench(sub) -> None:
+    # no arguments (nor -h) here: main() hands the rest to the benchmark's parser (`af3trt bench --help`)
+    sub.add_parser("bench", add_help=False, help="latency benchmark: same arguments as benchmarks/latency.py")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="af3trt", description=__doc__)
+    parser = argparse.ArgumentParser(prog="af3trt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny", help="write the deterministic tiny random AF3 checkpoint")
@@ -105,17 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true")
     p.add_argument("--json", action="store_true", help='print {"text", "token_ids", "num_audio_tokens", "timings"}')
     p.set_defaults(func=_cmd_run)
+    _add_triton(sub)
+    _add_serve(sub)
+    _add_bench(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from .audio import AudioError
     from .prompt import PromptError
 
     try:
-        return args.func(args)
-    except (AudioError, PromptError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        return _cmd_bench(rest) if args.command == "bench" else args.func(args)
+    except (AudioError, PromptError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
         print(f"af3trt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -124,6 +124,32 @@ def test_backends_run_or_record_why_not(tmp_path, monkeypatch):
         LatencyConfig(backends=("nope",))
 
 
+def test_triton_backend_builds_the_repository_request():
+    """The triton backend sends the af3trt repository's request (build.triton.REQUEST_INPUTS) through
+    Af3Client: encoded audio in AUDIO, PROMPT, MAX_TOKENS, STREAM; no server needed to build it."""
+    pytest.importorskip("tritonclient.grpc", reason="the triton backend needs tritonclient[grpc]")
+    from types import SimpleNamespace
+
+    from af3trt.benchmark.backends import TRITON_INPUTS, TritonBackend, conversation, triton_grpc_url
+    from af3trt.build.triton import NUMPY_TO_TRITON, REQUEST_INPUTS
+    from af3trt.testing import synthetic_audio
+
+    declared = {t.name: t.dtype for t in REQUEST_INPUTS}
+    backend = TritonBackend(SimpleNamespace(triton_url="127.0.0.1:9", triton_grpc_url=None, triton_model="af3"))
+    assert "not usable" in backend.unavailable()  # nothing listens on port 9
+    backend.setup()
+    assert backend.client.grpc_url == "127.0.0.1:10" and backend.stream
+    audio = synthetic_audio(1.5)
+    inputs = {t.name(): t for t in backend.inputs(conversation(audio), 8)}
+    assert set(inputs) == set(TRITON_INPUTS)
+    for name, t in inputs.items():  # the client's dtype names -> config.pbtxt's
+        assert {"BYTES": NUMPY_TO_TRITON["bytes"]}.get(t.datatype(), f"TYPE_{t.datatype()}") == declared[name], name
+    assert inputs["AUDIO"].shape() == [1] and inputs["PROMPT"].shape() == [1]
+    with pytest.raises(ValueError, match="expected the Triton HTTP URL as host:port"):
+        triton_grpc_url("localhost")
+    assert triton_grpc_url("h:8000", "h:9001") == "h:9001"
+
+
 def test_accuracy_cli_tiny_smoke(tmp_path):
     out = tmp_path / "acc.json"
     _run([str(REPO / "benchmarks/accuracy.py"), "--candidate-dtype", "bfloat16", "--max-new-tokens", "8", "--out",

@@ -2,7 +2,9 @@
 
 Config tests parse every generated config.pbtxt with Triton's protobuf schema. Server tests
 (`-m triton_server`) start ONE tritonserver from the nvidia-pytriton wheel for the module, on
-127.0.0.1 with free ports, serving the CPU repository (python LLM backend) of the tiny model.
+127.0.0.1 with free ports, serving the CPU repository (python LLM backend) of the tiny model's
+engine dir (`engine_dir`, as `af3trt build --model tiny` writes it); answers are compared with the
+in-process Pipeline on the same engine dir (`engine_pipe`).
 """
 
 import importlib.util
@@ -56,8 +58,10 @@ def conversation(prompt=PROMPT, audio=SPEECH_WAV):
 
 
 @pytest.fixture(scope="module")
-def cpu_repo(tiny_dir, tmp_path_factory):
-    return write_repository(tiny_dir, tmp_path_factory.mktemp("triton") / "repo", llm_backend="python",
+def cpu_repo(engine_dir, tmp_path_factory):
+    """The CPU repository of `af3trt build --model tiny`'s engine dir (ONNX Runtime encoder, python LLM on
+    llm/checkpoint): what the server tests serve, compared against `engine_pipe` on the same engine dir."""
+    return write_repository(engine_dir, tmp_path_factory.mktemp("triton") / "repo", llm_backend="python",
                             streaming=True, limits=LIMITS)
 
 
@@ -232,24 +236,24 @@ def test_repository_loads(server):
 
 @pytest.mark.triton_server
 @pytest.mark.parametrize("model", ["af3", "ensemble"])
-def test_http_matches_pipeline(client, pipe, model):
-    expected = pipe.generate(conversation(), max_new_tokens=MAX_TOKENS)[0].text
+def test_http_matches_pipeline(client, engine_pipe, model):
+    expected = engine_pipe.generate(conversation(), max_new_tokens=MAX_TOKENS)[0].text
     got = client.generate(PROMPT, SPEECH_WAV, model=model, max_tokens=MAX_TOKENS)
     print(f"expected {expected!r}\ngot      {got!r}")
     assert got == expected
 
 
 @pytest.mark.triton_server
-def test_grpc_streaming_matches_pipeline(client, pipe):
-    expected = list(pipe.stream(conversation(), max_new_tokens=MAX_TOKENS))
+def test_grpc_streaming_matches_pipeline(client, engine_pipe):
+    expected = list(engine_pipe.stream(conversation(), max_new_tokens=MAX_TOKENS))
     pieces = list(client.stream(PROMPT, SPEECH_WAV, max_tokens=MAX_TOKENS))
     print(f"expected {expected}\ngot      {pieces}")
     assert len(pieces) > 1 and pieces == expected
 
 
 @pytest.mark.triton_server
-def test_text_only_request(client, pipe):
-    expected = pipe.generate(conversation("What is the weather?", None), max_new_tokens=MAX_TOKENS)[0].text
+def test_text_only_request(client, engine_pipe):
+    expected = engine_pipe.generate(conversation("What is the weather?", None), max_new_tokens=MAX_TOKENS)[0].text
     assert client.infer("What is the weather?", max_tokens=MAX_TOKENS) == expected
     assert client.infer("What is the weather?", max_tokens=MAX_TOKENS, model="ensemble") == expected
 
@@ -283,7 +287,7 @@ def test_concurrent_clients(client, server):
 
 
 @pytest.mark.triton_server
-def test_extra_ids_identify_audio(client, server, pipe):
+def test_extra_ids_identify_audio(client, server, engine_pipe):
     """prompt_table_extra_ids: one positive id per audio on its fake ids, equal for equal samples."""
     import soundfile as sf
     import tritonclient.grpc as grpcclient
@@ -302,11 +306,26 @@ def test_extra_ids_identify_audio(client, server, pipe):
         return out.as_numpy("prompt_table_extra_ids")[0], out.as_numpy("input_ids")[0]
 
     wav_ids, ids = run(SPEECH_WAV)
-    fake = ids >= pipe.spec.text.vocab_size
+    fake = ids >= engine_pipe.spec.text.vocab_size
     assert fake.any() and ((wav_ids > 0) == fake).all() and len(set(wav_ids[fake].tolist())) == 1
     np.testing.assert_array_equal(run(flac.getvalue())[0], wav_ids)  # same samples, other container
     two, ids = run([SPEECH_WAV, synthetic_audio(1.0)])
-    assert len(set(two[ids >= pipe.spec.text.vocab_size].tolist())) == 2
+    assert len(set(two[ids >= engine_pipe.spec.text.vocab_size].tolist())) == 2
+
+
+@pytest.mark.triton_server
+@pytest.mark.parametrize("model", ["af3", "ensemble"])
+def test_benchmark_triton_backend(server, model):
+    """`af3trt bench --backends triton` against this server: probe, concurrent streamed requests, TTFT."""
+    from af3trt.benchmark.backends import TritonBackend, conversations
+
+    models = types.SimpleNamespace(triton_url=server.http_url, triton_grpc_url=server.grpc_url, triton_model=model)
+    backend = TritonBackend(models)
+    assert backend.unavailable() is None
+    backend.setup()
+    call = backend.run(conversations(2.0, 2), 8)
+    assert 0 < call.ttft <= call.total and call.decode == pytest.approx(call.total - call.ttft)
+    assert call.new_tokens == 0  # text comes back, not token ids: no per-token figures
 
 
 def _wav(seconds):

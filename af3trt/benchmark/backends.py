@@ -10,7 +10,8 @@ and the benchmark records "skipped: <reason>"; nothing is ever estimated in its 
 - `hf-compiled` transformers' AF3 `generate` with a static cache, which makes transformers compile the
                 decode step (CUDA only; the first call compiles)
 - `trtllm`      af3trt Pipeline on an engine dir with the TensorRT-LLM decoder
-- `triton`      a running Triton server (tritonclient), client-side end-to-end time only
+- `triton`      a running Triton server on an af3trt repository (Af3Client, gRPC streaming):
+                client-side end-to-end time and time to the first text piece
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..prompt import DEFAULT_TRANSCRIBE_PROMPT
@@ -277,15 +277,45 @@ class TrtllmBackend(TorchBackend):
         self.precision = str(p.get("decoder") or p.get("name") or p) if isinstance(p, dict) else str(p)
 
 
-# Triton request interface expected of the served AF3 model (one request per conversation).
-TRITON_INPUTS = {"audio": "FP32", "prompt": "BYTES", "max_tokens": "INT32"}
-TRITON_OUTPUT = "text"
+# The af3trt repository's request (af3trt.build.triton.REQUEST_INPUTS of `af3` / `ensemble`) that
+# this backend sends through Af3Client: encoded audio files, the prompt, the output limit, streaming;
+# the answer comes back as TEXT pieces.
+TRITON_INPUTS = ("PROMPT", "AUDIO", "MAX_TOKENS", "STREAM")
+
+
+def triton_grpc_url(http_url: str, grpc_url: str | None = None) -> str:
+    """The gRPC host:port: `grpc_url` when given, else the HTTP host with port + 1 (Triton's default layout)."""
+    if grpc_url:
+        return grpc_url
+    host, sep, port = http_url.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected the Triton HTTP URL as host:port, got {http_url!r}")
+    return f"{host}:{int(port) + 1}"
+
+
+def request_parts(conv) -> tuple[str, list]:
+    """(prompt text, audios in order) of a single-turn conversation, as Af3Client takes them."""
+    (turn,) = conv
+    audios = [it["audio"] for it in turn["content"] if it["type"] == "audio"]
+    return "".join(it["text"] for it in turn["content"] if it["type"] == "text"), audios
+
+
+def _stream_one(client, inputs, model: str, stamps: list, errors: dict, index: int) -> None:
+    """Thread body: stream one request, stamping the arrival of every non-empty TEXT piece, then the end."""
+    try:
+        for piece in client.stream_inputs(inputs, model=model):
+            if piece:
+                stamps.append(time.perf_counter())
+        stamps.append(time.perf_counter())
+    except Exception as exc:  # reported by run(), with the request it belongs to
+        errors[index] = exc
 
 
 class TritonBackend(Backend):
     name = "triton"
     precision = "server"
-    description = "Triton server via tritonclient: one request per conversation, sent together; client-side time"
+    description = ("Triton server (af3trt repository) via Af3Client over gRPC: one streamed request per "
+                   "conversation, all sent together; client-side times (TTFT = first text piece)")
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("tritonclient") is None:
@@ -293,49 +323,69 @@ class TritonBackend(Backend):
         url, model = self.models.triton_url, self.models.triton_model
         if not url:
             return "no server URL given (--triton-url)"
+        try:
+            names = self._probe(url, model)
+        except Exception as exc:  # a probe: any failure to talk to the server is the reason to skip
+            return f"server at {url} not usable: {type(exc).__name__}: {exc}"
+        if isinstance(names, str):
+            return names
+        missing = [n for n in TRITON_INPUTS if n not in names]
+        return f"expected model {model!r} to take inputs {list(TRITON_INPUTS)}, got {sorted(names)}" if missing else None
+
+    def _probe(self, url: str, model: str):
+        """The model's input names over HTTP, or why the server or its gRPC endpoint cannot be used."""
+        import tritonclient.grpc as grpc
         import tritonclient.http as http
 
+        grpc_url = triton_grpc_url(url, self.models.triton_grpc_url)
+        client, stream_client = http.InferenceServerClient(url), grpc.InferenceServerClient(grpc_url)
         try:
-            client = http.InferenceServerClient(url)
             if not client.is_server_live():
                 return f"server at {url} is not live"
             if not client.is_model_ready(model):
                 return f"model {model!r} is not ready on {url}"
-            names = {i["name"] for i in client.get_model_metadata(model)["inputs"]}
-        except Exception as exc:  # a probe: any failure to talk to the server is the reason to skip
-            return f"server at {url} not usable: {type(exc).__name__}: {exc}"
-        missing = sorted(set(TRITON_INPUTS) - names)
-        return f"model {model!r} inputs {sorted(names)} lack {missing}" if missing else None
+            if not stream_client.is_server_live():
+                return f"gRPC endpoint {grpc_url} is not live (--triton-grpc-url)"
+            self.decoupled = bool(client.get_model_config(model).get("model_transaction_policy", {}).get("decoupled"))
+            return {i["name"] for i in client.get_model_metadata(model)["inputs"]}
+        finally:
+            client.close()
+            stream_client.close()
 
     def setup(self) -> None:
-        import tritonclient.http as http
+        from ..serving.client import Af3Client
 
-        self.client = http.InferenceServerClient(self.models.triton_url, concurrency=64)
+        grpc_url = triton_grpc_url(self.models.triton_url, self.models.triton_grpc_url)
+        self.client = Af3Client(self.models.triton_url, grpc_url, model=self.models.triton_model)
+        self.stream = getattr(self, "decoupled", True)  # a plain (non-decoupled) ensemble answers once
 
-    def _request(self, conv, new_tokens: int):
-        import tritonclient.http as http
-
-        audio = next(it["audio"] for it in conv[0]["content"] if it["type"] == "audio")
-        text = "".join(it["text"] for it in conv[0]["content"] if it["type"] == "text")
-        values = {"audio": np.asarray(audio, np.float32)[None], "prompt": np.array([[text.encode()]], dtype=object),
-                  "max_tokens": np.array([[new_tokens]], np.int32)}
-        inputs = []
-        for name, dtype in TRITON_INPUTS.items():
-            inp = http.InferInput(name, list(values[name].shape), dtype)
-            inp.set_data_from_numpy(values[name])
-            inputs.append(inp)
-        return inputs
+    def inputs(self, conv, new_tokens: int):
+        """The gRPC InferInputs of one conversation (audio encoded to WAV bytes, MAX_TOKENS = new_tokens)."""
+        prompt, audios = request_parts(conv)
+        return self.client.inputs(prompt, audios or None, stream=self.stream, max_tokens=new_tokens)
 
     def run(self, convs, new_tokens: int) -> Call:
-        import tritonclient.http as http
+        import threading
 
-        requests = [self._request(c, new_tokens) for c in convs]
+        requests = [self.inputs(c, new_tokens) for c in convs]
+        stamps, errors = [[] for _ in requests], {}
+        threads = [threading.Thread(target=_stream_one, args=(self.client, r, self.models.triton_model, stamps[i],
+                                                               errors, i)) for i, r in enumerate(requests)]
         t0 = time.perf_counter()
-        outputs = [http.InferRequestedOutput(TRITON_OUTPUT)]
-        pending = [self.client.async_infer(self.models.triton_model, r, outputs=outputs) for r in requests]
-        for p in pending:
-            p.get_result()
-        return Call(total=time.perf_counter() - t0, new_tokens=0)  # output length is not enforced here
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            i = min(errors)
+            raise RuntimeError(f"expected {len(requests)} answers from {self.models.triton_model!r}, got an error "
+                               f"on request {i}: {type(errors[i]).__name__}: {errors[i]}")
+        total = max(s[-1] for s in stamps) - t0
+        if not self.stream or any(len(s) < 2 for s in stamps):  # one response, or an empty answer
+            return Call(total=total, new_tokens=0)
+        ttft = max(s[0] for s in stamps) - t0  # every request has its first piece, as a batch's first token
+        # the answers carry text, not token ids: the output length is unknown, so new_tokens=0 (no per-token figures)
+        return Call(total=total, ttft=ttft, decode=total - ttft, new_tokens=0)
 
 
 BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (

@@ -43,7 +43,8 @@ class LatencyConfig:
     device: str | None = None
     dtype: str | None = None
     engine_dir: str | None = None
-    triton_url: str | None = None
+    triton_url: str | None = None  # HTTP host:port
+    triton_grpc_url: str | None = None  # gRPC host:port (None: the HTTP host, port + 1)
     triton_model: str = "af3"
     budget_s: float | None = None
     measure_floor: bool = True
@@ -74,6 +75,7 @@ class Models:
     def __init__(self, cfg: LatencyConfig, device: str, dtype: torch.dtype):
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.engine_dir, self.triton_url, self.triton_model = cfg.engine_dir, cfg.triton_url, cfg.triton_model
+        self.triton_grpc_url = cfg.triton_grpc_url
         self._pipeline = self._hf = self._builder = None
         if cfg.random_weights:
             from .random_model import build
