@@ -337,3 +337,37 @@ def test_cli_build_fp8_then_run_the_engine_dir(tiny_dir, tmp_path, capsys):
     assert result["num_audio_tokens"] == 144 and len(result["token_ids"]) == 6
     pipe = Pipeline.from_pretrained(out, device="cpu")
     assert pipe.encoder.name == "onnxruntime" and type(pipe.decoder).__name__ == "TorchDecoder"
+
+
+def test_a_batching_decoder_gets_the_requests_of_all_threads_at_once(engine_pipe):
+    """A decoder that declares `concurrent = True` (TensorRT-LLM's executor, in-flight batching) is
+    not serialized by the Pipeline: two threads' requests are inside it at the same time."""
+    inner = engine_pipe.decoder
+    barrier = threading.Barrier(2, timeout=60)
+
+    class InFlight:
+        concurrent = True
+
+        def steps(self, requests, generator=None):
+            barrier.wait()  # returns only once both threads' requests are in the decoder
+            yield from inner.steps(requests, generator)
+
+    p = engine_pipe
+    pipe = Pipeline(p.builder, p.encoder, InFlight(), p.spec, p.eos_token_ids, "cpu", limits=p.limits)
+    convs = [[audio_turn(synthetic_audio(1.0 + i, 40 + i))] for i in range(2)]
+    expected = [p.generate(c, max_new_tokens=4)[0].token_ids for c in convs]
+    got, errors = {}, []
+
+    def worker(i):
+        try:
+            got[i] = pipe.generate(convs[i], max_new_tokens=4)[0].token_ids
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and [got[0], got[1]] == expected
+    assert not getattr(p.decoder, "concurrent", False) and isinstance(p._decode_lock, type(threading.Lock()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,7 +49,9 @@ def _pick(requested: str, available: tuple[str, ...], kind: str) -> str:
 
 
 class Pipeline:
-    """AF3 inference. Build with `Pipeline.from_pretrained(path)`; thread-safe (one request at a time)."""
+    """AF3 inference. Build with `Pipeline.from_pretrained(path)`. Thread-safe: the front end and
+    encoder serve one call at a time; a decoder with `concurrent = True` (TensorRT-LLM) receives the
+    requests of all threads at once (in-flight batching), the torch decoders one batch at a time."""
 
     def __init__(self, builder: PromptBuilder, encoder, decoder, spec: ModelSpec, eos_token_ids, device,
                  limits: dict | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES):
@@ -62,7 +65,10 @@ class Pipeline:
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self.device = torch.device(device)
         self.tokenizer = builder.tokenizer
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # prompt building, encoder, cache
+        # a decoder that batches requests itself (TensorRT-LLM's executor: in-flight batching) takes
+        # them from every thread at once; the torch decoders run one batch at a time
+        self._decode_lock = contextlib.nullcontext() if getattr(decoder, "concurrent", False) else threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, encoder: str = "auto", decoder: str = "auto",
@@ -220,10 +226,11 @@ class Pipeline:
 
     def _run(self, conversations, opts: GenerationOptions):
         """Yields after every step a list of (Result so far, finished) per conversation."""
+        t0 = time.perf_counter()
         with self._lock:
-            t0 = time.perf_counter()
             prompts = self.prepare(conversations)
             reqs, timings = self.requests(prompts, opts)
+        with self._decode_lock:
             gen = torch.Generator(device=self.device)
             if opts.seed is not None:
                 gen.manual_seed(opts.seed)

@@ -70,6 +70,7 @@ class TensorRTLLMDecoder:
     """Decoder backend on a TensorRT-LLM engine dir (`llm/engine`). steps(requests) like TorchDecoder."""
 
     name = "tensorrt_llm"
+    concurrent = True  # the executor batches the requests of all threads in flight (Pipeline needs no lock)
 
     def __init__(self, engine_dir: str | Path, end_id: int, pad_id: int, max_batch_size: int | None = None,
                  free_gpu_memory_fraction: float = 0.9, enable_block_reuse: bool = True):
@@ -100,13 +101,20 @@ class TensorRTLLMDecoder:
             args["prompt_tuning_config"] = tl.PromptTuningConfig(table, ptc["input_token_extra_ids"])
         return tl.Request(**{k: v for k, v in args.items() if v is not None})
 
-    def submit(self, req: DecoderRequest, streaming: bool = True) -> queue.Queue:
-        """Enqueue one request; its responses (lists of new token ids, then None) arrive on the queue."""
+    def submit(self, req: DecoderRequest, streaming: bool = True) -> tuple[int, queue.Queue]:
+        """Enqueue one request: (request id, queue of its responses: lists of new token ids, then None)."""
         q: queue.Queue = queue.Queue()
         with self._lock:
             rid = self.executor.enqueue_request(self._request(req, streaming))
             self._queues[rid] = q
-        return q
+        return rid, q
+
+    def cancel(self, rid: int) -> None:
+        """Stop a request that is still running (a caller stopped reading its stream)."""
+        with self._lock:
+            if self._queues.pop(rid, None) is None:
+                return  # already finished
+        self.executor.cancel_request(rid)
 
     def _dispatch(self) -> None:
         from datetime import timedelta
@@ -120,6 +128,8 @@ class TensorRTLLMDecoder:
                 if resp.has_error():
                     q.put(RuntimeError(f"TensorRT-LLM request {resp.request_id} failed: {resp.error_msg}"))
                     q.put(None)
+                    with self._lock:
+                        self._queues.pop(resp.request_id, None)
                     continue
                 q.put(list(resp.result.output_token_ids[0]))
                 if resp.result.is_final:
@@ -130,7 +140,14 @@ class TensorRTLLMDecoder:
     def steps(self, requests: list[DecoderRequest], generator=None):
         """Stream a batch: yields (B,) next ids per step; a finished row repeats end_id."""
         del generator  # sampling seeds travel in SamplingConfig.seed
-        queues = [self.submit(r, streaming=True) for r in requests]
+        submitted = [self.submit(r, streaming=True) for r in requests]
+        try:
+            yield from self._collect([q for _, q in submitted], requests)
+        finally:  # finished requests are gone from _queues already; cancel the others
+            for rid, _ in submitted:
+                self.cancel(rid)
+
+    def _collect(self, queues: list[queue.Queue], requests: list[DecoderRequest]):
         pending = [list() for _ in requests]
         done = [False] * len(requests)
         produced = [0] * len(requests)
