@@ -57,7 +57,8 @@ def _cmd_build(args) -> int:
     limits = EngineLimits(max_batch_size=args.max_batch_size, max_audio_seconds=args.max_audio_seconds,
                           max_text_tokens=args.max_text_tokens, max_new_tokens=args.max_new_tokens)
     options = BuildOptions(precision=args.precision, kv_cache=args.kv_cache, tp_size=args.tp_size,
-                           encoder_precision=args.encoder_precision, limits=limits, calib_audio=args.calib_audio,
+                           encoder_precision=args.encoder_precision, encoder_input=args.encoder_input,
+                           limits=limits, calib_audio=args.calib_audio,
                            calib_size=args.calib_size, calib_max_tokens=args.calib_max_tokens,
                            stages=tuple(args.stages.split(",")), force=args.force)
     manifest = build_engine_dir(model=model, out=args.out, options=options)
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache", default="auto", help="auto|fp8|int8")
     p.add_argument("--tp-size", type=int, default=1)
     p.add_argument("--encoder-precision", default="fp16", help="TensorRT encoder plan: fp16|bf16|fp8|int8")
+    p.add_argument("--encoder-input", default="features",
+                   help="what the encoder graph takes: features (log-mel windows) | audio (padded 16 kHz windows, "
+                        "log-mel by a conv STFT inside the graph; fp16|bf16 encoder plans)")
     p.add_argument("--max-batch-size", type=int, default=1)
     p.add_argument("--max-audio-seconds", type=float, default=600.0)
     p.add_argument("--max-text-tokens", type=int, default=2048)

@@ -100,16 +100,21 @@ def log_mel(samples, device: str = "cpu"):
     return (logspec + 4.0) / 4.0
 
 
+def padded_windows(audios: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """The 30 s windows of all audios in order, zero-padded: (W, 480000) float32 samples, (W, 3000)
+    int32 frame mask, and how many windows each audio has."""
+    parts = [split_windows(a) for a in audios]
+    windows = [w for p in parts for w in p]
+    if not windows:
+        return (np.zeros((0, WINDOW_SAMPLES), np.float32), np.zeros((0, FRAMES_PER_WINDOW), np.int32),
+                tuple(len(p) for p in parts))
+    batch, mask = pad_windows(windows)
+    return batch, mask, tuple(len(p) for p in parts)
+
+
 def extract_features(audios: list[np.ndarray], device: str = "cpu") -> Features:
     """16 kHz mono float32 audios (each ≤ 10 min) -> log-mel windows of them all, in order."""
-    windows: list[np.ndarray] = []
-    counts: list[int] = []
-    for samples in audios:
-        parts = split_windows(samples)
-        windows.extend(parts)
-        counts.append(len(parts))
-    if not windows:
-        return Features(np.zeros((0, N_MELS, FRAMES_PER_WINDOW), np.float32), np.zeros((0, FRAMES_PER_WINDOW), np.int32), ())
-    batch, mask = pad_windows(windows)
-    feats = log_mel(batch, device=device)
-    return Features(feats.cpu().numpy(), mask, tuple(counts))
+    batch, mask, counts = padded_windows(audios)
+    if not len(batch):
+        return Features(np.zeros((0, N_MELS, FRAMES_PER_WINDOW), np.float32), mask, ())
+    return Features(log_mel(batch, device=device).cpu().numpy(), mask, counts)

@@ -5,6 +5,7 @@ recording stand-in of the `tensorrt` module, and the `-m tensorrt` tests build a
 """
 
 import json
+import shutil
 import sys
 import types
 from types import SimpleNamespace
@@ -13,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from af3trt.audio import split_windows
 from af3trt.build import encoder as enc
 from af3trt.build.calibration import calibration_windows
 from af3trt.checkpoint import Checkpoint
-from af3trt.features import extract_features
+from af3trt.features import extract_features, log_mel, pad_windows
 from af3trt.runtime.encoder import (OnnxRuntimeEncoder, TorchEncoder, available_encoders, load_encoder,
                                    valid_rows)
 from af3trt.runtime.trtllm import MissingDependency
@@ -89,8 +91,8 @@ def _scale_largest_weight(path, factor=1.05):
 def test_export_raises_when_verification_mismatches(tiny_dir, tmp_path, monkeypatch):
     real = enc._export_graph
 
-    def wrong_weight(module, path, opset, external):
-        real(module, path, opset, external)
+    def wrong_weight(module, path, *args):
+        real(module, path, *args)
         _scale_largest_weight(path)
 
     monkeypatch.setattr(enc, "_export_graph", wrong_weight)
@@ -252,18 +254,39 @@ def test_build_plan_validates_before_tensorrt(engine, int8_onnx):
         enc.build_plan(engine.onnx_path, profile=(2, 1, 4))
 
 
-def fake_tensorrt(parse_errors=(), serialized=b"PLAN"):
-    """A recording stand-in for the few `tensorrt` calls build_plan makes (TensorRT 10 names)."""
-    rec = SimpleNamespace(flags=[], shapes={}, network_flags=None, cache_in=None, pool=None)
+class FakeLayer:
+    """A network layer as `_keep_front_end_fp32` sees it: name, output dtypes, precision it is given."""
+
+    def __init__(self, name, *dtypes):
+        self.name, self.precision, self.output_types = name, None, {}
+        self.outputs = [SimpleNamespace(dtype=d) for d in dtypes]
+        self.num_outputs = len(dtypes)
+
+    def get_output(self, j):
+        return self.outputs[j]
+
+    def set_output_type(self, j, dtype):
+        self.output_types[j] = dtype
+
+
+def fake_tensorrt(parse_errors=(), serialized=b"PLAN", signal="features"):
+    """A recording stand-in for the few `tensorrt` calls build_plan makes (TensorRT 10 names);
+    signal: the network's first input (features | audio)."""
+    rec = SimpleNamespace(flags=[], cleared=[], shapes={}, network_flags=None, cache_in=None, pool=None)
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.99.0"
+    trt.float32, trt.int64 = "float32", "int64"
     trt.ILogger = type("ILogger", (), {"__init__": lambda self: None})
     trt.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=5)
-    trt.BuilderFlag = SimpleNamespace(FP16="FP16", BF16="BF16")
+    trt.BuilderFlag = SimpleNamespace(FP16="FP16", BF16="BF16", TF32="TF32",
+                                      OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS")
     trt.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
     tensor = lambda name, dtype: SimpleNamespace(name=name, dtype=SimpleNamespace(name=dtype))  # noqa: E731
-    network = SimpleNamespace(num_inputs=2, num_outputs=1,
-                              get_input=[tensor("features", "FLOAT"), tensor("frames", "INT64")].__getitem__,
+    rec.layers = [FakeLayer("/logmel/Cast", "int64"), FakeLayer("/logmel/Pad", "float32"),
+                  FakeLayer("/logmel/Conv", "float32"), FakeLayer("/logmel/MatMul", "float32"),
+                  FakeLayer("/encoder/conv1/Conv", "float32")]
+    network = SimpleNamespace(num_inputs=2, num_outputs=1, num_layers=len(rec.layers), get_layer=rec.layers.__getitem__,
+                              get_input=[tensor(signal, "FLOAT"), tensor("frames", "INT64")].__getitem__,
                               get_output=[tensor("embeddings", "FLOAT")].__getitem__)
 
     class Parser:
@@ -281,7 +304,7 @@ def fake_tensorrt(parse_errors=(), serialized=b"PLAN"):
 
     cache = SimpleNamespace(serialize=lambda: b"CACHE")
     config = SimpleNamespace(
-        set_flag=rec.flags.append, add_optimization_profile=lambda p: 0,
+        set_flag=rec.flags.append, clear_flag=rec.cleared.append, add_optimization_profile=lambda p: 0,
         set_memory_pool_limit=lambda pool, size: setattr(rec, "pool", (pool, size)),
         create_timing_cache=lambda data: setattr(rec, "cache_in", data) or cache,
         set_timing_cache=lambda c, ignore_mismatch: c is cache and ignore_mismatch is False,
@@ -312,6 +335,7 @@ def test_build_plan_tensorrt_calls(engine, int8_onnx, tmp_path, monkeypatch):
                          timing_cache=cache, workspace_gib=2)
     assert (res.plan_path.read_bytes(), cache.read_bytes(), rec.cache_in) == (b"PLAN", b"CACHE", b"")
     assert rec.flags == ["FP16"] and rec.network_flags == 0 and not res.strongly_typed
+    assert rec.cleared == [] and all(layer.precision is None for layer in rec.layers)  # features graph: TF32 allowed
     assert rec.shapes == {"features": ((1, 128, 3000), (2, 128, 3000), (4, 128, 3000)),
                           "frames": ((1,), (2,), (4,))}
     assert rec.pool == ("WORKSPACE", 2 << 30)
@@ -339,6 +363,117 @@ def test_build_plan_raises_every_parser_error_and_failed_build(engine, tmp_path,
     with pytest.raises(enc.PlanBuildError, match="build_serialized_network returned None"):
         enc.build_plan(engine.onnx_path, tmp_path, precision="bf16")
     assert not (tmp_path / "encoder.plan").exists()
+
+
+# -- graphs that take padded 16 kHz windows (conv STFT log-mel inside the graph) ---------------------
+
+@pytest.fixture(scope="module")
+def audio_engine(tiny_dir, tmp_path_factory):
+    return enc.export_onnx(checkpoint=tiny_dir, out_dir=tmp_path_factory.mktemp("audio") / "encoder", inputs="audio")
+
+
+def padded(seconds: float, seed: int):
+    """Zero-padded 16 kHz windows of a synthetic audio, their reference log-mel and valid frames."""
+    audio, mask = pad_windows(split_windows(synthetic_audio(seconds, seed)))
+    return audio, log_mel(audio).numpy(), mask.sum(axis=1).astype(np.int64)
+
+
+@pytest.mark.parametrize("seconds,count", [(30.0, 1), (75.5, 3)])
+def test_audio_input_graph_equals_torch_on_the_reference_log_mel(seconds, count, audio_engine, torch_encoder):
+    audio, feats, frames = padded(seconds, seed=count)
+    ort_encoder = OnnxRuntimeEncoder(audio_engine.onnx_path)
+    got = ort_encoder(audio, frames)
+    err = enc.relative_error(got, torch_encoder(feats, frames), frames)
+    print(f"audio input, {count} windows, frames {frames.tolist()}: max relative error {err:.2e} vs torch on the "
+          f"reference log-mel (budget {enc.AUDIO_FP32_TOLERANCE:.0e}; the graph's log-mel is ~5e-5 off)")
+    assert ort_encoder.takes == "audio" and got.shape == (count, TOKENS_PER_WINDOW, 128)
+    assert count == 1 or frames[-1] < 3000  # the 3-window case ends with a partial window
+    assert err <= enc.AUDIO_FP32_TOLERANCE
+
+
+def test_audio_input_config_graph_and_refusals(audio_engine, engine, tiny_dir, tmp_path):
+    import onnx
+
+    cfg = enc.read_config(audio_engine.onnx_path.parent)
+    print("audio-input export verification:", json.dumps(cfg["onnx"]["verification"]))
+    assert cfg["io"]["takes"] == "audio" and enc.read_config(engine.onnx_path.parent)["io"]["takes"] == "features"
+    assert cfg["io"]["inputs"]["audio"] == {"dtype": "float32", "shape": ["windows", 480000]}
+    assert cfg["onnx"]["verification"]["tolerance"] == enc.AUDIO_FP32_TOLERANCE
+    assert (enc.graph_facts(audio_engine.onnx_path).takes, enc.graph_facts(engine.onnx_path).takes) == ("audio",
+                                                                                                       "features")
+    nodes = onnx.load(str(audio_engine.onnx_path)).graph.node
+    assert any(n.op_type == "Conv" and n.name.startswith(enc.FRONT_END_SCOPE) for n in nodes)
+    feats, frames = windows(30.0, seed=1)
+    with pytest.raises(ValueError, match=r"expected audio \(W, 480000\) and frames \(W,\), got audio \(1, 128, 3000\)"):
+        OnnxRuntimeEncoder(audio_engine.onnx_path)(feats, frames)
+    with pytest.raises(ValueError, match="expected a features-input encoder graph to quantize .* got an audio-input"):
+        enc.quantize_onnx(audio_engine.onnx_path, precision="int8")
+    with pytest.raises(ValueError, match=r"expected an encoder input kind in \('features', 'audio'\), got 'wav'"):
+        enc.export_onnx(checkpoint=tiny_dir, out_dir=tmp_path / "encoder", inputs="wav")
+
+
+def test_build_plan_keeps_the_audio_front_end_fp32(audio_engine, tiny_dir, tmp_path, monkeypatch):
+    trt, rec = fake_tensorrt(signal="audio")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    res = enc.build_plan(audio_engine.onnx_path, tmp_path / "fp16", precision="fp16", profile=(1, 2, 4))
+    assert not res.strongly_typed and rec.cleared == ["TF32"]
+    assert rec.flags == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+    pinned = {layer.name: (layer.precision, layer.output_types) for layer in rec.layers if layer.precision}
+    assert pinned == {name: ("float32", {0: "float32"}) for name in ("/logmel/Pad", "/logmel/Conv", "/logmel/MatMul")}
+    assert rec.shapes == {"audio": ((1, 480000), (2, 480000), (4, 480000)), "frames": ((1,), (2,), (4,))}
+    assert enc.read_config(tmp_path / "fp16")["plan"]["io"]["audio"] == "FLOAT"
+
+    half = enc.export_onnx(checkpoint=tiny_dir, out_dir=tmp_path / "half", dtype="fp16", inputs="audio")
+    print(f"fp16 audio-input export: max relative error {half.max_rel_error:.2e} (budget 1e-2)")
+    trt, rec = fake_tensorrt(signal="audio")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    res = enc.build_plan(half.onnx_path, precision="fp16")  # strongly typed: the graph's float32 front end holds
+    assert res.strongly_typed and rec.cleared == ["TF32"] and rec.flags == []
+    assert all(layer.precision is None for layer in rec.layers)
+
+
+def test_build_options_and_stage_keys_carry_the_encoder_input():
+    from af3trt.build.engine_dir import ENCODER_INPUTS, BuildOptions, _stage_flags
+    from af3trt.runtime.encoder import INPUT_KINDS
+
+    assert ENCODER_INPUTS == INPUT_KINDS
+    with pytest.raises(ValueError, match=r"expected encoder input in \('features', 'audio'\), got 'wav'"):
+        BuildOptions(encoder_input="wav")
+    with pytest.raises(ValueError, match="expected encoder precision fp16 or bf16 with encoder input 'audio'"):
+        BuildOptions(encoder_input="audio", encoder_precision="int8")
+    audio, features = BuildOptions(encoder_input="audio"), BuildOptions()
+    for stage in ("encoder_onnx", "encoder_plan"):
+        assert _stage_flags(stage, audio) != _stage_flags(stage, features)
+    assert _stage_flags("llm_checkpoint", audio) == _stage_flags("llm_checkpoint", features)
+
+
+def test_engine_dir_with_an_audio_input_encoder(engine_dir, tiny_dir, tmp_path):
+    """`af3trt build --encoder-input audio` over a copy of the tiny engine dir redoes only the encoder
+    stages; its pipeline feeds ONNX Runtime the padded windows and gives the torch encoder's greedy
+    tokens; the Triton repository refuses it."""
+    from af3trt.build.manifest import Manifest
+    from af3trt.build.triton import write_repository
+    from af3trt.cli import main
+    from af3trt.runtime.pipeline import Pipeline
+
+    out = tmp_path / "audio-engine"
+    shutil.copytree(engine_dir, out)
+    kept = Manifest.read(out).stages["llm_checkpoint"]
+    assert main(["build", "--model", str(tiny_dir), "--out", str(out), "--encoder-input", "audio",
+                 "--max-batch-size", "4", "--max-new-tokens", "512"]) == 0
+    stages = Manifest.read(out).stages
+    assert stages["encoder_onnx"]["inputs"] == "audio" and stages["llm_checkpoint"] == kept
+    assert "--encoder-input audio" in stages["encoder_plan"].get("command", "--encoder-input audio")
+    audio_pipe = Pipeline.from_pretrained(out, device="cpu", dtype="float32")
+    torch_pipe = Pipeline.from_pretrained(out, encoder="torch", device="cpu", dtype="float32")
+    assert (audio_pipe.encoder.name, audio_pipe.encoder.takes) == ("onnxruntime", "audio")
+    for case in ("audio+text", "batch mixed lengths"):
+        got = [r.token_ids for r in audio_pipe.generate(CASES[case](), max_new_tokens=8)]
+        ref = [r.token_ids for r in torch_pipe.generate(CASES[case](), max_new_tokens=8)]
+        print(case, "torch encoder", ref, "audio-input onnxruntime encoder", got)
+        assert got == ref
+    with pytest.raises(ValueError, match="the Triton repository supports features-input encoders only"):
+        write_repository(out, tmp_path / "repo", llm_backend="python")
 
 
 # -- real TensorRT (skip only where `tensorrt` cannot be imported) -----------------------------------

@@ -4,7 +4,9 @@ Three stages, each a pure function, with `python -m af3trt.build.encoder {onnx,q
 the thin CLI:
 - `export_onnx`: `AudioEncoder` -> ENGINE_DIR/encoder/encoder.onnx (+ encoder.onnx.data when the
   weights pass ~1.5 GB), then ONNX Runtime CPU must reproduce the torch module on 1 and 3 windows
-  (one partial) or the export raises; written in a temp folder and renamed into place.
+  (one partial) or the export raises; written in a temp folder and renamed into place. The graph
+  takes log-mel windows, or (inputs="audio") padded 16 kHz windows and computes the log-mel itself
+  with the conv-based STFT of af3trt.kernels.logmel (`AudioInputEncoder`).
 - `quantize_onnx`: ModelOpt ONNX PTQ (INT8 / FP8 Q/DQ) calibrated on log-mel windows of real audio.
 - `build_plan` (af3trt.build.encoder_plan, re-exported here): TensorRT Python API -> encoder.plan.
 Each stage records itself in encoder/config.json (sections io, onnx, quantized, plan).
@@ -28,14 +30,16 @@ from types import MappingProxyType
 
 import numpy as np
 import torch
+from torch import nn
 
-from ..runtime.encoder import (CONFIG_FILE, IO, ONNX_DATA_FILE, ONNX_FILE, AudioEncoder, EncoderIO,
+from ..kernels.logmel import LogMelSTFT
+from ..runtime.encoder import (CONFIG_FILE, INPUT_KINDS, IO, ONNX_DATA_FILE, ONNX_FILE, AudioEncoder, EncoderIO,
                                OnnxRuntimeEncoder, TorchEncoder, valid_rows)
-from ..spec import FRAMES_PER_WINDOW, MAX_WINDOWS, N_MELS
+from ..spec import FRAMES_PER_WINDOW, MAX_WINDOWS
 from .manifest import atomic_write_text, package_versions, staged_dir, stage_key
 
-__all__ = ["EncoderIO", "IO", "export_onnx", "quantize_onnx", "read_config", "relative_error", "cosine_similarity",
-           "ExportVerificationError", "QuantizationError", "main"]
+__all__ = ["EncoderIO", "IO", "AudioInputEncoder", "FRONT_END_SCOPE", "export_onnx", "quantize_onnx", "read_config",
+           "relative_error", "cosine_similarity", "ExportVerificationError", "QuantizationError", "main"]
 # TensorRT-stage names served from af3trt.build.encoder_plan on first use (it imports this module)
 _PLAN_NAMES = frozenset({"build_plan", "PlanBuildError", "PlanResult", "PLAN_PRECISIONS", "GraphFacts", "graph_facts",
                          "plan_command"})
@@ -53,6 +57,11 @@ CONFIG_VERSION = 1
 _CONFIG_KEYS = frozenset({"format", "format_version", "io", "onnx", "quantized", "plan"})
 EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB of weights: beyond it, weights go to encoder.onnx.data (protobuf caps at 2 GiB)
 DEFAULT_CALIBRATION_WINDOWS = 32
+# fp32 graph that takes audio vs the torch module on the reference log-mel: the graph's conv STFT
+# log-mel is up to 4.9e-5 (absolute) off the reference on the verification windows (ONNX Runtime CPU),
+# which the tiny model turns into 2.6e-6 relative on its embeddings; 1e-3 leaves a deep encoder room
+# to amplify it (the features graph's 1e-4 budget holds where both sides see the same log-mel)
+AUDIO_FP32_TOLERANCE = 1e-3
 
 
 class ExportVerificationError(ValueError):
@@ -65,12 +74,17 @@ class QuantizationError(ValueError):
 
 @dataclass(frozen=True)
 class OnnxDtype:
-    """Export dtype: `tolerance` = max relative error on valid rows vs the float32 torch reference."""
+    """Export dtype: `tolerance` = max relative error on valid rows vs the float32 torch reference;
+    `audio_tolerance` the same for a graph that takes audio (its conv STFT adds ~5e-5 to the log-mel)."""
 
     name: str
     torch_dtype: torch.dtype
     numpy_dtype: str
     tolerance: float
+    audio_tolerance: float
+
+    def tolerance_for(self, takes: str) -> float:
+        return self.audio_tolerance if takes == "audio" else self.tolerance
 
 
 @dataclass(frozen=True)
@@ -84,8 +98,8 @@ class QuantPrecision:
 
 
 ONNX_DTYPES = MappingProxyType({
-    "fp32": OnnxDtype("fp32", torch.float32, "float32", 1e-4),
-    "fp16": OnnxDtype("fp16", torch.float16, "float16", 1e-2),
+    "fp32": OnnxDtype("fp32", torch.float32, "float32", 1e-4, AUDIO_FP32_TOLERANCE),
+    "fp16": OnnxDtype("fp16", torch.float16, "float16", 1e-2, 1e-2),
 })
 QUANT_PRECISIONS = MappingProxyType({
     "int8": QuantPrecision("int8", "int8", "INT8 W8A8: per-channel weights, per-tensor activations", 0.9),
@@ -145,16 +159,24 @@ def cosine_similarity(got: torch.Tensor, ref: torch.Tensor, frames) -> tuple[flo
 
 
 @functools.lru_cache(maxsize=1)
-def _verification_batches() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """1 full window; 3 windows whose last is partial (65.3 s: 3000, 3000, 530 frames); cached, do not modify."""
-    from ..features import extract_features
+def _verification_windows() -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]:
+    """(audio, features, frames): the zero-padded 16 kHz windows, their reference log-mel
+    (af3trt.features.log_mel) and valid frames of 1 full window and of 3 windows whose last is
+    partial (65.3 s: 3000, 3000, 530 frames); cached, do not modify."""
+    from ..audio import split_windows
+    from ..features import log_mel, pad_windows
     from ..testing import synthetic_audio
 
     out = []
     for seconds, seed in ((30.0, 101), (65.3, 102)):
-        feats = extract_features([synthetic_audio(seconds, seed)])
-        out.append((feats.features, feats.valid_frames.astype(np.int64)))
+        audio, mask = pad_windows(split_windows(synthetic_audio(seconds, seed)))
+        out.append((audio, log_mel(audio).numpy(), mask.sum(axis=1).astype(np.int64)))
     return tuple(out)
+
+
+def _verification_batches() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """(features, frames) of `_verification_windows`."""
+    return tuple((feats, frames) for _, feats, frames in _verification_windows())
 
 
 # -- export -------------------------------------------------------------------------------------------
@@ -169,22 +191,39 @@ class ExportResult:
     skipped: bool = False
 
 
+FRONT_END_SCOPE = "/logmel/"  # ONNX node names of AudioInputEncoder.logmel (the exporter's module scope)
+
+
+class AudioInputEncoder(nn.Module):
+    """forward(audio (W, 480000) float32 padded windows, frames (W,)) -> (W, 750, H): the log-mel by
+    `LogMelSTFT("dft")` (float32, TensorRT-parsable ops only), then `encoder` (which casts it to its dtype)."""
+
+    def __init__(self, encoder: AudioEncoder):
+        super().__init__()
+        self.logmel = LogMelSTFT("dft")  # named as FRONT_END_SCOPE says
+        self.encoder = encoder
+
+    def forward(self, audio: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.logmel(audio), frames)
+
+
 def _module_for_export(ckpt, dtype: OnnxDtype) -> AudioEncoder:
     return AudioEncoder.from_checkpoint(ckpt, dtype.torch_dtype)
 
 
-def _export_graph(module: AudioEncoder, path: Path, opset: int, external: bool) -> None:
+def _export_graph(module: nn.Module, path: Path, opset: int, external: bool, io: EncoderIO = IO) -> None:
     """torch.onnx.export (TorchScript exporter), then re-save with all weights in one external file if asked."""
     import onnx
 
     raw = Path(tempfile.mkdtemp(prefix=".raw-", dir=path.parent)) / path.name
-    example = (torch.zeros((2, N_MELS, FRAMES_PER_WINDOW)), torch.tensor([FRAMES_PER_WINDOW, FRAMES_PER_WINDOW // 3]))
+    example = (torch.zeros(io.signal_shape(2)), torch.tensor([FRAMES_PER_WINDOW, FRAMES_PER_WINDOW // 3]))
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-            torch.onnx.export(module.eval(), example, str(raw), input_names=list(IO.inputs),
-                              output_names=list(IO.outputs), dynamic_axes=IO.dynamic_axes(), opset_version=opset,
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # reflect Pad's pads
+            torch.onnx.export(module.eval(), example, str(raw), input_names=list(io.inputs),
+                              output_names=list(io.outputs), dynamic_axes=io.dynamic_axes(), opset_version=opset,
                               dynamo=False)
         model = onnx.load(str(raw))  # also pulls in the per-tensor files torch writes beside a > 2 GiB graph
     finally:
@@ -199,25 +238,29 @@ def _export_graph(module: AudioEncoder, path: Path, opset: int, external: bool) 
     onnx.checker.check_model(str(path))
 
 
-def _verify_export(path: Path, reference: AudioEncoder, dtype: OnnxDtype, where: Path) -> dict:
-    """Run the graph on ONNX Runtime CPU and the float32 torch reference; raise past the tolerance.
-    where: the final path named in errors (`path` lies in the stage's temporary folder)."""
+def _verify_export(path: Path, reference: AudioEncoder, dtype: OnnxDtype, where: Path, io: EncoderIO = IO) -> dict:
+    """Run the graph on ONNX Runtime CPU and the float32 torch reference fed the reference log-mel
+    (af3trt.features.log_mel); raise past the tolerance. A graph that takes audio gets the padded
+    windows that log-mel came from. where: the final path named in errors (`path` lies in the
+    stage's temporary folder)."""
     ort_encoder = OnnxRuntimeEncoder(path)
     torch_encoder = TorchEncoder(reference)
+    tolerance = dtype.tolerance_for(io.takes)
     errors = []
-    for feats, frames in _verification_batches():
+    for audio, feats, frames in _verification_windows():
         ref = torch_encoder(feats, frames)
-        got = ort_encoder(feats, frames)
+        got = ort_encoder(audio if io.takes == "audio" else feats, frames)
         if tuple(got.shape) != tuple(ref.shape):
             raise ExportVerificationError(f"expected ONNX Runtime output {tuple(ref.shape)} from {where}, "
                                           f"got {tuple(got.shape)}")
         errors.append(relative_error(got, ref, frames))
     worst = max(errors)
-    if not worst <= dtype.tolerance:  # `not <=` also catches NaN
+    if not worst <= tolerance:  # `not <=` also catches NaN
         raise ExportVerificationError(
             f"ONNX Runtime output of {where} differs from the torch reference: max relative error {worst:.3e} on "
-            f"valid rows (1 and 3 windows, one partial), expected <= {dtype.tolerance:.0e} for {dtype.name}")
-    return {"windows": [1, 3], "max_rel_error": worst, "per_batch": errors, "tolerance": dtype.tolerance}
+            f"valid rows (1 and 3 windows, one partial), expected <= {tolerance:.0e} for {dtype.name} with "
+            f"{io.takes} input")
+    return {"windows": [1, 3], "max_rel_error": worst, "per_batch": errors, "tolerance": tolerance}
 
 
 def _open_checkpoint(checkpoint):
@@ -255,19 +298,24 @@ def _existing_export(final: Path, key: str, verify: bool) -> ExportResult | None
 
 
 def export_onnx(*, checkpoint, out_dir, dtype: str = "fp32", opset: int = 17, verify: bool = True,
-                max_windows: int = MAX_WINDOWS, external_data: bool | None = None, force: bool = False) -> ExportResult:
+                max_windows: int = MAX_WINDOWS, external_data: bool | None = None, force: bool = False,
+                inputs: str = "features") -> ExportResult:
     """Export AF3's encoder + projector to OUT_DIR/encoder.onnx (+ config.json) and verify it.
 
     out_dir: the encoder folder, ENGINE_DIR/encoder (DESIGN §3); it is replaced whole, so it must be
     empty, absent or an earlier export. checkpoint: AF3 checkpoint dir or `Checkpoint`. dtype:
     "fp32" | "fp16" graph weights (inputs stay float32 log-mel + int64 frames; output (W, 750,
-    hidden) in that dtype). external_data: None = only past EXTERNAL_DATA_BYTES of weights; True
-    forces encoder.onnx.data. max_windows: the
-    largest W the deployment uses (recorded; build_plan's default profile maximum). verify: ONNX
-    Runtime CPU vs the float32 torch module, raising ExportVerificationError past the tolerance.
+    hidden) in that dtype). inputs: "features" (W, 128, 3000) log-mel windows, or "audio" (W,
+    480000) float32 zero-padded 16 kHz windows (`features.pad_windows`): the graph then computes the
+    log-mel itself (`AudioInputEncoder`, float32 whatever `dtype`); recorded as io.takes in
+    config.json. external_data: None = only past EXTERNAL_DATA_BYTES of weights; True forces
+    encoder.onnx.data. max_windows: the largest W the deployment uses (recorded; build_plan's
+    default profile maximum). verify: ONNX Runtime CPU vs the float32 torch module fed the reference
+    log-mel, raising ExportVerificationError past the dtype's tolerance for that input kind.
     An unchanged export (same checkpoint fingerprint and flags) is skipped unless `force`.
     """
     spec = lookup(ONNX_DTYPES, dtype, "ONNX export dtype")
+    io = IO.for_input(inputs)  # raises for an unknown kind
     if not 1 <= int(max_windows):
         raise ValueError(f"expected max_windows >= 1, got {max_windows}")
     ckpt = _open_checkpoint(checkpoint)
@@ -275,21 +323,22 @@ def export_onnx(*, checkpoint, out_dir, dtype: str = "fp32", opset: int = 17, ve
     _check_replaceable(final)
     fingerprint = ckpt.fingerprint()
     key = stage_key(fingerprint=fingerprint, dtype=dtype, opset=opset, external_data=external_data,
-                    max_windows=int(max_windows))
+                    max_windows=int(max_windows), inputs=inputs)
     if not force and (done := _existing_export(final, key, verify)) is not None:
         return done
-    module = _module_for_export(ckpt, spec)
+    encoder = _module_for_export(ckpt, spec)
+    module = AudioInputEncoder(encoder) if io.takes == "audio" else encoder
     external = external_data if external_data is not None else (
         sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES)
     with staged_dir(final) as tmp:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the engine dir is read by other users (Triton)
-        _export_graph(module, tmp / ONNX_FILE, opset, external)
+        _export_graph(module, tmp / ONNX_FILE, opset, external, io)
         check = None
         if verify:
-            reference = module if spec.torch_dtype == torch.float32 else AudioEncoder.from_checkpoint(ckpt)
-            check = _verify_export(tmp / ONNX_FILE, reference, spec, final / ONNX_FILE)
+            reference = encoder if spec.torch_dtype == torch.float32 else AudioEncoder.from_checkpoint(ckpt)
+            check = _verify_export(tmp / ONNX_FILE, reference, spec, final / ONNX_FILE, io)
         hidden = ckpt.spec.text.hidden_size
-        update_config(tmp, io=IO.describe(hidden, spec.numpy_dtype), onnx={
+        update_config(tmp, io=io.describe(hidden, spec.numpy_dtype), onnx={
             "file": ONNX_FILE, "external_data": ONNX_DATA_FILE if external else None, "dtype": dtype,
             "opset": opset, "hidden_size": hidden, "max_windows": int(max_windows), "key": key,
             "checkpoint": {"path": str(ckpt.path), "fingerprint": fingerprint}, "verification": check,
@@ -361,6 +410,17 @@ def _quantized_cosine(float_onnx: Path, qdq_onnx: Path) -> tuple[float, float]:
     return min(s[0] for s in stats), float(np.mean([s[1] for s in stats]))
 
 
+def _check_quantizable(src: Path) -> None:
+    """Only a features-input graph: calibration feeds log-mel windows, and an audio-input graph's
+    conv STFT must stay float32 (af3trt.kernels.logmel)."""
+    from .encoder_plan import graph_facts
+
+    takes = graph_facts(src).takes
+    if takes != "features":
+        raise ValueError(f"expected a features-input encoder graph to quantize (export_onnx(inputs='features')), "
+                         f"got an {takes}-input graph: {src}")
+
+
 def quantize_onnx(onnx_path, out_path=None, precision: str = "int8", calibration=None, *,
                   calibration_method: str | None = None, high_precision_dtype: str = "fp16",
                   calibration_eps=None, verify: bool = True, min_cosine: float | None = None) -> QuantizeResult:
@@ -378,6 +438,7 @@ def quantize_onnx(onnx_path, out_path=None, precision: str = "int8", calibration
     src = Path(onnx_path)
     if not src.is_file():
         raise FileNotFoundError(f"expected a float encoder ONNX file, got {src} (no such file)")
+    _check_quantizable(src)
     out = Path(out_path) if out_path else src.with_name(f"encoder.{precision}.onnx")
     cal = _calibration(calibration)
     eps = list(calibration_eps) if calibration_eps else (["cuda:0", "cpu"] if _ort_cuda() else ["cpu"])
@@ -418,6 +479,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--checkpoint", required=True, help="AF3 checkpoint dir (HF layout, safetensors)")
     o.add_argument("--out", required=True, help="encoder folder, ENGINE_DIR/encoder (replaced whole)")
     o.add_argument("--dtype", choices=sorted(ONNX_DTYPES), default="fp32")
+    o.add_argument("--inputs", choices=INPUT_KINDS, default="features",
+                   help="first graph input: log-mel features, or padded 16 kHz audio windows (conv STFT inside)")
     o.add_argument("--opset", type=int, default=17)
     o.add_argument("--max-windows", type=int, default=MAX_WINDOWS)
     o.add_argument("--external-data", action="store_true", default=None, help="force encoder.onnx.data")
@@ -452,7 +515,7 @@ def main(argv=None) -> int:
         if args.stage == "onnx":
             result = export_onnx(checkpoint=args.checkpoint, out_dir=args.out, dtype=args.dtype, opset=args.opset,
                                  verify=args.verify, max_windows=args.max_windows, external_data=args.external_data,
-                                 force=args.force)
+                                 force=args.force, inputs=args.inputs)
         elif args.stage == "quantize":
             result = quantize_onnx(args.onnx, args.out, args.precision, calibration_windows(args.audio_dir, args.count),
                                    calibration_method=args.calibration_method,

@@ -2,10 +2,13 @@
 
 The TensorRT Python API as reference/trtllm.md §5.2 lists it: Builder, a network from OnnxParser
 (every parser error collected and raised), one optimization profile over the window axis of
-`features`/`frames`, a timing cache loaded and saved, `build_serialized_network` returning None
-raises. A Q/DQ graph (quantize_onnx) or an fp16 graph builds strongly typed; an fp32 graph builds
-weakly typed with the precision's BuilderFlag. `tensorrt` is imported only here and lazily: where it
-is missing, `build_plan` raises MissingDependency with the CLI line that finishes the step elsewhere.
+`features` (or `audio`)/`frames`, a timing cache loaded and saved, `build_serialized_network`
+returning None raises. A Q/DQ graph (quantize_onnx) or an fp16 graph builds strongly typed; an fp32
+graph builds weakly typed with the precision's BuilderFlag. A graph that takes audio keeps its
+log-mel front end (the conv STFT) in true FP32: TF32 cleared and, in a weakly typed build, its
+layers pinned to float32 (af3trt.kernels.logmel explains why). `tensorrt` is imported only here and
+lazily: where it is missing, `build_plan` raises MissingDependency with the CLI line that finishes
+the step elsewhere.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from types import MappingProxyType
 
 import torch
 
-from ..runtime.encoder import CONFIG_FILE, IO, PLAN_FILE, import_tensorrt
+from ..runtime.encoder import CONFIG_FILE, IO, PLAN_FILE, EncoderIO, import_tensorrt
 from ..spec import MAX_WINDOWS
-from .encoder import external_data_files, lookup, read_config, update_config
+from .encoder import FRONT_END_SCOPE, external_data_files, lookup, read_config, update_config
 from .manifest import stage_key
 
 
@@ -66,11 +69,17 @@ class PlanResult:
 
 @dataclass(frozen=True)
 class GraphFacts:
-    """What build_plan needs of an encoder ONNX: Q/DQ kind (None, int8, fp8), output dtype, hidden."""
+    """What build_plan needs of an encoder ONNX: Q/DQ kind (None, int8, fp8), output dtype, hidden,
+    and the input kind it takes ("features" | "audio", from its input names)."""
 
     qdq: str | None
     embeddings_dtype: str
     hidden: int
+    takes: str = "features"
+
+    @property
+    def io(self) -> EncoderIO:
+        return IO.for_input(self.takes)
 
 
 _ONNX_FP8 = {17, 18, 19, 20}  # TensorProto FLOAT8E4M3FN, E4M3FNUZ, E5M2, E5M2FNUZ
@@ -85,7 +94,7 @@ def graph_facts(onnx_path) -> GraphFacts:
     inits = {t.name: t.data_type for t in g.initializer}
     consts = {n.output[0]: a.t.data_type for n in g.node if n.op_type == "Constant"
               for a in n.attribute if a.name == "value"}
-    IO.check_names([i.name for i in g.input if i.name not in inits], [o.name for o in g.output], str(onnx_path))
+    io = IO.for_names([i.name for i in g.input if i.name not in inits], [o.name for o in g.output], str(onnx_path))
     kinds = set()
     for node in g.node:
         if node.op_type == "QuantizeLinear":
@@ -96,7 +105,7 @@ def graph_facts(onnx_path) -> GraphFacts:
     out = next(o for o in g.output if o.name == IO.embeddings)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(out.type.tensor_type.elem_type).name
     hidden = out.type.tensor_type.shape.dim[-1].dim_value
-    return GraphFacts(kinds.pop() if kinds else None, dtype, int(hidden))
+    return GraphFacts(kinds.pop() if kinds else None, dtype, int(hidden), io.takes)
 
 
 def _strongly_typed(spec: PlanPrecision, facts: GraphFacts, path: Path) -> bool:
@@ -156,7 +165,7 @@ def _trt_logger(trt):
     return Logger()
 
 
-def _parse_network(trt, builder, logger, src: Path, strongly_typed: bool):
+def _parse_network(trt, builder, logger, src: Path, strongly_typed: bool, io: EncoderIO):
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -168,12 +177,12 @@ def _parse_network(trt, builder, logger, src: Path, strongly_typed: bool):
                              f"{listed}")
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
-    IO.check_names(inputs, outputs, f"the TensorRT network parsed from {src}")
+    io.check_names(inputs, outputs, f"the TensorRT network parsed from {src}")
     return network, parser  # the parser owns the weights: keep it alive until the build ends
 
 
 def _builder_config(trt, builder, spec: PlanPrecision, strongly_typed: bool, profile, cache: bytes,
-                    workspace_gib: float | None):
+                    workspace_gib: float | None, io: EncoderIO):
     config = builder.create_builder_config()
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
@@ -183,16 +192,39 @@ def _builder_config(trt, builder, spec: PlanPrecision, strongly_typed: bool, pro
             raise PlanBuildError(f"TensorRT {trt.__version__} has no BuilderFlag.{spec.flag} (weak typing removed): "
                                  f"export the ONNX with dtype='fp16' for an fp16 plan")
         config.set_flag(flag)
-    shapes = [IO.input_shapes(w) for w in profile]
+    shapes = [io.input_shapes(w) for w in profile]
     opt = builder.create_optimization_profile()
-    for name in IO.inputs:
+    for name in io.inputs:
         opt.set_shape(name, *(s[name] for s in shapes))
     if config.add_optimization_profile(opt) < 0:
-        raise PlanBuildError(f"TensorRT rejected the optimization profile {profile} windows for {list(IO.inputs)}")
+        raise PlanBuildError(f"TensorRT rejected the optimization profile {profile} windows for {list(io.inputs)}")
     if not config.set_timing_cache(config.create_timing_cache(cache), ignore_mismatch=False):
         raise PlanBuildError("TensorRT rejected the timing cache (made by another TensorRT or GPU): "
                              "delete it or pass another --timing-cache path")
     return config
+
+
+def _keep_front_end_fp32(trt, network, config, strongly_typed: bool, src: Path) -> None:
+    """Keep an audio-input graph's log-mel front end (the FRONT_END_SCOPE layers: DFT conv, power,
+    mel matmul, log) in true FP32: TF32 off (its 10-bit mantissa costs ~4e-4 on the log-mel), and in a
+    weakly typed build its float layers pinned to float32 under OBEY_PRECISION_CONSTRAINTS, or FP16
+    could take them (and |X|^2 can pass fp16's 65504). A strongly typed build obeys the graph's
+    float32 types already."""
+    config.clear_flag(trt.BuilderFlag.TF32)
+    if strongly_typed:
+        return
+    pinned = 0
+    for layer in (network.get_layer(i) for i in range(network.num_layers)):
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if layer.name.startswith(FRONT_END_SCOPE) and all(t.dtype == trt.float32 for t in outputs):
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned += 1
+    if not pinned:
+        raise PlanBuildError(f"expected the log-mel front end's layers (names starting {FRONT_END_SCOPE!r}) in "
+                             f"the audio-input network parsed from {src}, found none")
+    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
 
 
 def _atomic_write_bytes(path: Path, data) -> None:
@@ -246,9 +278,11 @@ def build_plan(onnx_path, out_dir=None, *, precision: str = "fp16", profile=None
     cache_path = Path(timing_cache) if timing_cache else None
     logger = _trt_logger(trt)
     builder = trt.Builder(logger)
-    network, _parser = _parse_network(trt, builder, logger, src, strongly_typed)
+    network, _parser = _parse_network(trt, builder, logger, src, strongly_typed, facts.io)
     cache = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    config = _builder_config(trt, builder, spec, strongly_typed, prof, cache, workspace_gib)
+    config = _builder_config(trt, builder, spec, strongly_typed, prof, cache, workspace_gib, facts.io)
+    if facts.takes == "audio":
+        _keep_front_end_fp32(trt, network, config, strongly_typed, src)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise PlanBuildError(f"TensorRT {trt.__version__} failed to build the {precision} plan from {src} "

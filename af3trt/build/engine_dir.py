@@ -27,17 +27,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
                    "generation_config.json", "config.json", "added_tokens.json")
 ENCODER_PLAN_PRECISIONS = ("fp16", "bf16", "fp8", "int8")
+ENCODER_INPUTS = ("features", "audio")  # af3trt.runtime.encoder.INPUT_KINDS (not imported: torch-free module)
 STAGE_NAMES = ("encoder", "llm")
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """What `af3trt build` is asked for. limits: `af3trt.build.llm.EngineLimits`."""
+    """What `af3trt build` is asked for. limits: `af3trt.build.llm.EngineLimits`. encoder_input: what
+    the encoder graph takes, "features" (log-mel windows) or "audio" (padded 16 kHz windows; the graph
+    computes the log-mel with a conv STFT; float plans only)."""
 
     precision: str = "bf16"
     kv_cache: str = "auto"
     tp_size: int = 1
     encoder_precision: str = "fp16"
+    encoder_input: str = "features"
     limits: object = None
     calib_audio: str | None = None
     calib_size: int = 16
@@ -53,6 +57,11 @@ class BuildOptions:
         get_kv_cache(self.kv_cache)
         if self.encoder_precision not in ENCODER_PLAN_PRECISIONS:
             raise ValueError(f"expected encoder precision in {ENCODER_PLAN_PRECISIONS}, got {self.encoder_precision!r}")
+        if self.encoder_input not in ENCODER_INPUTS:
+            raise ValueError(f"expected encoder input in {ENCODER_INPUTS}, got {self.encoder_input!r}")
+        if self.encoder_input == "audio" and self.encoder_precision in ("fp8", "int8"):
+            raise ValueError(f"expected encoder precision fp16 or bf16 with encoder input 'audio' (Q/DQ calibration "
+                             f"feeds log-mel windows), got {self.encoder_precision!r}")
         unknown = set(self.stages) - set(STAGE_NAMES)
         if unknown or not self.stages:
             raise ValueError(f"expected stages from {STAGE_NAMES}, got {self.stages!r}")
@@ -147,9 +156,9 @@ def _remove(path: Path) -> None:
 
 def _stage_flags(name: str, o: BuildOptions) -> dict:
     if name == "encoder_onnx":
-        return {"max_windows": _plan_profile(o)[2]}
+        return {"max_windows": _plan_profile(o)[2], "inputs": o.encoder_input}
     if name == "encoder_plan":
-        return {"precision": o.encoder_precision, "limits": asdict(o.limits)}
+        return {"precision": o.encoder_precision, "limits": asdict(o.limits), "inputs": o.encoder_input}
     if name == "llm_checkpoint":
         return {"precision": o.precision, "kv_cache": o.kv_cache, "tp": o.tp_size, "calib_audio": o.calib_audio,
                 "calib_size": o.calib_size, "calib_max_tokens": o.calib_max_tokens}
@@ -170,9 +179,9 @@ def _stage_encoder_onnx(ckpt, out: Path, options: BuildOptions, manifest: Manife
     from .encoder import export_onnx
 
     res = export_onnx(checkpoint=ckpt.path, out_dir=out / "encoder", dtype="fp32",
-                      max_windows=_plan_profile(options)[2], force=options.force)
+                      max_windows=_plan_profile(options)[2], force=options.force, inputs=options.encoder_input)
     return {"path": str(res.onnx_path.relative_to(out)), "dtype": res.dtype, "external_data": res.external_data,
-            "max_rel_error": res.max_rel_error}
+            "max_rel_error": res.max_rel_error, "inputs": options.encoder_input}
 
 
 def _plan_profile(options: BuildOptions) -> tuple[int, int, int]:
@@ -213,6 +222,7 @@ def rebuild_command(model: Path, out: Path, o: BuildOptions) -> str:
     lim = o.limits
     argv = ["af3trt", "build", "--model", str(model), "--out", str(out), "--precision", o.precision,
             "--kv-cache", o.kv_cache, "--tp-size", str(o.tp_size), "--encoder-precision", o.encoder_precision,
+            "--encoder-input", o.encoder_input,
             "--max-batch-size", str(lim.max_batch_size), "--max-audio-seconds", str(lim.max_audio_seconds),
             "--max-text-tokens", str(lim.max_text_tokens), "--max-new-tokens", str(lim.max_new_tokens),
             "--calib-size", str(o.calib_size), "--calib-max-tokens", str(o.calib_max_tokens),

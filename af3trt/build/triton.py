@@ -392,6 +392,11 @@ def _encoder_facts(enc: Path) -> tuple[EncoderIO, int | None]:
     from .encoder import read_config
 
     cfg = read_config(enc)
+    takes = (cfg.get("io") or {}).get("takes", "features")
+    if takes != "features":
+        raise ValueError(f"the Triton repository supports features-input encoders only: expected io.takes "
+                         f"'features' in {enc / 'config.json'}, got {takes!r} (rebuild with af3trt build "
+                         f"--encoder-input features)")
     inputs, outputs = (cfg.get("io") or {}).get("inputs") or {}, (cfg.get("io") or {}).get("outputs") or {}
     by_rank = {len(v["shape"]): k for k, v in inputs.items()}
     if sorted(by_rank) != [1, 3] or len(outputs) != 1:

@@ -3,8 +3,9 @@
 `AudioEncoder` is af3trt's own torch module of AF3's audio path (Whisper conv front end, pre-LN
 transformer layers with a key-padding mask, AvgPool1d(2), LayerNorm, 2-layer GELU projector); its
 parameter names are the checkpoint's (`audio_tower.*` without prefix, `projector.*`). Backends share
-one interface: `backend(features, frames) -> (W, 750, hidden)` torch tensor, where rows past a
-window's valid count (`valid_rows`) are padding, and a `name`:
+one interface: `backend(inputs, frames) -> (W, 750, hidden)` torch tensor, where rows past a
+window's valid count (`valid_rows`) are padding, a `name`, and `takes`: what `inputs` is, "features"
+(log-mel windows) or "audio" (zero-padded 16 kHz windows; the graph computes the log-mel itself):
 - `TorchEncoder` ("torch"): this module, on the checkpoint's weights;
 - `OnnxRuntimeEncoder` ("onnxruntime"): ENGINE_DIR/encoder/encoder.onnx (af3trt.build.encoder);
 - `TensorRTEncoder` ("tensorrt"): ENGINE_DIR/encoder/encoder.plan, on the current CUDA stream.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..spec import FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW, AudioSpec, ModelSpec, audio_token_count
+from ..spec import (FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW, WINDOW_SAMPLES, AudioSpec, ModelSpec,
+                    audio_token_count)
 
 
 class EncoderLayer(nn.Module):
@@ -112,6 +114,7 @@ class TorchEncoder:
     """Encoder backend on af3trt's torch module. __call__(features, frames) -> (W, 750, H) tensor."""
 
     name = "torch"
+    takes = "features"
 
     def __init__(self, module: AudioEncoder, device: str | torch.device = "cpu", max_windows_per_call: int = 8):
         self.module = module.to(device)
@@ -143,25 +146,60 @@ PLAN_FILE = "encoder.plan"
 CONFIG_FILE = "config.json"
 
 
+INPUT_KINDS = ("features", "audio")  # what an encoder graph takes first (EncoderIO.takes)
+
+
 @dataclass(frozen=True)
 class EncoderIO:
     """Names, dtypes and the dynamic axis of the encoder graph, declared once for export, build, runtime.
 
-    features: (W, 128, 3000) float32 log-mel; frames: (W,) int64 valid mel frames per window (the
-    graph masks attention keys past them exactly as `AudioEncoder` does); embeddings: (W, 750,
-    hidden) float32 (float16 for an fp16 graph). W, the window axis, is the only dynamic axis.
+    The first input is, per `takes`, either `features`: (W, 128, 3000) float32 log-mel, or `audio`:
+    (W, 480000) float32 zero-padded 16 kHz windows (`af3trt.features.pad_windows`), from which the
+    graph computes the log-mel itself (`af3trt.kernels.logmel`, method "dft"); `signal` names it.
+    frames: (W,) int64 valid mel frames per window (the graph masks attention keys past them exactly
+    as `AudioEncoder` does); embeddings: (W, 750, hidden) float32 (float16 for an fp16 graph). W, the
+    window axis, is the only dynamic axis. `IO` takes features; `IO.for_input("audio")` takes audio.
     """
 
     features: str = "features"
+    audio: str = "audio"
     frames: str = "frames"
     embeddings: str = "embeddings"
     windows: str = "windows"
     features_dtype: str = "float32"
+    audio_dtype: str = "float32"
     frames_dtype: str = "int64"
+    takes: str = "features"
+
+    def __post_init__(self):
+        if self.takes not in INPUT_KINDS:
+            raise ValueError(f"expected an encoder input kind in {INPUT_KINDS}, got {self.takes!r}")
+
+    def for_input(self, takes: str) -> "EncoderIO":
+        """The same names for a graph that takes `takes` ("features" | "audio")."""
+        return replace(self, takes=takes)
+
+    def for_names(self, inputs, outputs, where: str) -> "EncoderIO":
+        """The I/O of a graph or engine with these tensor names (an `audio` input: takes audio), checked."""
+        io = self.for_input("audio" if self.audio in list(inputs) else "features")
+        io.check_names(inputs, outputs, where)
+        return io
+
+    @property
+    def signal(self) -> str:
+        """Name of the first input: `features` or `audio`, per `takes`."""
+        return self.audio if self.takes == "audio" else self.features
+
+    @property
+    def signal_dtype(self) -> str:
+        return self.audio_dtype if self.takes == "audio" else self.features_dtype
+
+    def signal_shape(self, windows) -> tuple:
+        return (windows, WINDOW_SAMPLES) if self.takes == "audio" else (windows, N_MELS, FRAMES_PER_WINDOW)
 
     @property
     def inputs(self) -> tuple[str, str]:
-        return (self.features, self.frames)
+        return (self.signal, self.frames)
 
     @property
     def outputs(self) -> tuple[str]:
@@ -171,13 +209,14 @@ class EncoderIO:
         return {name: {0: self.windows} for name in (*self.inputs, *self.outputs)}
 
     def input_shapes(self, windows: int) -> dict[str, tuple[int, ...]]:
-        return {self.features: (windows, N_MELS, FRAMES_PER_WINDOW), self.frames: (windows,)}
+        return {self.signal: self.signal_shape(windows), self.frames: (windows,)}
 
     def describe(self, hidden: int, embeddings_dtype: str) -> dict:
-        """The I/O block of the encoder's config.json."""
+        """The I/O block of the encoder's config.json (`takes`: the input kind)."""
         w = self.windows
         return {
-            "inputs": {self.features: {"dtype": self.features_dtype, "shape": [w, N_MELS, FRAMES_PER_WINDOW]},
+            "takes": self.takes,
+            "inputs": {self.signal: {"dtype": self.signal_dtype, "shape": list(self.signal_shape(w))},
                        self.frames: {"dtype": self.frames_dtype, "shape": [w]}},
             "outputs": {self.embeddings: {"dtype": embeddings_dtype, "shape": [w, TOKENS_PER_WINDOW, hidden]}},
         }
@@ -192,13 +231,14 @@ class EncoderIO:
         if frames.size and (frames.min() < 1 or frames.max() > FRAMES_PER_WINDOW):
             raise ValueError(f"expected 1..{FRAMES_PER_WINDOW} valid frames per window, got {frames.tolist()}")
 
-    def check_batch(self, features_shape, frames_shape) -> int:
-        """Validate (W, 128, 3000) features and (W,) frames; returns W."""
-        features_shape, frames_shape = tuple(features_shape), tuple(frames_shape)
-        w = features_shape[0] if features_shape else -1
-        if features_shape != (w, N_MELS, FRAMES_PER_WINDOW) or frames_shape != (w,):
-            raise ValueError(f"expected features (W, {N_MELS}, {FRAMES_PER_WINDOW}) and frames (W,), "
-                             f"got features {features_shape} and frames {frames_shape}")
+    def check_batch(self, signal_shape, frames_shape) -> int:
+        """Validate (W, 128, 3000) features or (W, 480000) audio, and (W,) frames; returns W."""
+        signal_shape, frames_shape = tuple(signal_shape), tuple(frames_shape)
+        w = signal_shape[0] if signal_shape else -1
+        if signal_shape != self.signal_shape(w) or frames_shape != (w,):
+            want = ", ".join(("W", *(str(n) for n in self.signal_shape(w)[1:])))
+            raise ValueError(f"expected {self.signal} ({want}) and frames (W,), "
+                             f"got {self.signal} {signal_shape} and frames {frames_shape}")
         return w
 
 
@@ -214,9 +254,11 @@ def _numpy(x, dtype) -> np.ndarray:
 class OnnxRuntimeEncoder:
     """Encoder backend on the exported ONNX graph (ONNX Runtime).
 
-    __call__(features (W,128,3000) float, frames (W,) int) -> (W, 750, H) torch tensor on `device`,
-    in the graph's output dtype unless `dtype` is given. providers: ONNX Runtime execution providers
-    in priority order (default: CUDA then CPU for a cuda `device` where the CUDA provider exists, else CPU).
+    __call__(inputs, frames (W,) int) -> (W, 750, H) torch tensor on `device`, in the graph's output
+    dtype unless `dtype` is given; inputs: (W,128,3000) features or, for a graph that takes audio
+    (`takes`, from the graph's input names), (W, 480000) padded 16 kHz windows. providers: ONNX
+    Runtime execution providers in priority order (default: CUDA then CPU for a cuda `device` where
+    the CUDA provider exists, else CPU).
     """
 
     name = "onnxruntime"
@@ -241,20 +283,22 @@ class OnnxRuntimeEncoder:
             options.intra_op_num_threads = int(threads)
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         outputs = self.session.get_outputs()
-        IO.check_names([i.name for i in self.session.get_inputs()], [o.name for o in outputs], str(path))
+        self.io = IO.for_names([i.name for i in self.session.get_inputs()], [o.name for o in outputs], str(path))
+        self.takes = self.io.takes
         self.hidden = int(outputs[0].shape[-1])
         self.dtype = dtype
         self.path = path
 
-    def __call__(self, features, frames) -> torch.Tensor:
-        feats = _numpy(features, np.float32)
+    def __call__(self, inputs, frames) -> torch.Tensor:
+        io = self.io
+        signal = _numpy(inputs, np.float32)
         frames = _numpy(frames, np.int64)
-        empty = IO.check_batch(feats.shape, frames.shape) == 0
-        IO.check_frames(frames)
+        empty = io.check_batch(signal.shape, frames.shape) == 0
+        io.check_frames(frames)
         if empty:
             out = torch.zeros((0, TOKENS_PER_WINDOW, self.hidden), device=self.device)
         else:
-            (emb,) = self.session.run([IO.embeddings], {IO.features: feats, IO.frames: frames})
+            (emb,) = self.session.run([io.embeddings], {io.signal: signal, io.frames: frames})
             out = torch.from_numpy(emb).to(self.device)
         return out.to(self.dtype) if self.dtype is not None else out
 
@@ -282,9 +326,11 @@ _TRT_TO_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bf
 class TensorRTEncoder:
     """Encoder backend on a TensorRT plan (`encoder.plan`), run on the current torch CUDA stream.
 
-    __call__(features (W,128,3000), frames (W,)) -> (W, 750, H) CUDA tensor (the plan's output dtype
-    unless `dtype` is given); inputs are copied to the device if they are not there, outputs stay on
-    it. W above the plan's profile maximum runs in chunks. One inference at a time per instance.
+    __call__(inputs, frames (W,)) -> (W, 750, H) CUDA tensor (the plan's output dtype unless `dtype`
+    is given); inputs: (W,128,3000) features or, for a plan that takes audio (`takes`, from the
+    engine's input names), (W, 480000) padded 16 kHz windows. Inputs are copied to the device if
+    they are not there, outputs stay on it. W above the plan's profile maximum runs in chunks. One
+    inference at a time per instance.
     """
 
     name = "tensorrt"
@@ -308,38 +354,40 @@ class TensorRTEncoder:
             self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        IO.check_names(inputs, [n for n in names if n not in inputs], str(path))
+        self.io = IO.for_names(inputs, [n for n in names if n not in inputs], str(path))
+        self.takes = self.io.takes
         self._dtypes = {n: _TRT_TO_TORCH[self.engine.get_tensor_dtype(n).name] for n in names}
-        lo, _, hi = self.engine.get_tensor_profile_shape(IO.features, 0)
+        lo, _, hi = self.engine.get_tensor_profile_shape(self.io.signal, 0)
         self.min_windows, self.max_windows = int(lo[0]), int(hi[0])
-        self.hidden = int(self.engine.get_tensor_shape(IO.embeddings)[-1])
+        self.hidden = int(self.engine.get_tensor_shape(self.io.embeddings)[-1])
         self.dtype = dtype
         self.path = path
         self._lock = threading.Lock()
 
-    def _run(self, feats: torch.Tensor, frames: torch.Tensor, stream: int) -> torch.Tensor:
-        ctx = self.context
-        for name, t in ((IO.features, feats), (IO.frames, frames)):
+    def _run(self, signal: torch.Tensor, frames: torch.Tensor, stream: int) -> torch.Tensor:
+        ctx, io = self.context, self.io
+        for name, t in ((io.signal, signal), (io.frames, frames)):
             if not ctx.set_input_shape(name, tuple(t.shape)):
                 raise ValueError(f"expected {name} within the plan's profile ({self.min_windows}..{self.max_windows}"
                                  f" windows), got shape {tuple(t.shape)}")
-        out = torch.empty(tuple(ctx.get_tensor_shape(IO.embeddings)), dtype=self._dtypes[IO.embeddings],
+        out = torch.empty(tuple(ctx.get_tensor_shape(io.embeddings)), dtype=self._dtypes[io.embeddings],
                           device=self.device)
-        for name, t in ((IO.features, feats), (IO.frames, frames), (IO.embeddings, out)):
+        for name, t in ((io.signal, signal), (io.frames, frames), (io.embeddings, out)):
             ctx.set_tensor_address(name, t.data_ptr())
         if not ctx.execute_async_v3(stream):
-            raise RuntimeError(f"TensorRT execute_async_v3 failed for {tuple(feats.shape)} features on {self.path}")
+            raise RuntimeError(f"TensorRT execute_async_v3 failed for {tuple(signal.shape)} {io.signal} on {self.path}")
         return out
 
-    def __call__(self, features, frames) -> torch.Tensor:
-        feats = torch.as_tensor(features).to(self.device, self._dtypes[IO.features]).contiguous()
-        frames = torch.as_tensor(frames).to(self.device, self._dtypes[IO.frames]).contiguous()
-        w = IO.check_batch(feats.shape, frames.shape)
+    def __call__(self, inputs, frames) -> torch.Tensor:
+        io = self.io
+        signal = torch.as_tensor(inputs).to(self.device, self._dtypes[io.signal]).contiguous()
+        frames = torch.as_tensor(frames).to(self.device, self._dtypes[io.frames]).contiguous()
+        w = io.check_batch(signal.shape, frames.shape)
         outs = []
         with self._lock, torch.cuda.device(self.device):
             stream = torch.cuda.current_stream(self.device).cuda_stream
             for i in range(0, w, self.max_windows):
-                f, n = feats[i : i + self.max_windows], frames[i : i + self.max_windows]
+                f, n = signal[i : i + self.max_windows], frames[i : i + self.max_windows]
                 real = f.shape[0]
                 if real < self.min_windows:  # a profile with min > 1: pad with copies of the last window
                     f = torch.cat([f, f[-1:].expand(self.min_windows - real, *f.shape[1:])]).contiguous()

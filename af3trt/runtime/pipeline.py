@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..features import extract_features
+from ..features import log_mel, padded_windows
 from ..prompt import DEFAULT_TRANSCRIBE_PROMPT, Prompt, PromptBuilder, PromptError, strip_transcription_prefix
 from ..spec import ModelSpec
 from .cache import DEFAULT_BUDGET_BYTES, EmbeddingCache
@@ -129,7 +129,8 @@ class Pipeline:
         """Per prompt, the (rows, hidden) embeddings and content hashes of its audios, in prompt order.
 
         Audios already in the encoder cache are not encoded again; the others go through the
-        encoder together, in one call.
+        encoder together, in one call, as what it takes (`encoder.takes`): their log-mel windows, or
+        for "audio" the padded 16 kHz windows themselves (timings["features"] is then the padding).
         """
         digests = [[audio_hash(a.samples) for a in p.audios] for p in prompts]
         found: dict[str, torch.Tensor] = {}
@@ -146,20 +147,28 @@ class Pipeline:
         timings = {"features": 0.0, "encoder": 0.0}
         if todo:
             t0 = time.perf_counter()
-            feats = extract_features(list(todo.values()), device=str(self.device))
+            inputs, frames, counts = self._encoder_inputs(list(todo.values()))
             t1 = time.perf_counter()
-            emb = self.encoder(feats.features, feats.valid_frames)
+            emb = self.encoder(inputs, frames)
             self.encoder_calls += 1
             _sync(self.device)
             t2 = time.perf_counter()
             timings = {"features": t1 - t0, "encoder": t2 - t1}
-            rows = valid_rows(feats.valid_frames)
+            rows = valid_rows(frames)
             w = 0
-            for d, count in zip(todo, feats.windows_per_audio):
+            for d, count in zip(todo, counts):
                 found[d] = torch.cat([emb[i, : rows[i]] for i in range(w, w + count)])
                 self.cache.put(d, found[d])
                 w += count
         return [[found[d] for d in ds] for ds in digests], digests, timings
+
+    def _encoder_inputs(self, audios: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(inputs the encoder takes, (W,) valid frames, windows per audio) for 16 kHz audios."""
+        windows, mask, counts = padded_windows(audios)
+        frames = mask.sum(axis=1)
+        if getattr(self.encoder, "takes", "features") == "audio":
+            return windows, frames, counts
+        return log_mel(windows, device=str(self.device)).cpu().numpy(), frames, counts
 
     def requests(self, prompts: list[Prompt], opts: GenerationOptions):
         """Stitch prompts into `DecoderRequest`s (checked against the engine limits first)."""
