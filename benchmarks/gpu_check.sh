@@ -3,7 +3,7 @@
 # at full size with random weights — transformers (eager SDPA generate) vs af3trt torch (eager bf16;
 # FastTorchDecoder bf16 and FP8 when af3trt has it) at 30 s and 10 min of audio, batch 1 and 8 — then the
 # kernel benchmark (if benchmarks/kernels_bench.py exists) and, if time is left, transformers with a
-# static cache + compiled decode step. Every part runs under its own timeout, capped by the time
+# static cache + compiled decode step, then the `-m gpu` tests. Every part runs under its own timeout, capped by the time
 # left, and writes into OUT_DIR as it goes (a timed-out part keeps the rows it finished).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
@@ -81,6 +81,13 @@ fi
 # and only when enough time is left for the model build + compile + the timed calls
 part compiled 90 120 "$PY" benchmarks/latency.py "${COMMON[@]}" --backends hf,hf-compiled \
     --audio-seconds "${SECONDS_LIST%%,*}" --batch "${BATCHES%%,*}" --out "$OUT/compiled.json"
+
+# the GPU tests (kernels, CUDA-graph decode, GPU log-mel in the pipeline) when pytest is there
+if "$PY" -c "import pytest" 2> /dev/null; then
+    part gpu_tests 45 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_fast_decoder.py
+else
+    echo "gpu_tests: skipped, pytest is not installed" | tee -a "$STATUS"
+fi
 
 echo "gpu_check: done in $(( SECONDS - START ))s of ${TOTAL}s" | tee -a "$STATUS"
 for md in "$OUT/latency.md" "$OUT/compiled.md"; do

@@ -148,6 +148,7 @@ class Pipeline:
         if todo:
             t0 = time.perf_counter()
             inputs, frames, counts = self._encoder_inputs(list(todo.values()))
+            _sync(self.device)
             t1 = time.perf_counter()
             emb = self.encoder(inputs, frames)
             self.encoder_calls += 1
@@ -162,13 +163,17 @@ class Pipeline:
                 w += count
         return [[found[d] for d in ds] for ds in digests], digests, timings
 
-    def _encoder_inputs(self, audios: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    def _encoder_inputs(self, audios: list[np.ndarray]) -> tuple[np.ndarray | torch.Tensor, np.ndarray, tuple[int, ...]]:
         """(inputs the encoder takes, (W,) valid frames, windows per audio) for 16 kHz audios."""
         windows, mask, counts = padded_windows(audios)
         frames = mask.sum(axis=1)
         if getattr(self.encoder, "takes", "features") == "audio":
             return windows, frames, counts
-        return log_mel(windows, device=str(self.device)).cpu().numpy(), frames, counts
+        if self.device.type == "cuda":  # af3trt.kernels.logmel on the device; stays there for the encoder
+            from ..kernels.logmel import log_mel_windows
+
+            return log_mel_windows(torch.from_numpy(windows).to(self.device)), frames, counts
+        return log_mel(windows).numpy(), frames, counts
 
     def requests(self, prompts: list[Prompt], opts: GenerationOptions):
         """Stitch prompts into `DecoderRequest`s (checked against the engine limits first)."""
