@@ -451,3 +451,20 @@ def test_gpu_kernels_bench_quick(tmp_path):
 
 if __name__ == "__main__":
     _run_kernel_cases(sys.argv[1])
+
+
+@pytest.mark.gpu
+@CUDA
+def test_gpu_pipeline_front_end_gives_the_cpu_tokens(tiny_dir):
+    """The CUDA pipeline (device log-mel kept on the GPU, fp32 torch encoder and decoder) answers
+    with the CPU pipeline's greedy tokens."""
+    from af3trt.runtime import Pipeline
+    from af3trt.testing import synthetic_audio
+
+    conv = [{"role": "user", "content": [{"type": "audio", "audio": synthetic_audio(37.0, 5)},
+                                         {"type": "text", "text": "Transcribe the input speech."}]}]
+    cpu = Pipeline.from_pretrained(tiny_dir, device="cpu", dtype="float32").generate(conv, max_new_tokens=8)[0]
+    gpu = Pipeline.from_pretrained(tiny_dir, decoder="torch", device="cuda", dtype="float32")
+    got = gpu.generate(conv, max_new_tokens=8)[0]
+    print("cpu", cpu.token_ids, "cuda", got.token_ids, "timings", got.timings)
+    assert got.token_ids == cpu.token_ids and got.num_audio_tokens == cpu.num_audio_tokens
