@@ -1,6 +1,6 @@
 """Triton model repository for AF3: `write_repository(engine_dir, out_dir, ...)` (`af3trt triton`).
 
-Models (every config.pbtxt rendered from the typed specs below with `string.Template.substitute`):
+Models (every config.pbtxt rendered from the typed specs of `triton_spec` with `string.Template.substitute`):
 
     preprocessing   python  AUDIO (BYTES: encoded WAV/FLAC/MP3/OGG file bytes, one per element) or
                             AUDIO_BASE64 (the same, base64 text, for JSON clients), PROMPT, generation
@@ -36,290 +36,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..spec import FRAMES_PER_WINDOW, MAX_AUDIO_SECONDS, MAX_AUDIO_TOKENS, MAX_WINDOWS, N_MELS, TOKENS_PER_WINDOW
-
-TEMPLATES = Path(__file__).resolve().parent / "templates"
-GENERATOR = "af3trt"
-MARKER = ".af3trt-repository"  # only folders holding this file (or empty ones) are replaced
-LLM_BACKENDS = ("tensorrtllm", "python")
-PREPROCESSING, ENCODER, PROMPT_TABLE, LLM, POSTPROCESSING, ENSEMBLE, BLS = (
-    "preprocessing", "audio_encoder", "prompt_table", "tensorrt_llm", "postprocessing", "ensemble", "af3")
-NUMPY_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
-                   "int32": "TYPE_INT32", "uint64": "TYPE_UINT64", "bool": "TYPE_BOOL", "bytes": "TYPE_STRING"}
-
-
-# ------------------------------------------------------------------------------------ typed specs
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One config.pbtxt input/output. dtype: a Triton TYPE_*; dims exclude the batch axis."""
-
-    name: str
-    dtype: str
-    dims: tuple[int, ...]
-    optional: bool = False
-    reshape: tuple[int, ...] | None = None
-    ragged: bool = False
-
-    def __post_init__(self):
-        if self.dtype not in NUMPY_TO_TRITON.values():
-            raise ValueError(f"{self.name}: expected a dtype in {sorted(NUMPY_TO_TRITON.values())}, got {self.dtype!r}")
-
-
-def _t(name, dtype, *dims, **kw) -> TensorSpec:
-    return TensorSpec(name, NUMPY_TO_TRITON[dtype], tuple(dims), **kw)
-
-
-def _scalar(name, dtype, optional=True) -> TensorSpec:
-    """A per-request scalar of a batching model: dims [1], reshaped to [] (the C++ backend's layout)."""
-    return TensorSpec(name, NUMPY_TO_TRITON[dtype], (1,), optional=optional, reshape=())
-
-
-# User-facing request (ensemble and af3): AUDIO elements are whole encoded files, never URLs or paths.
-# PROMPT is required but declared optional: preprocessing then answers its absence with an error
-# naming it, where Triton's ensemble would skip the step and return an empty answer.
-REQUEST_INPUTS = (
-    _t("AUDIO", "bytes", -1, optional=True), _t("AUDIO_BASE64", "bytes", -1, optional=True),
-    _t("PROMPT", "bytes", 1, optional=True),
-    _t("MAX_TOKENS", "int32", 1, optional=True), _t("DO_SAMPLE", "bool", 1, optional=True),
-    _t("TEMPERATURE", "float32", 1, optional=True), _t("TOP_P", "float32", 1, optional=True),
-    _t("TOP_K", "int32", 1, optional=True), _t("REPETITION_PENALTY", "float32", 1, optional=True),
-    _t("SEED", "uint64", 1, optional=True), _t("STREAM", "bool", 1, optional=True),
-    _t("STRIP_PREFIX", "bool", 1, optional=True),
+from ..spec import FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW
+from .triton_spec import (  # also the names callers import from here
+    BLS, BLSParams, ENCODER, ENSEMBLE, EncoderIO, EncoderParams, LLM, LLMParams, LLM_BACKENDS, LLM_INPUTS,
+    LLM_OUTPUTS, MARKER, ModelConfig, NUMPY_TO_TRITON, POSTPROCESSING, PREPROCESSING, PROMPT_TABLE,
+    PostprocessingParams, PreprocessingParams, PromptTableParams, REQUEST_INPUTS, REQUEST_OUTPUTS,
+    ServingLimits, Step, TABLE_INPUTS, TEMPLATES, TensorSpec, from_preprocessing, param_pairs, tensor, render_ensemble,
+    render_model,
 )
-REQUEST_OUTPUTS = (_t("TEXT", "bytes", -1),)
-
-# The TensorRT-LLM C++ backend's tensors this repository uses (reference/trtllm.md §3.3); the python
-# LLM backend declares exactly these. Preprocessing emits the per-request ones under the same names.
-LLM_INPUTS = (
-    _t("input_ids", "int32", -1, ragged=True), _scalar("input_lengths", "int32", optional=False),
-    _scalar("request_output_len", "int32", optional=False), _scalar("end_id", "int32"), _scalar("pad_id", "int32"),
-    _t("stop_words_list", "int32", 2, -1, optional=True, ragged=True), _scalar("runtime_top_k", "int32"),
-    _scalar("runtime_top_p", "float32"), _scalar("temperature", "float32"), _scalar("repetition_penalty", "float32"),
-    _scalar("seed", "uint64"), _scalar("streaming", "bool"),
-    _t("prompt_embedding_table", "float16", -1, -1, optional=True, ragged=True),
-    _scalar("prompt_vocab_size", "int32"), _t("prompt_table_extra_ids", "uint64", -1, optional=True, ragged=True),
-)
-LLM_OUTPUTS = (_t("output_ids", "int32", -1, -1), _t("sequence_length", "int32", -1))
-TABLE_INPUTS = ("prompt_embedding_table", "prompt_vocab_size")  # from prompt_table, the rest from preprocessing
-
-
-def _from_preprocessing(spec: TensorSpec) -> TensorSpec:
-    """The preprocessing output (max_batch_size 0) feeding LLM input `spec`: explicit leading batch 1."""
-    dims = (1,) + (spec.reshape if spec.reshape is not None else spec.dims)
-    return TensorSpec(spec.name, spec.dtype, dims if dims != (1,) else (1, 1))
-
-
-@dataclass(frozen=True)
-class EncoderIO:
-    """The encoder's tensor names and Triton dtypes (ENGINE_DIR/encoder/config.json, else defaults)."""
-
-    features: str
-    frames: str
-    embeddings: str
-    features_dtype: str
-    frames_dtype: str
-    embeddings_dtype: str
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """A non-ensemble config.pbtxt. backend: 'backend: "python"' or 'platform: "tensorrt_plan"' line."""
-
-    name: str
-    backend: str
-    max_batch_size: int
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    instance_count: int = 1
-    instance_kind: str = "KIND_CPU"
-    decoupled: bool | None = None
-    dynamic_batching: str = ""
-    parameters: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class Step:
-    model: str
-    input_map: tuple[tuple[str, str], ...]  # (model input, ensemble tensor)
-    output_map: tuple[tuple[str, str], ...]  # (model output, ensemble tensor)
-
-
-@dataclass(frozen=True)
-class ServingLimits:
-    """Per-request limits the repository enforces (from ENGINE_DIR/manifest.json `limits` when present).
-
-    max_batch_size: sequences in flight in the LLM; max_audio_seconds: audio per request (all of its
-    audios together); max_windows: 30 s encoder windows per request; max_input_len: prompt tokens
-    (audio rows + text); max_new_tokens: per request; max_seq_len: prompt + new tokens.
-    """
-
-    max_batch_size: int = 8
-    max_audio_seconds: float = float(MAX_AUDIO_SECONDS)
-    max_windows: int = MAX_WINDOWS
-    max_input_len: int = MAX_AUDIO_TOKENS + 2048
-    max_new_tokens: int = 2048
-    max_seq_len: int = MAX_AUDIO_TOKENS + 2048 + 2048
-
-    def __post_init__(self):
-        for name in ("max_batch_size", "max_windows", "max_input_len", "max_new_tokens", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ServingLimits.{name}: expected an int >= 1, got {value!r}")
-        if not 0 < self.max_audio_seconds <= MAX_AUDIO_SECONDS:
-            raise ValueError(f"ServingLimits.max_audio_seconds: expected (0, {MAX_AUDIO_SECONDS}], "
-                             f"got {self.max_audio_seconds!r}")
-        if self.max_seq_len <= self.max_input_len:
-            raise ValueError(f"ServingLimits: expected max_seq_len > max_input_len, got {self.max_seq_len} "
-                             f"<= {self.max_input_len}")
-
-    @classmethod
-    def from_engine_dir(cls, engine_dir: str | os.PathLike) -> "ServingLimits":
-        """Limits of ENGINE_DIR/manifest.json (its `limits` record), defaults where there is none."""
-        path = Path(engine_dir) / "manifest.json"
-        if not path.is_file():
-            return cls()
-        from .manifest import Manifest
-
-        lim = Manifest.read(engine_dir).limits
-        picked = {k: lim[k] for k in ("max_batch_size", "max_audio_seconds", "max_input_len", "max_new_tokens",
-                                      "max_seq_len") if lim.get(k) is not None}
-        if "max_audio_seconds" in picked:
-            picked["max_audio_seconds"] = float(picked["max_audio_seconds"])
-        return cls(**picked)
-
-
-# -------------------------------------------------------------- python model parameters (typed)
-
-
-def _params(obj) -> tuple[tuple[str, str], ...]:
-    """A params dataclass -> config.pbtxt parameters (strings as-is, everything else as JSON)."""
-    return tuple((f.name, v if isinstance(v := getattr(obj, f.name), str) else json.dumps(v))
-                 for f in dataclasses.fields(obj))
-
-
-def load_params(cls, model_config: dict):
-    """Inverse of `_params` for a python model's `args["model_config"]`; unknown keys are an error."""
-    raw = {k: v["string_value"] for k, v in (model_config.get("parameters") or {}).items()
-           if k != "FORCE_CPU_ONLY_INPUT_TENSORS"}
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    if set(raw) != set(names):
-        raise ValueError(f"{model_config.get('name')}: expected parameters {sorted(names)}, got {sorted(raw)}")
-    return cls(**{k: v if names[k].type in ("str", str) else json.loads(v) for k, v in raw.items()})
-
-
-@dataclass(frozen=True)
-class PreprocessingParams:
-    tokenizer_dir: str
-    vocab_size: int
-    audio_token_id: int
-    end_id: int
-    pad_id: int
-    stop_ids: list
-    limits: dict
-    default_max_tokens: int
-    features: str
-    frames: str
-    features_dtype: str
-    frames_dtype: str
-
-
-@dataclass(frozen=True)
-class EncoderParams:
-    backend: str  # onnxruntime | torch
-    path: str  # engine dir (onnxruntime) or AF3 checkpoint dir (torch)
-    device: str
-    features: str
-    frames: str
-    embeddings: str
-
-
-@dataclass(frozen=True)
-class PromptTableParams:
-    hidden_size: int
-    embeddings: str
-
-
-@dataclass(frozen=True)
-class LLMParams:
-    path: str  # ENGINE_DIR (its llm/checkpoint) or an AF3 checkpoint dir
-    device: str
-    dtype: str
-
-
-@dataclass(frozen=True)
-class PostprocessingParams:
-    tokenizer_dir: str
-
-
-@dataclass(frozen=True)
-class BLSParams:
-    tokenizer_dir: str
-    preprocessing_inputs: list
-    llm_inputs: list
-    encoder_inputs: list
-    embeddings: str
-    llm_decoupled: bool
-    workers: int
-
-
-# ------------------------------------------------------------------------------------- rendering
-
-_INPUT = string.Template("  {\n    name: \"${name}\"\n    data_type: ${dtype}\n    dims: ${dims}${extra}\n  }")
-_PARAM = string.Template("parameters: {\n  key: \"${key}\"\n  value: { string_value: \"${value}\" }\n}")
-_STEP = string.Template("    {\n      model_name: \"${model}\"\n      model_version: -1\n${maps}\n    }")
-_MAP = string.Template("      ${kind} { key: \"${key}\" value: \"${value}\" }")
-
-
-def _quote(value: str) -> str:
-    if any(ord(c) < 32 for c in value):
-        raise ValueError(f"expected a single-line printable parameter value, got {value!r}")
-    return value.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def _dims(dims) -> str:
-    return f"[ {', '.join(str(d) for d in dims)} ]" if dims else "[ ]"
-
-
-def render_tensor(t: TensorSpec, is_input: bool) -> str:
-    extra = ""
-    if t.reshape is not None:
-        extra += f"\n    reshape: {{ shape: {_dims(t.reshape)} }}"
-    if is_input and t.optional:
-        extra += "\n    optional: true"
-    if is_input and t.ragged:
-        extra += "\n    allow_ragged_batch: true"
-    return _INPUT.substitute(name=t.name, dtype=t.dtype, dims=_dims(t.dims), extra=extra)
-
-
-def render_model(cfg: ModelConfig) -> str:
-    template = string.Template((TEMPLATES / "model.pbtxt").read_text())
-    policy = "" if cfg.decoupled is None else \
-        f"model_transaction_policy {{\n  decoupled: {str(cfg.decoupled).lower()}\n}}\n"
-    return template.substitute(
-        generator=GENERATOR, name=cfg.name, backend=cfg.backend, max_batch_size=cfg.max_batch_size,
-        transaction_policy=policy, dynamic_batching=cfg.dynamic_batching,
-        inputs=",\n".join(render_tensor(t, True) for t in cfg.inputs),
-        outputs=",\n".join(render_tensor(t, False) for t in cfg.outputs),
-        instance_count=cfg.instance_count, instance_kind=cfg.instance_kind,
-        parameters="\n".join(_PARAM.substitute(key=k, value=_quote(v)) for k, v in cfg.parameters),
-    )
-
-
-def render_ensemble(name: str, inputs, outputs, steps: list[Step]) -> str:
-    template = string.Template((TEMPLATES / "ensemble.pbtxt").read_text())
-    blocks = []
-    for s in steps:
-        maps = [_MAP.substitute(kind="input_map", key=k, value=v) for k, v in s.input_map]
-        maps += [_MAP.substitute(kind="output_map", key=k, value=v) for k, v in s.output_map]
-        blocks.append(_STEP.substitute(model=s.model, maps="\n".join(maps)))
-    return template.substitute(generator=GENERATOR, name=name, inputs=",\n".join(render_tensor(t, True) for t in inputs),
-                               outputs=",\n".join(render_tensor(t, False) for t in outputs), steps=",\n".join(blocks))
 
 
 # --------------------------------------------------------------------------- engine dir facts
@@ -543,8 +270,8 @@ def _encoder_tensors(io: EncoderIO, windows: tuple[int, ...], embeddings_dtype: 
 def preprocessing_config(plan: Plan) -> ModelConfig:
     f, o, io = plan.facts, plan.options, plan.facts.encoder_io
     features, frames, _ = _encoder_tensors(io, (-1,), io.embeddings_dtype, f.hidden_size)
-    outputs = (features, frames, _t("rows", "int32", -1)) + tuple(
-        _from_preprocessing(t) for t in LLM_INPUTS if t.name not in TABLE_INPUTS)
+    outputs = (features, frames, tensor("rows", "int32", -1)) + tuple(
+        from_preprocessing(t) for t in LLM_INPUTS if t.name not in TABLE_INPUTS)
     params = PreprocessingParams(
         tokenizer_dir=plan.path(f.tokenizer_dir), vocab_size=f.vocab_size, audio_token_id=f.audio_token_id,
         end_id=f.eos_token_ids[0], pad_id=f.pad_id, stop_ids=list(f.eos_token_ids[1:]),
@@ -552,7 +279,7 @@ def preprocessing_config(plan: Plan) -> ModelConfig:
         features=io.features, frames=io.frames, features_dtype=_numpy_dtype(io.features_dtype),
         frames_dtype=_numpy_dtype(io.frames_dtype))
     return ModelConfig(PREPROCESSING, 'backend: "python"', 0, REQUEST_INPUTS, outputs, o.instances,
-                       parameters=_params(params))
+                       parameters=param_pairs(params))
 
 
 def _numpy_dtype(triton: str) -> str:
@@ -572,7 +299,7 @@ def encoder_config(plan: Plan) -> ModelConfig:
     params = EncoderParams(backend=plan.encoder, path=plan.path(path), device=o.device, features=io.features,
                            frames=io.frames, embeddings=io.embeddings)
     return ModelConfig(ENCODER, 'backend: "python"', plan.encoder_windows, (features, frames), (emb,), o.instances,
-                       parameters=_params(params))
+                       parameters=param_pairs(params))
 
 
 def _encoder_output_dtype(plan: Plan) -> str:
@@ -582,11 +309,11 @@ def _encoder_output_dtype(plan: Plan) -> str:
 def prompt_table_config(plan: Plan) -> ModelConfig:
     io, h = plan.facts.encoder_io, plan.facts.hidden_size
     emb = _encoder_tensors(io, (-1,), _encoder_output_dtype(plan), h)[2]
-    outputs = (_t("prompt_embedding_table", "float16", 1, -1, h), _t("prompt_vocab_size", "int32", 1, 1))
-    params = _params(PromptTableParams(hidden_size=h, embeddings=io.embeddings))
+    outputs = (tensor("prompt_embedding_table", "float16", 1, -1, h), tensor("prompt_vocab_size", "int32", 1, 1))
+    params = param_pairs(PromptTableParams(hidden_size=h, embeddings=io.embeddings))
     if plan.encoder == "tensorrt":
         params += (("FORCE_CPU_ONLY_INPUT_TENSORS", "no"),)  # take the plan's GPU output as is (DLPack)
-    return ModelConfig(PROMPT_TABLE, 'backend: "python"', 0, (emb, _t("rows", "int32", -1)), outputs,
+    return ModelConfig(PROMPT_TABLE, 'backend: "python"', 0, (emb, tensor("rows", "int32", -1)), outputs,
                        plan.options.instances, parameters=params)
 
 
@@ -596,7 +323,7 @@ def llm_config(plan: Plan) -> ModelConfig:
         params = LLMParams(path=plan.path(f.engine_dir if f.llm_checkpoint else f.checkpoint_dir), device=o.device,
                            dtype="auto")
         return ModelConfig(LLM, 'backend: "python"', mbs, LLM_INPUTS, LLM_OUTPUTS, o.instances,
-                           decoupled=o.streaming, parameters=_params(params))
+                           decoupled=o.streaming, parameters=param_pairs(params))
     params = (("gpt_model_type", "inflight_fused_batching"), ("gpt_model_path", plan.path(f.llm_engine)),
               ("max_beam_width", "1"), ("batch_scheduler_policy", "guaranteed_no_evict"),
               ("kv_cache_free_gpu_mem_fraction", "0.9"), ("enable_kv_cache_reuse", str(o.kv_cache_reuse).lower()),
@@ -608,11 +335,11 @@ def llm_config(plan: Plan) -> ModelConfig:
 
 
 def postprocessing_config(plan: Plan) -> ModelConfig:
-    inputs = (_t("output_ids", "int32", -1, -1, -1), _t("sequence_length", "int32", -1, -1),
-              _t("STRIP_PREFIX", "bool", 1, optional=True))
+    inputs = (tensor("output_ids", "int32", -1, -1, -1), tensor("sequence_length", "int32", -1, -1),
+              tensor("STRIP_PREFIX", "bool", 1, optional=True))
     params = PostprocessingParams(tokenizer_dir=plan.path(plan.facts.tokenizer_dir))
     return ModelConfig(POSTPROCESSING, 'backend: "python"', 0, inputs, REQUEST_OUTPUTS, plan.options.instances,
-                       parameters=_params(params))
+                       parameters=param_pairs(params))
 
 
 def bls_config(plan: Plan) -> ModelConfig:
@@ -622,7 +349,7 @@ def bls_config(plan: Plan) -> ModelConfig:
         llm_inputs=[t.name for t in LLM_INPUTS if t.name not in TABLE_INPUTS], encoder_inputs=[io.features, io.frames],
         embeddings=io.embeddings, llm_decoupled=plan.options.streaming, workers=2 * plan.limits.max_batch_size)
     return ModelConfig(BLS, 'backend: "python"', 0, REQUEST_INPUTS, REQUEST_OUTPUTS, 1, decoupled=True,
-                       parameters=_params(params))
+                       parameters=param_pairs(params))
 
 
 def ensemble_steps(plan: Plan) -> list[Step]:

@@ -36,7 +36,7 @@ class TritonPythonModel:
 
         from transformers import AutoTokenizer
 
-        from af3trt.build.triton import BLSParams, load_params
+        from af3trt.build.triton_spec import BLSParams, load_params
 
         self.p = load_params(BLSParams, json.loads(args["model_config"]))
         self.tokenizer = AutoTokenizer.from_pretrained(self.p.tokenizer_dir)
@@ -60,7 +60,7 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(error=_error(str(exc))), flags=FINAL)
 
     def _call(self, model, inputs, outputs):
-        from af3trt.build.triton import LLM
+        from af3trt.build.triton_spec import LLM
 
         req = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
         if model == LLM:
@@ -71,7 +71,7 @@ class TritonPythonModel:
         return {n: pb_utils.get_output_tensor_by_name(resp, n) for n in outputs}
 
     def _run(self, request, sender):
-        from af3trt.build.triton import ENCODER, LLM, PREPROCESSING, PROMPT_TABLE, TABLE_INPUTS
+        from af3trt.build.triton_spec import ENCODER, LLM, PREPROCESSING, PROMPT_TABLE, TABLE_INPUTS
         from af3trt.prompt import strip_transcription_prefix
 
         inputs = [t for n in self.p.preprocessing_inputs if (t := pb_utils.get_input_tensor_by_name(request, n)) is not None]

@@ -22,7 +22,7 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
 
-        from af3trt.build.triton import EncoderParams, load_params
+        from af3trt.build.triton_spec import EncoderParams, load_params
         from af3trt.runtime.encoder import load_encoder
 
         self.p = load_params(EncoderParams, json.loads(args["model_config"]))

@@ -16,7 +16,7 @@ class TritonPythonModel:
     def initialize(self, args):
         from transformers import AutoTokenizer
 
-        from af3trt.build.triton import PostprocessingParams, load_params
+        from af3trt.build.triton_spec import PostprocessingParams, load_params
 
         self.p = load_params(PostprocessingParams, json.loads(args["model_config"]))
         self.tokenizer = AutoTokenizer.from_pretrained(self.p.tokenizer_dir)

@@ -59,7 +59,7 @@ def _audio_files(request):
 
 class TritonPythonModel:
     def initialize(self, args):
-        from af3trt.build.triton import PreprocessingParams, ServingLimits, load_params
+        from af3trt.build.triton_spec import PreprocessingParams, ServingLimits, load_params
         from af3trt.prompt import PromptBuilder
 
         self.p = load_params(PreprocessingParams, json.loads(args["model_config"]))

@@ -34,7 +34,7 @@ def gather_rows(emb, rows, hidden):
 
 class TritonPythonModel:
     def initialize(self, args):
-        from af3trt.build.triton import PromptTableParams, load_params
+        from af3trt.build.triton_spec import PromptTableParams, load_params
 
         self.p = load_params(PromptTableParams, json.loads(args["model_config"]))
 

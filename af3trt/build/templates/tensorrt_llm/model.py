@@ -54,7 +54,7 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
 
-        from af3trt.build.triton import LLMParams, load_params
+        from af3trt.build.triton_spec import LLMParams, load_params
 
         config = json.loads(args["model_config"])
         self.p = load_params(LLMParams, config)
