@@ -7,7 +7,8 @@ the thin CLI:
   (one partial) or the export raises; written in a temp folder and renamed into place. The graph
   takes log-mel windows, or (inputs="audio") padded 16 kHz windows and computes the log-mel itself
   with the conv-based STFT of af3trt.kernels.logmel (`AudioInputEncoder`).
-- `quantize_onnx`: ModelOpt ONNX PTQ (INT8 / FP8 Q/DQ) calibrated on log-mel windows of real audio.
+- `quantize_onnx` (af3trt.build.encoder_quant, re-exported here): ModelOpt ONNX PTQ (INT8 / FP8 Q/DQ)
+  calibrated on log-mel windows of real audio.
 - `build_plan` (af3trt.build.encoder_plan, re-exported here): TensorRT Python API -> encoder.plan.
 Each stage records itself in encoder/config.json (sections io, onnx, quantized, plan).
 The graph's I/O (names, dtypes, dynamic axis) is `EncoderIO`, declared once in af3trt.runtime.encoder
@@ -40,16 +41,20 @@ from .manifest import atomic_write_text, package_versions, staged_dir, stage_key
 
 __all__ = ["EncoderIO", "IO", "AudioInputEncoder", "FRONT_END_SCOPE", "export_onnx", "quantize_onnx", "read_config",
            "relative_error", "cosine_similarity", "ExportVerificationError", "QuantizationError", "main"]
-# TensorRT-stage names served from af3trt.build.encoder_plan on first use (it imports this module)
-_PLAN_NAMES = frozenset({"build_plan", "PlanBuildError", "PlanResult", "PLAN_PRECISIONS", "GraphFacts", "graph_facts",
-                         "plan_command"})
+# names served on first use from the later stages' modules (they import this one)
+_LATER_STAGES = {
+    "encoder_plan": frozenset({"build_plan", "PlanBuildError", "PlanResult", "PLAN_PRECISIONS", "GraphFacts",
+                               "graph_facts", "plan_command"}),
+    "encoder_quant": frozenset({"quantize_onnx", "QuantizeResult", "QuantizationError", "QUANT_PRECISIONS"}),
+}
 
 
 def __getattr__(name: str):
-    if name in _PLAN_NAMES:
-        from . import encoder_plan
+    import importlib
 
-        return getattr(encoder_plan, name)
+    for module, names in _LATER_STAGES.items():
+        if name in names:
+            return getattr(importlib.import_module(f"{__package__}.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 CONFIG_FORMAT = "af3trt-encoder"
@@ -68,10 +73,6 @@ class ExportVerificationError(ValueError):
     """The exported graph does not reproduce the torch reference within the dtype's tolerance."""
 
 
-class QuantizationError(ValueError):
-    """The Q/DQ graph strays from the float graph past its cosine-similarity budget."""
-
-
 @dataclass(frozen=True)
 class OnnxDtype:
     """Export dtype: `tolerance` = max relative error on valid rows vs the float32 torch reference;
@@ -87,26 +88,10 @@ class OnnxDtype:
         return self.audio_tolerance if takes == "audio" else self.tolerance
 
 
-@dataclass(frozen=True)
-class QuantPrecision:
-    """ModelOpt ONNX PTQ mode; `min_cosine` = default budget (per-row cosine to the float graph)."""
-
-    name: str
-    modelopt_mode: str
-    description: str
-    min_cosine: float
-
-
 ONNX_DTYPES = MappingProxyType({
     "fp32": OnnxDtype("fp32", torch.float32, "float32", 1e-4, AUDIO_FP32_TOLERANCE),
     "fp16": OnnxDtype("fp16", torch.float16, "float16", 1e-2, 1e-2),
 })
-QUANT_PRECISIONS = MappingProxyType({
-    "int8": QuantPrecision("int8", "int8", "INT8 W8A8: per-channel weights, per-tensor activations", 0.9),
-    "fp8": QuantPrecision("fp8", "fp8", "FP8 E4M3 W8A8, per-tensor scales (TensorRT on SM89+)", 0.9),
-})
-
-
 def lookup(registry, name: str, what: str):
     if name not in registry:
         raise ValueError(f"expected {what} in {sorted(registry)}, got {name!r}")
@@ -348,15 +333,6 @@ def export_onnx(*, checkpoint, out_dir, dtype: str = "fp32", opset: int = 17, ve
 
 # -- quantization ------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class QuantizeResult:
-    onnx_path: Path
-    precision: str
-    calibration_windows: int
-    cosine_min: float | None
-    cosine_mean: float | None
-
-
 def external_data_files(onnx_path) -> list[str]:
     """Names of the external-data files an ONNX graph references (relative to its folder)."""
     import onnx
@@ -366,112 +342,11 @@ def external_data_files(onnx_path) -> list[str]:
     return sorted(locations)
 
 
-def _calibration(calibration):
-    from .calibration import CalibrationWindows, calibration_windows
-
-    if calibration is None:
-        return calibration_windows(count=DEFAULT_CALIBRATION_WINDOWS)
-    if isinstance(calibration, CalibrationWindows):
-        return calibration
-    if isinstance(calibration, (str, Path)):
-        return calibration_windows(calibration, count=DEFAULT_CALIBRATION_WINDOWS)
-    raise TypeError(f"expected calibration None, an audio folder or CalibrationWindows, "
-                    f"got {type(calibration).__name__}")
-
-
-def _modelopt_quantize(src: Path, dst: Path, spec: QuantPrecision, cal, method, high_precision_dtype: str,
-                       eps, external: bool) -> None:
-    try:
-        from modelopt.onnx.quantization import quantize
-    except ImportError as exc:
-        from ..runtime.trtllm import MissingDependency
-
-        raise MissingDependency(
-            "ModelOpt ONNX PTQ needs nvidia-modelopt's ONNX extras: `pip install onnx-graphsurgeon==0.6.1 "
-            f"onnxslim==0.1.98 onnxscript==0.7.2 lief==1.0.0`; import failed: {exc}") from exc
-    quantize(str(src), quantize_mode=spec.modelopt_mode, calibration_data=cal.as_inputs(IO.features, IO.frames),
-             calibration_method=method, calibration_eps=list(eps), output_path=str(dst),
-             high_precision_dtype=high_precision_dtype, use_external_data_format=external, log_level="WARNING")
-    if not dst.is_file():
-        raise QuantizationError(f"expected ModelOpt to write {dst}, found no file")
-
-
-def _ort_cuda() -> bool:
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
-
-
-def _quantized_cosine(float_onnx: Path, qdq_onnx: Path) -> tuple[float, float]:
-    device = "cuda" if _ort_cuda() else "cpu"  # a cosine budget, not a bit-level check: the GPU will do
-    ref_encoder = OnnxRuntimeEncoder(float_onnx, device=device)
-    q_encoder = OnnxRuntimeEncoder(qdq_onnx, device=device)
-    stats = [cosine_similarity(q_encoder(f, n), ref_encoder(f, n), n) for f, n in _verification_batches()]
-    return min(s[0] for s in stats), float(np.mean([s[1] for s in stats]))
-
-
-def _check_quantizable(src: Path) -> None:
-    """Only a features-input graph: calibration feeds log-mel windows, and an audio-input graph's
-    conv STFT must stay float32 (af3trt.kernels.logmel)."""
-    from .encoder_plan import graph_facts
-
-    takes = graph_facts(src).takes
-    if takes != "features":
-        raise ValueError(f"expected a features-input encoder graph to quantize (export_onnx(inputs='features')), "
-                         f"got an {takes}-input graph: {src}")
-
-
-def quantize_onnx(onnx_path, out_path=None, precision: str = "int8", calibration=None, *,
-                  calibration_method: str | None = None, high_precision_dtype: str = "fp16",
-                  calibration_eps=None, verify: bool = True, min_cosine: float | None = None) -> QuantizeResult:
-    """ModelOpt ONNX PTQ of the float graph `onnx_path` -> Q/DQ graph `out_path` (default
-    encoder.{precision}.onnx beside it; ModelOpt's `<name>_data` beside it for large graphs).
-
-    calibration: None (bundled speech + synthetic speech-like windows), an audio folder, or
-    `CalibrationWindows`. high_precision_dtype: dtype of the unquantized ops ("fp16" for TensorRT,
-    "fp32" keeps them float32). calibration_eps: ModelOpt's execution providers in priority order
-    (default: cuda:0 then cpu where ONNX Runtime has CUDA, else cpu). verify: per-row cosine of the
-    valid rows against the float graph on ONNX Runtime (1 and 3 windows, not the calibration ones);
-    raises QuantizationError below `min_cosine` (default: the precision's budget).
-    """
-    spec = lookup(QUANT_PRECISIONS, precision, "quantization precision")
-    src = Path(onnx_path)
-    if not src.is_file():
-        raise FileNotFoundError(f"expected a float encoder ONNX file, got {src} (no such file)")
-    _check_quantizable(src)
-    out = Path(out_path) if out_path else src.with_name(f"encoder.{precision}.onnx")
-    cal = _calibration(calibration)
-    eps = list(calibration_eps) if calibration_eps else (["cuda:0", "cpu"] if _ort_cuda() else ["cpu"])
-    budget = spec.min_cosine if min_cosine is None else min_cosine
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        extra = external_data_files(src)
-        for name in [src.name, *extra]:  # ModelOpt writes beside its input: work on a copy
-            shutil.copy2(src.parent / name, tmp / name)
-        _modelopt_quantize(tmp / src.name, tmp / out.name, spec, cal, calibration_method, high_precision_dtype,
-                           eps, external=bool(extra))
-        cos = _quantized_cosine(src, tmp / out.name) if verify else (None, None)
-        if verify and not cos[0] >= budget:
-            raise QuantizationError(f"{precision} Q/DQ graph strays from {src}: min per-row cosine {cos[0]:.4f} "
-                                    f"(mean {cos[1]:.4f}), expected >= {budget}")
-        for name in external_data_files(tmp / out.name):
-            os.replace(tmp / name, out.parent / name)
-        os.replace(tmp / out.name, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    section = dict(read_config(out.parent).get("quantized") or {}) if (out.parent / CONFIG_FILE).is_file() else {}
-    section[precision] = {"file": out.name, "source": src.name, "calibration_windows": len(cal),
-                          "calibration_sources": sorted(set(cal.sources)), "calibration_method": calibration_method,
-                          "high_precision_dtype": high_precision_dtype, "cosine_min": cos[0], "cosine_mean": cos[1]}
-    update_config(out.parent, quantized=section)
-    return QuantizeResult(out, precision, len(cal), cos[0], cos[1])
-
-
 # -- CLI -----------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
     from . import encoder_plan
+    from .encoder_quant import QUANT_PRECISIONS
 
     p = argparse.ArgumentParser(prog="python -m af3trt.build.encoder", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="stage", required=True)
@@ -509,6 +384,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from ..runtime.trtllm import MissingDependency
     from .calibration import calibration_windows
+    from .encoder_quant import quantize_onnx
 
     args = _parser().parse_args(argv)
     try:

@@ -199,7 +199,7 @@ def _stage_encoder_plan(ckpt, out: Path, options: BuildOptions, manifest: Manife
     onnx_path = out / manifest.stages["encoder_onnx"]["path"]
     entry: dict = {"path": "encoder/encoder.plan", "precision": options.encoder_precision}
     if options.encoder_precision in ("int8", "fp8"):  # ModelOpt Q/DQ graph first: runs on CPU too
-        from .encoder import quantize_onnx
+        from .encoder_quant import quantize_onnx
 
         q = quantize_onnx(onnx_path, precision=options.encoder_precision, calibration=options.calib_audio)
         onnx_path = q.onnx_path
