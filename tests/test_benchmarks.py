@@ -124,9 +124,10 @@ def test_backends_run_or_record_why_not(tmp_path, monkeypatch):
         LatencyConfig(backends=("nope",))
 
 
-def test_triton_backend_builds_the_repository_request():
+def test_triton_backend_builds_the_repository_request(monkeypatch):
     """The triton backend sends the af3trt repository's request (build.triton.REQUEST_INPUTS) through
-    Af3Client: encoded audio in AUDIO, PROMPT, MAX_TOKENS, STREAM; no server needed to build it."""
+    Af3Client: encoded audio in AUDIO, PROMPT, MIN_TOKENS = MAX_TOKENS (a fixed output length), STREAM;
+    no server needed to build it."""
     pytest.importorskip("tritonclient.grpc", reason="the triton backend needs tritonclient[grpc]")
     from types import SimpleNamespace
 
@@ -140,11 +141,19 @@ def test_triton_backend_builds_the_repository_request():
     backend.setup()
     assert backend.client.grpc_url == "127.0.0.1:10" and backend.stream
     audio = synthetic_audio(1.5)
+    sent, build = {}, backend.client.inputs
+
+    def spy(*args, **params):  # what the backend asks Af3Client for
+        sent.update(params)
+        return build(*args, **params)
+
+    monkeypatch.setattr(backend.client, "inputs", spy)
     inputs = {t.name(): t for t in backend.inputs(conversation(audio), 8)}
-    assert set(inputs) == set(TRITON_INPUTS)
+    assert set(inputs) == set(TRITON_INPUTS) and {"MAX_TOKENS", "MIN_TOKENS"} <= set(TRITON_INPUTS)
+    assert (sent["max_tokens"], sent["min_tokens"]) == (8, 8)
     for name, t in inputs.items():  # the client's dtype names -> config.pbtxt's
         assert {"BYTES": NUMPY_TO_TRITON["bytes"]}.get(t.datatype(), f"TYPE_{t.datatype()}") == declared[name], name
-    assert inputs["AUDIO"].shape() == [1] and inputs["PROMPT"].shape() == [1]
+    assert inputs["AUDIO"].shape() == inputs["PROMPT"].shape() == inputs["MIN_TOKENS"].shape() == [1]
     with pytest.raises(ValueError, match="expected the Triton HTTP URL as host:port"):
         triton_grpc_url("localhost")
     assert triton_grpc_url("h:8000", "h:9001") == "h:9001"

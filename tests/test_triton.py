@@ -49,6 +49,26 @@ def io_signature(tensors):
             for t in tensors]
 
 
+def check_min_tokens(configs):
+    """MIN_TOKENS (INT32 [1], optional) on the request models -> preprocessing's min_tokens -> the LLM's
+    min_tokens (the C++ backend's scalar: [1] reshaped to [], optional), in the ensemble and `af3`."""
+    from tritonclient.grpc import model_config_pb2
+
+    int32 = model_config_pb2.TYPE_INT32
+    for name in ("preprocessing", "ensemble", "af3"):
+        request = {t.name: t for t in configs[name].input}["MIN_TOKENS"]
+        assert (request.data_type, list(request.dims), request.optional) == (int32, [1], True), name
+    prep = {t.name: t for t in configs["preprocessing"].output}["min_tokens"]
+    assert (prep.data_type, list(prep.dims)) == (int32, [1, 1])
+    llm = {t.name: t for t in configs["tensorrt_llm"].input}["min_tokens"]
+    assert (llm.data_type, list(llm.dims), list(llm.reshape.shape), llm.optional) == (int32, [1], [], True)
+    steps = {s.model_name: s for s in configs["ensemble"].ensemble_scheduling.step}
+    assert steps["preprocessing"].input_map["MIN_TOKENS"] == "MIN_TOKENS"
+    assert steps["preprocessing"].output_map["min_tokens"] == steps["tensorrt_llm"].input_map["min_tokens"]
+    bls = {k: v.string_value for k, v in configs["af3"].parameters.items()}
+    assert "MIN_TOKENS" in json.loads(bls["preprocessing_inputs"]) and "min_tokens" in json.loads(bls["llm_inputs"])
+
+
 def conversation(prompt=PROMPT, audio=SPEECH_WAV):
     content = ([{"type": "audio", "audio": audio}] if audio is not None else []) + [{"type": "text", "text": prompt}]
     return [{"role": "user", "content": content}]
@@ -106,6 +126,7 @@ def test_cpu_repository_configs(cpu_repo):
         model = configs[step.model_name]
         assert set(step.input_map) <= {t.name for t in model.input}, step.model_name
         assert set(step.output_map) <= {t.name for t in model.output}, step.model_name
+    check_min_tokens(configs)
     assert (cpu_repo.path / MARKER).is_file()
 
 
@@ -129,6 +150,7 @@ def test_production_repository(prod_repo, cpu_repo, tmp_path):
     assert inputs["prompt_embedding_table"].data_type == model_config_pb2.TYPE_FP16
     assert inputs["prompt_table_extra_ids"].data_type == model_config_pb2.TYPE_UINT64
     assert "prompt_vocab_size" in inputs and "end_id" in inputs and "pad_id" in inputs
+    check_min_tokens(configs)  # the C++ backend's min_tokens, as its inflight_batcher_llm config names it
     python_llm = parse_config(cpu_repo.path / "tensorrt_llm" / "config.pbtxt")
     assert io_signature(llm.input) == io_signature(python_llm.input)  # same tensors either backend
     assert io_signature(llm.output) == io_signature(python_llm.output)
@@ -259,6 +281,36 @@ def test_text_only_request(client, engine_pipe):
 
 
 @pytest.mark.triton_server
+@pytest.mark.parametrize("model", ["af3", "ensemble"])
+@pytest.mark.parametrize("prompt, audio, tokens, held", [(PROMPT, SPEECH_WAV, 6, False), ("hello", None, 12, True)])
+def test_min_tokens_fixes_the_length(client, engine_pipe, model, prompt, audio, tokens, held):
+    """MIN_TOKENS = MAX_TOKENS: exactly that many tokens, the in-process min_new_tokens answer. Text-only
+    "hello" ends by itself before 12 tokens (`held`): there MIN_TOKENS is what holds the end back."""
+    free = engine_pipe.generate(conversation(prompt, audio), max_new_tokens=tokens)[0]
+    fixed = engine_pipe.generate(conversation(prompt, audio), max_new_tokens=tokens, min_new_tokens=tokens)[0]
+    assert len(fixed.token_ids) == tokens and (len(free.token_ids) < tokens) == held
+    got = client.generate(prompt, audio, model=model, max_tokens=tokens, min_tokens=tokens)
+    print(f"free     {free.text!r}\nexpected {fixed.text!r}\ngot      {got!r}")
+    assert got == fixed.text and (got != free.text) == held
+    assert client.infer(prompt, audio, model=model, max_tokens=tokens, min_tokens=tokens) == fixed.text
+
+
+@pytest.mark.triton_server
+def test_preprocessing_min_tokens(client, server):
+    """preprocessing passes MIN_TOKENS on as the LLM's min_tokens, 0 when the request has none."""
+    import tritonclient.grpc as grpcclient
+
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+
+    def min_tokens(**params):
+        out = grpc.infer("preprocessing", client.inputs("hello", **params),
+                         outputs=[grpcclient.InferRequestedOutput("min_tokens")])
+        return out.as_numpy("min_tokens").tolist()
+
+    assert min_tokens(max_tokens=8) == [[0]] and min_tokens(max_tokens=8, min_tokens=8) == [[8]]
+
+
+@pytest.mark.triton_server
 def test_concurrent_clients(client, server):
     from af3trt.testing import synthetic_audio
 
@@ -318,6 +370,7 @@ def test_extra_ids_identify_audio(client, server, engine_pipe):
 def test_benchmark_triton_backend(server, model):
     """`af3trt bench --backends triton` against this server: probe, concurrent streamed requests, TTFT."""
     from af3trt.benchmark.backends import TritonBackend, conversations
+    from af3trt.benchmark.latency import summarize
 
     models = types.SimpleNamespace(triton_url=server.http_url, triton_grpc_url=server.grpc_url, triton_model=model)
     backend = TritonBackend(models)
@@ -325,7 +378,10 @@ def test_benchmark_triton_backend(server, model):
     backend.setup()
     call = backend.run(conversations(2.0, 2), 8)
     assert 0 < call.ttft <= call.total and call.decode == pytest.approx(call.total - call.ttft)
-    assert call.new_tokens == 0  # text comes back, not token ids: no per-token figures
+    assert call.new_tokens == 8  # MIN_TOKENS = MAX_TOKENS: the server fixes the length
+    row = summarize([call], seconds=2.0, batch=2, new_tokens=8)  # per-token figures as for the other backends
+    assert row["tpot_ms"]["p50"] == pytest.approx(call.decode / 7 * 1e3)
+    assert row["throughput"]["decode_tokens_per_s"] == pytest.approx(2 * 7 / call.decode)
 
 
 def _wav(seconds):
@@ -352,6 +408,9 @@ def test_bad_requests(client, server, model):
     fails(r"expected AUDIO\[0\] of at most 600 s, got 660.0 s", client.inputs(PROMPT, _wav(660)))
     fails(r"expected a prompt of at most 2048 tokens .*, got \d+", client.inputs("hello world " * 1500, SPEECH_WAV))
     fails(r"expected MAX_TOKENS in \[1, 512\], got 100000", client.inputs(PROMPT, SPEECH_WAV, max_tokens=100000))
+    fails(r"expected MIN_TOKENS in \[0, 8\] \(at most MAX_TOKENS\), got 9",
+          client.inputs(PROMPT, SPEECH_WAV, max_tokens=8, min_tokens=9))
+    fails(r"expected MIN_TOKENS in \[0, 256\] \(at most MAX_TOKENS\), got -1", client.inputs(PROMPT, min_tokens=-1))
     fails(r"expected PROMPT with 1 element \(text\), got none",
           [t for t in client.inputs(PROMPT, SPEECH_WAV) if t.name() != "PROMPT"])
     wrong = grpcclient.InferInput("MAX_TOKENS", [1], "FP32")

@@ -10,8 +10,8 @@ and the benchmark records "skipped: <reason>"; nothing is ever estimated in its 
 - `hf-compiled` transformers' AF3 `generate` with a static cache, which makes transformers compile the
                 decode step (CUDA only; the first call compiles)
 - `trtllm`      af3trt Pipeline on an engine dir with the TensorRT-LLM decoder
-- `triton`      a running Triton server on an af3trt repository (Af3Client, gRPC streaming):
-                client-side end-to-end time and time to the first text piece
+- `triton`      a running Triton server on an af3trt repository (Af3Client, gRPC streaming, MIN_TOKENS =
+                MAX_TOKENS): client-side end-to-end time and time to the first text piece
 """
 
 from __future__ import annotations
@@ -278,9 +278,9 @@ class TrtllmBackend(TorchBackend):
 
 
 # The af3trt repository's request (af3trt.build.triton.REQUEST_INPUTS of `af3` / `ensemble`) that
-# this backend sends through Af3Client: encoded audio files, the prompt, the output limit, streaming;
-# the answer comes back as TEXT pieces.
-TRITON_INPUTS = ("PROMPT", "AUDIO", "MAX_TOKENS", "STREAM")
+# this backend sends through Af3Client: encoded audio files, the prompt, the output length (MIN_TOKENS =
+# MAX_TOKENS, so it is fixed as in the other backends), streaming; the answer comes back as TEXT pieces.
+TRITON_INPUTS = ("PROMPT", "AUDIO", "MAX_TOKENS", "MIN_TOKENS", "STREAM")
 
 
 def triton_grpc_url(http_url: str, grpc_url: str | None = None) -> str:
@@ -315,7 +315,8 @@ class TritonBackend(Backend):
     name = "triton"
     precision = "server"
     description = ("Triton server (af3trt repository) via Af3Client over gRPC: one streamed request per "
-                   "conversation, all sent together; client-side times (TTFT = first text piece)")
+                   "conversation, all sent together, MIN_TOKENS = MAX_TOKENS; client-side times (TTFT = first "
+                   "text piece)")
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("tritonclient") is None:
@@ -360,9 +361,11 @@ class TritonBackend(Backend):
         self.stream = getattr(self, "decoupled", True)  # a plain (non-decoupled) ensemble answers once
 
     def inputs(self, conv, new_tokens: int):
-        """The gRPC InferInputs of one conversation (audio encoded to WAV bytes, MAX_TOKENS = new_tokens)."""
+        """The gRPC InferInputs of one conversation (audio encoded to WAV bytes, MIN_TOKENS = MAX_TOKENS =
+        new_tokens: the output length is fixed)."""
         prompt, audios = request_parts(conv)
-        return self.client.inputs(prompt, audios or None, stream=self.stream, max_tokens=new_tokens)
+        return self.client.inputs(prompt, audios or None, stream=self.stream, max_tokens=new_tokens,
+                                  min_tokens=new_tokens)
 
     def run(self, convs, new_tokens: int) -> Call:
         import threading
@@ -381,11 +384,11 @@ class TritonBackend(Backend):
             raise RuntimeError(f"expected {len(requests)} answers from {self.models.triton_model!r}, got an error "
                                f"on request {i}: {type(errors[i]).__name__}: {errors[i]}")
         total = max(s[-1] for s in stamps) - t0
-        if not self.stream or any(len(s) < 2 for s in stamps):  # one response, or an empty answer
-            return Call(total=total, new_tokens=0)
+        # MIN_TOKENS = MAX_TOKENS: every answer has new_tokens tokens (the server enforces it; text comes back)
+        if not self.stream or any(len(s) < 2 for s in stamps):  # one response, or an empty answer: no TTFT
+            return Call(total=total, new_tokens=new_tokens)
         ttft = max(s[0] for s in stamps) - t0  # every request has its first piece, as a batch's first token
-        # the answers carry text, not token ids: the output length is unknown, so new_tokens=0 (no per-token figures)
-        return Call(total=total, ttft=ttft, decode=total - ttft, new_tokens=0)
+        return Call(total=total, ttft=ttft, decode=total - ttft, new_tokens=new_tokens)
 
 
 BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (

@@ -60,11 +60,11 @@ def _scalar(name, dtype, optional=True) -> TensorSpec:
 REQUEST_INPUTS = (
     tensor("AUDIO", "bytes", -1, optional=True), tensor("AUDIO_BASE64", "bytes", -1, optional=True),
     tensor("PROMPT", "bytes", 1, optional=True),
-    tensor("MAX_TOKENS", "int32", 1, optional=True), tensor("DO_SAMPLE", "bool", 1, optional=True),
-    tensor("TEMPERATURE", "float32", 1, optional=True), tensor("TOP_P", "float32", 1, optional=True),
-    tensor("TOP_K", "int32", 1, optional=True), tensor("REPETITION_PENALTY", "float32", 1, optional=True),
-    tensor("SEED", "uint64", 1, optional=True), tensor("STREAM", "bool", 1, optional=True),
-    tensor("STRIP_PREFIX", "bool", 1, optional=True),
+    tensor("MAX_TOKENS", "int32", 1, optional=True), tensor("MIN_TOKENS", "int32", 1, optional=True),
+    tensor("DO_SAMPLE", "bool", 1, optional=True), tensor("TEMPERATURE", "float32", 1, optional=True),
+    tensor("TOP_P", "float32", 1, optional=True), tensor("TOP_K", "int32", 1, optional=True),
+    tensor("REPETITION_PENALTY", "float32", 1, optional=True), tensor("SEED", "uint64", 1, optional=True),
+    tensor("STREAM", "bool", 1, optional=True), tensor("STRIP_PREFIX", "bool", 1, optional=True),
 )
 REQUEST_OUTPUTS = (tensor("TEXT", "bytes", -1),)
 
@@ -75,7 +75,7 @@ LLM_INPUTS = (
     _scalar("request_output_len", "int32", optional=False), _scalar("end_id", "int32"), _scalar("pad_id", "int32"),
     tensor("stop_words_list", "int32", 2, -1, optional=True, ragged=True), _scalar("runtime_top_k", "int32"),
     _scalar("runtime_top_p", "float32"), _scalar("temperature", "float32"), _scalar("repetition_penalty", "float32"),
-    _scalar("seed", "uint64"), _scalar("streaming", "bool"),
+    _scalar("min_tokens", "int32"), _scalar("seed", "uint64"), _scalar("streaming", "bool"),
     tensor("prompt_embedding_table", "float16", -1, -1, optional=True, ragged=True),
     _scalar("prompt_vocab_size", "int32"), tensor("prompt_table_extra_ids", "uint64", -1, optional=True, ragged=True),
 )

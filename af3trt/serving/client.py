@@ -29,10 +29,11 @@ import numpy as np
 DEFAULT_MODEL = "af3"
 # keyword -> (input name, numpy dtype, Triton dtype)
 PARAMS = {
-    "max_tokens": ("MAX_TOKENS", np.int32, "INT32"), "do_sample": ("DO_SAMPLE", np.bool_, "BOOL"),
-    "temperature": ("TEMPERATURE", np.float32, "FP32"), "top_p": ("TOP_P", np.float32, "FP32"),
-    "top_k": ("TOP_K", np.int32, "INT32"), "repetition_penalty": ("REPETITION_PENALTY", np.float32, "FP32"),
-    "seed": ("SEED", np.uint64, "UINT64"), "strip_prefix": ("STRIP_PREFIX", np.bool_, "BOOL"),
+    "max_tokens": ("MAX_TOKENS", np.int32, "INT32"), "min_tokens": ("MIN_TOKENS", np.int32, "INT32"),
+    "do_sample": ("DO_SAMPLE", np.bool_, "BOOL"), "temperature": ("TEMPERATURE", np.float32, "FP32"),
+    "top_p": ("TOP_P", np.float32, "FP32"), "top_k": ("TOP_K", np.int32, "INT32"),
+    "repetition_penalty": ("REPETITION_PENALTY", np.float32, "FP32"), "seed": ("SEED", np.uint64, "UINT64"),
+    "strip_prefix": ("STRIP_PREFIX", np.bool_, "BOOL"),
 }
 
 

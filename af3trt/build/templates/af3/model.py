@@ -97,6 +97,9 @@ class TritonPythonModel:
                 if not text.endswith("\ufffd") and len(text) > sent:
                     sender.send(_text(text[sent:]))
                     sent = len(text)
+        want = int(prep["min_tokens"].as_numpy().reshape(-1)[0]) if "min_tokens" in prep else 0
+        if len(tokens) < want:  # the C++ backend's min_tokens holds back end_id only, not the stop words
+            raise StepError(f"expected at least {want} tokens (MIN_TOKENS), {LLM} stopped after {len(tokens)}")
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         if stream:
             if len(text) > sent:
