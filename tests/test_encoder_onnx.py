@@ -4,10 +4,12 @@ CPU tests run everything but TensorRT; `build_plan`'s TensorRT calls are exercis
 recording stand-in of the `tensorrt` module, and the `-m tensorrt` tests build and run real plans.
 """
 
+import enum
 import json
 import shutil
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -254,76 +256,252 @@ def test_build_plan_validates_before_tensorrt(engine, int8_onnx):
         enc.build_plan(engine.onnx_path, profile=(2, 1, 4))
 
 
+class FakeTensorRTMisuse(AssertionError):
+    """A call the real TensorRT 10.13 Python bindings would reject (an unknown name, a wrong argument
+    name or type) or that their documentation forbids."""
+
+
+def _check(ok, what):
+    if not ok:
+        raise FakeTensorRTMisuse(what)
+
+
 class FakeLayer:
-    """A network layer as `_keep_front_end_fp32` sees it: name, output dtypes, precision it is given."""
+    """An ILayer as `_keep_front_end_fp32` sees it (TensorRT 10.13 pyGraph.cpp): `name`, `num_outputs`,
+    `get_output(index)`, the `precision` property and `set_output_type(index, dtype)`; the last two
+    only on a weakly typed network ("Strongly-typed networks reject calls", NvInfer.h)."""
 
     def __init__(self, name, *dtypes):
-        self.name, self.precision, self.output_types = name, None, {}
-        self.outputs = [SimpleNamespace(dtype=d) for d in dtypes]
-        self.num_outputs = len(dtypes)
+        self.name, self._precision, self.output_types, self.network = name, None, {}, None
+        self._outputs = [SimpleNamespace(name=f"{name}_output_{j}", dtype=d) for j, d in enumerate(dtypes)]
 
-    def get_output(self, j):
-        return self.outputs[j]
+    @property
+    def num_outputs(self):
+        return len(self._outputs)
 
-    def set_output_type(self, j, dtype):
-        self.output_types[j] = dtype
+    def get_output(self, index):
+        _check(isinstance(index, int) and 0 <= index < self.num_outputs, f"ILayer.get_output({index!r})")
+        return self._outputs[index]
+
+    @property
+    def precision(self):
+        return self._precision
+
+    @precision.setter
+    def precision(self, dtype):
+        _check(not self.network.strongly_typed, "layer.precision on a strongly typed network")
+        _check(isinstance(dtype, self.network.trt.DataType), f"layer.precision = {dtype!r} (expected a DataType)")
+        self._precision = dtype
+
+    def set_output_type(self, index, dtype):
+        _check(not self.network.strongly_typed, "set_output_type on a strongly typed network")
+        _check(isinstance(index, int) and 0 <= index < self.num_outputs, f"set_output_type({index!r}, ...)")
+        _check(isinstance(dtype, self.network.trt.DataType), f"set_output_type(..., {dtype!r})")
+        self.output_types[index] = dtype
 
 
-def fake_tensorrt(parse_errors=(), serialized=b"PLAN", signal="features"):
-    """A recording stand-in for the few `tensorrt` calls build_plan makes (TensorRT 10 names);
-    signal: the network's first input (features | audio)."""
-    rec = SimpleNamespace(flags=[], cleared=[], shapes={}, network_flags=None, cache_in=None, pool=None)
+def fake_tensorrt(parse_errors=(), serialized=b"PLAN", signal="features", cache_mismatch=False):
+    """A recording stand-in for the `tensorrt` calls build_plan makes, with the TensorRT 10.13 Python
+    bindings' names, argument names, enum values and return types (NVIDIA/TensorRT release/10.13,
+    python/src/infer/pyCore.cpp, pyGraph.cpp, pyFoundationalTypes.cpp, parsers/pyOnnx.cpp): a wrong
+    name or argument raises AttributeError/TypeError/FakeTensorRTMisuse as the real module would.
+    signal: the network's first input (features | audio); serialized: the plan bytes (None = a failed
+    build, logged as an ERROR); cache_mismatch: set_timing_cache returns False."""
+    rec = SimpleNamespace(flags=[], cleared=[], shapes={}, network_flags=None, strongly_typed=None, cache_in=None,
+                          pool=None, parsed=None, built=0)
     trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.99.0"
-    trt.float32, trt.int64 = "float32", "int64"
-    trt.ILogger = type("ILogger", (), {"__init__": lambda self: None})
-    trt.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=5)
-    trt.BuilderFlag = SimpleNamespace(FP16="FP16", BF16="BF16", TF32="TF32",
-                                      OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS")
-    trt.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
-    tensor = lambda name, dtype: SimpleNamespace(name=name, dtype=SimpleNamespace(name=dtype))  # noqa: E731
-    rec.layers = [FakeLayer("/logmel/Cast", "int64"), FakeLayer("/logmel/Pad", "float32"),
-                  FakeLayer("/logmel/Conv", "float32"), FakeLayer("/logmel/MatMul", "float32"),
-                  FakeLayer("/encoder/conv1/Conv", "float32")]
-    network = SimpleNamespace(num_inputs=2, num_outputs=1, num_layers=len(rec.layers), get_layer=rec.layers.__getitem__,
-                              get_input=[tensor(signal, "FLOAT"), tensor("frames", "INT64")].__getitem__,
-                              get_output=[tensor("embeddings", "FLOAT")].__getitem__)
+    trt.__version__ = "10.13.3.9"
+    trt.DataType = enum.IntEnum("DataType", {"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "UINT8": 5,
+                                             "FP8": 6, "BF16": 7, "INT64": 8, "INT4": 9, "FP4": 10, "E8M0": 11})
+    trt.float32, trt.float16, trt.bfloat16 = trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16
+    trt.int32, trt.int64, trt.int8 = trt.DataType.INT32, trt.DataType.INT64, trt.DataType.INT8
+    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {
+        "EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1, "PREFER_JIT_PYTHON_PLUGINS": 2, "PREFER_AOT_PYTHON_PLUGINS": 3})
+    trt.BuilderFlag = enum.IntEnum("BuilderFlag", {
+        "FP16": 0, "INT8": 1, "DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 4, "DISABLE_TIMING_CACHE": 5, "TF32": 6,
+        "SPARSE_WEIGHTS": 7, "OBEY_PRECISION_CONSTRAINTS": 9, "PREFER_PRECISION_CONSTRAINTS": 10, "FP8": 15,
+        "ERROR_ON_TIMING_CACHE_MISS": 16, "BF16": 17, "STRIP_PLAN": 19, "INT4": 22, "FP4": 26})
+    # trtexec (samples/common/sampleOptions.cpp, 10.13): "setting fp16 mode is not allowed if graph is strongly typed"
+    type_flags = {trt.BuilderFlag[n] for n in ("FP16", "INT8", "BF16", "FP8", "INT4", "FP4")}
+    trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0, "DLA_MANAGED_SRAM": 1, "DLA_LOCAL_DRAM": 2,
+                                                         "DLA_GLOBAL_DRAM": 3, "TACTIC_DRAM": 4,
+                                                         "TACTIC_SHARED_MEMORY": 5})
+    severity = enum.IntEnum("Severity", {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3, "VERBOSE": 4})
 
-    class Parser:
-        num_errors = len(parse_errors)
+    class ILogger:
+        Severity = severity
 
-        def __init__(self, net, logger):
-            assert net is network
+        def __init__(self):
+            self._trt_initialized = True  # pybind: a subclass that skips ILogger.__init__ fails on use
 
-        def parse_from_file(self, path):
-            rec.parsed = path
-            return not parse_errors
+        def log(self, severity, msg):
+            raise FakeTensorRTMisuse("ILogger.log is pure virtual: override it")
 
-        def get_error(self, i):
-            return parse_errors[i]
+    trt.ILogger = ILogger
 
-    cache = SimpleNamespace(serialize=lambda: b"CACHE")
-    config = SimpleNamespace(
-        set_flag=rec.flags.append, clear_flag=rec.cleared.append, add_optimization_profile=lambda p: 0,
-        set_memory_pool_limit=lambda pool, size: setattr(rec, "pool", (pool, size)),
-        create_timing_cache=lambda data: setattr(rec, "cache_in", data) or cache,
-        set_timing_cache=lambda c, ignore_mismatch: c is cache and ignore_mismatch is False,
-        get_timing_cache=lambda: cache)
-    profile = SimpleNamespace(set_shape=lambda name, lo, opt, hi: rec.shapes.__setitem__(name, (lo, opt, hi)))
+    def logger_arg(logger):
+        _check(isinstance(logger, ILogger) and getattr(logger, "_trt_initialized", False),
+               f"expected an ILogger whose __init__ ran, got {logger!r}")
+        return logger
+
+    def dims(shape, what):
+        _check(isinstance(shape, (tuple, list)) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape),
+               f"{what}: expected a Dims (tuple/list of int), got {shape!r}")
+        return tuple(shape)
+
+    tensor = lambda name, dtype: SimpleNamespace(name=name, dtype=dtype)  # noqa: E731 (ITensor: name, dtype)
+    rec.layers = [FakeLayer("/logmel/Cast", trt.int64), FakeLayer("/logmel/Pad", trt.float32),
+                  FakeLayer("/logmel/Conv", trt.float32), FakeLayer("/logmel/MatMul", trt.float32),
+                  FakeLayer("/encoder/conv1/Conv", trt.float32)]
+    inputs = {signal: 3 if signal == "features" else 2, "frames": 1}  # rank of each network input
+
+    class INetworkDefinition:
+        def __init__(self, flags):
+            self.trt = trt
+            self.strongly_typed = bool(flags >> int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) & 1)
+            self._inputs = [tensor(signal, trt.float32), tensor("frames", trt.int64)]
+            self._outputs = [tensor("embeddings", trt.float32)]
+            for layer in rec.layers:
+                layer.network = self
+
+        num_inputs = property(lambda self: len(self._inputs))
+        num_outputs = property(lambda self: len(self._outputs))
+        num_layers = property(lambda self: len(rec.layers))
+
+        def get_input(self, index):
+            return self._inputs[index]
+
+        def get_output(self, index):
+            return self._outputs[index]
+
+        def get_layer(self, index):
+            return rec.layers[index]
+
+    class ParserError:
+        def __init__(self, desc):
+            self._desc = desc
+
+        def desc(self):
+            return self._desc
+
+        def __str__(self):
+            return self._desc
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            _check(isinstance(network, INetworkDefinition), f"OnnxParser(network={network!r}, ...)")
+            self._logger, self._errors = logger_arg(logger), []
+
+        def parse_from_file(self, model):
+            _check(isinstance(model, str), f"parse_from_file(model: str), got {type(model).__name__}")  # std::string
+            import onnx
+
+            rec.parsed = model
+            self._errors = [ParserError(e) for e in parse_errors]
+            # onnx-tensorrt WeightsContext::parseExternalWeights: a `location` is relative to the .onnx file's folder
+            graph = onnx.load(model, load_external_data=False).graph
+            for location in {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}:
+                if ".." in Path(location).parts or not (Path(model).parent / location).is_file():
+                    self._errors.append(ParserError(f"Failed to open file: {Path(model).parent / location}"))
+            return not self._errors
+
+        @property
+        def num_errors(self):
+            return len(self._errors)
+
+        def get_error(self, index):
+            return self._errors[index]
+
+    class ITimingCache:
+        def __init__(self, blob):
+            self.blob = blob
+
+        def serialize(self):
+            return memoryview(b"CACHE")  # IHostMemory: a buffer, not bytes
+
+    class IOptimizationProfile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, input, min, opt, max):  # noqa: A002 (the bindings' argument names)
+            _check(isinstance(input, str), f"set_shape(input={input!r}, ...)")
+            shapes = [dims(s, f"set_shape({input!r})") for s in (min, opt, max)]
+            if len({len(s) for s in shapes}) > 1 or any(a > b for lo, hi in zip(shapes, shapes[1:])
+                                                           for a, b in zip(lo, hi)):
+                raise RuntimeError("Shape provided for min/opt/max is inconsistent with other shapes.")
+            self.shapes[input] = rec.shapes[input] = tuple(shapes)
+
+    class IBuilderConfig:
+        def __init__(self):
+            self.flags, self.profiles, self.cache = {trt.BuilderFlag.TF32}, [], None
+
+        def set_flag(self, flag):
+            _check(isinstance(flag, trt.BuilderFlag), f"set_flag(flag={flag!r}): expected a BuilderFlag")
+            self.flags.add(flag)
+            rec.flags.append(flag.name)
+
+        def clear_flag(self, flag):
+            _check(isinstance(flag, trt.BuilderFlag), f"clear_flag(flag={flag!r}): expected a BuilderFlag")
+            self.flags.discard(flag)
+            rec.cleared.append(flag.name)
+
+        def set_memory_pool_limit(self, pool, pool_size):
+            _check(isinstance(pool, trt.MemoryPoolType) and isinstance(pool_size, int) and pool_size >= 0,
+                   f"set_memory_pool_limit({pool!r}, {pool_size!r})")
+            rec.pool = (pool.name, pool_size)
+
+        def add_optimization_profile(self, profile):
+            _check(isinstance(profile, IOptimizationProfile), f"add_optimization_profile({profile!r})")
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
+
+        def create_timing_cache(self, serialized_timing_cache):
+            blob = bytes(memoryview(serialized_timing_cache))  # py::buffer: TypeError for str/None/Path
+            rec.cache_in = blob
+            return ITimingCache(blob) if blob in (b"", b"CACHE") else None  # unreadable blob: nullptr (assumed)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            _check(isinstance(cache, ITimingCache) and isinstance(ignore_mismatch, bool),
+                   f"set_timing_cache(cache={cache!r}, ignore_mismatch={ignore_mismatch!r})")
+            self.cache = cache
+            return not cache_mismatch
+
+        def get_timing_cache(self):
+            return self.cache
 
     class Builder:
         def __init__(self, logger):
-            rec.logger = logger
+            self._logger = rec.logger = logger_arg(logger)
 
-        def create_network(self, flags):
-            rec.network_flags = flags
+        def create_network(self, flags=0):
+            _check(isinstance(flags, int) and not isinstance(flags, bool) and 0 <= flags < 1 << 4,
+                   f"create_network(flags={flags!r}): expected a uint32 of NetworkDefinitionCreationFlag bits")
+            network = INetworkDefinition(flags)
+            rec.network_flags, rec.strongly_typed = flags, network.strongly_typed
             return network
 
-        create_builder_config = staticmethod(lambda: config)
-        create_optimization_profile = staticmethod(lambda: profile)
-        build_serialized_network = staticmethod(lambda net, cfg: serialized)
+        def create_builder_config(self):
+            return IBuilderConfig()
 
-    trt.OnnxParser, trt.Builder = Parser, Builder
+        def create_optimization_profile(self):
+            return IOptimizationProfile()
+
+        def build_serialized_network(self, network, config):
+            _check(isinstance(network, INetworkDefinition) and isinstance(config, IBuilderConfig),
+                   f"build_serialized_network({network!r}, {config!r})")
+            _check(not (network.strongly_typed and config.flags & type_flags),
+                   f"type BuilderFlags {sorted(f.name for f in config.flags & type_flags)} on a strongly typed network")
+            _check(len(config.profiles) == 1 and set(config.profiles[0].shapes) == set(inputs)
+                   and all(len(config.profiles[0].shapes[n][0]) == r for n, r in inputs.items()),
+                   f"expected one optimization profile with shapes for {inputs}, "
+                   f"got {[p.shapes for p in config.profiles]}")
+            rec.built += 1
+            if serialized is None:
+                self._logger.log(severity.ERROR, "fake: no implementation obeys reformatting-free rules")
+                return None
+            return memoryview(serialized)  # IHostMemory: a buffer, not bytes
+
+    trt.OnnxParser, trt.Builder = OnnxParser, Builder
     return trt, rec
 
 
@@ -339,6 +517,7 @@ def test_build_plan_tensorrt_calls(engine, int8_onnx, tmp_path, monkeypatch):
     assert rec.shapes == {"features": ((1, 128, 3000), (2, 128, 3000), (4, 128, 3000)),
                           "frames": ((1,), (2,), (4,))}
     assert rec.pool == ("WORKSPACE", 2 << 30)
+    assert rec.parsed == str(engine.onnx_path.resolve())
     plan = enc.read_config(tmp_path / "fp16")["plan"]
     assert plan["profile"] == {"min": 1, "opt": 2, "max": 4} and plan["io"]["frames"] == "INT64"
     assert enc.build_plan(engine.onnx_path, tmp_path / "fp16", precision="fp16", profile=(1, 2, 4)).skipped
@@ -348,8 +527,10 @@ def test_build_plan_tensorrt_calls(engine, int8_onnx, tmp_path, monkeypatch):
 
     rec.flags.clear()
     res = enc.build_plan(int8_onnx.onnx_path, tmp_path / "int8", precision="int8")
-    assert res.strongly_typed and rec.network_flags == 1 << 5 and rec.flags == []
+    assert res.strongly_typed and rec.network_flags == 1 << 1 and rec.strongly_typed and rec.flags == []
     assert res.profile == (1, 4, 20)
+    res = enc.build_plan(engine.onnx_path, tmp_path / "fp32", precision="fp32", profile=(1, 2, 4))
+    assert res.strongly_typed and rec.strongly_typed and rec.flags == []
 
 
 def test_build_plan_raises_every_parser_error_and_failed_build(engine, tmp_path, monkeypatch):
@@ -358,11 +539,47 @@ def test_build_plan_raises_every_parser_error_and_failed_build(engine, tmp_path,
     with pytest.raises(enc.PlanBuildError, match=r"2 error\(s\):\n  In node 3 .*\n  In node 9") as info:
         enc.build_plan(engine.onnx_path, tmp_path, precision="fp16")
     print(info.value)
-    trt, _ = fake_tensorrt(serialized=None)
+    trt, rec = fake_tensorrt(serialized=None)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    with pytest.raises(enc.PlanBuildError, match="build_serialized_network returned None"):
+    with pytest.raises(enc.PlanBuildError, match="build_serialized_network returned None.*reformatting-free"):
         enc.build_plan(engine.onnx_path, tmp_path, precision="bf16")
-    assert not (tmp_path / "encoder.plan").exists()
+    assert not (tmp_path / "encoder.plan").exists() and rec.flags == ["BF16"] and rec.built == 1
+    for garbage, mismatch in ((b"not a timing cache", False), (b"CACHE", True)):
+        (tmp_path / "timing.cache").write_bytes(garbage)
+        trt, rec = fake_tensorrt(cache_mismatch=mismatch)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        with pytest.raises(enc.PlanBuildError, match="rejected the timing cache"):
+            enc.build_plan(engine.onnx_path, tmp_path, precision="fp16", timing_cache=tmp_path / "timing.cache")
+        assert rec.built == 0
+
+
+def test_fake_tensorrt_rejects_what_the_bindings_reject(tmp_path):
+    """The stand-in fails the misuses that build_plan must not make (so a CPU test would catch them)."""
+    trt, rec = fake_tensorrt()
+    logger = trt.ILogger()
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    config = builder.create_builder_config()
+    with pytest.raises(FakeTensorRTMisuse, match="strongly typed"):
+        rec.layers[1].precision = trt.float32
+    with pytest.raises(FakeTensorRTMisuse, match="BuilderFlag"):
+        config.set_flag("FP16")
+    with pytest.raises(TypeError):
+        config.set_timing_cache(config.create_timing_cache(b""))  # ignore_mismatch is required
+    with pytest.raises(FakeTensorRTMisuse, match="str"):
+        trt.OnnxParser(network, logger).parse_from_file(tmp_path / "encoder.onnx")
+    with pytest.raises(AttributeError):
+        trt.NetworkDefinitionCreationFlag.EXPLICT_BATCH  # noqa: B018
+    config.set_flag(trt.BuilderFlag.FP16)
+    with pytest.raises(FakeTensorRTMisuse, match=r"type BuilderFlags \['FP16'\] on a strongly typed network"):
+        builder.build_serialized_network(network, config)
+
+    class Unset(trt.ILogger):
+        def __init__(self):  # forgets trt.ILogger.__init__(self)
+            pass
+
+    with pytest.raises(FakeTensorRTMisuse, match="ILogger"):
+        trt.Builder(Unset())
 
 
 # -- graphs that take padded 16 kHz windows (conv STFT log-mel inside the graph) ---------------------
@@ -418,8 +635,9 @@ def test_build_plan_keeps_the_audio_front_end_fp32(audio_engine, tiny_dir, tmp_p
     res = enc.build_plan(audio_engine.onnx_path, tmp_path / "fp16", precision="fp16", profile=(1, 2, 4))
     assert not res.strongly_typed and rec.cleared == ["TF32"]
     assert rec.flags == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
-    pinned = {layer.name: (layer.precision, layer.output_types) for layer in rec.layers if layer.precision}
-    assert pinned == {name: ("float32", {0: "float32"}) for name in ("/logmel/Pad", "/logmel/Conv", "/logmel/MatMul")}
+    pinned = {layer.name: (layer.precision, layer.output_types) for layer in rec.layers if layer.precision is not None}
+    assert pinned == {name: (trt.float32, {0: trt.float32}) for name in ("/logmel/Pad", "/logmel/Conv",
+                                                                         "/logmel/MatMul")}
     assert rec.shapes == {"audio": ((1, 480000), (2, 480000), (4, 480000)), "frames": ((1,), (2,), (4,))}
     assert enc.read_config(tmp_path / "fp16")["plan"]["io"]["audio"] == "FLOAT"
 

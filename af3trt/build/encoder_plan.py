@@ -1,14 +1,17 @@
 """TensorRT plan of the encoder graph: ONNX (float or Q/DQ) -> ENGINE_DIR/encoder/encoder.plan.
 
-The TensorRT Python API as reference/trtllm.md §5.2 lists it: Builder, a network from OnnxParser
-(every parser error collected and raised), one optimization profile over the window axis of
-`features` (or `audio`)/`frames`, a timing cache loaded and saved, `build_serialized_network`
-returning None raises. A Q/DQ graph (quantize_onnx) or an fp16 graph builds strongly typed; an fp32
-graph builds weakly typed with the precision's BuilderFlag. A graph that takes audio keeps its
-log-mel front end (the conv STFT) in true FP32: TF32 cleared and, in a weakly typed build, its
-layers pinned to float32 (af3trt.kernels.logmel explains why). `tensorrt` is imported only here and
-lazily: where it is missing, `build_plan` raises MissingDependency with the CLI line that finishes
-the step elsewhere.
+The TensorRT 10.x Python API (checked against the TensorRT 10.13 bindings, python/src/*.cpp of
+NVIDIA/TensorRT release/10.13, the TensorRT that TensorRT-LLM 1.2 pins: `tensorrt~=10.13.3`): Builder,
+a network from `OnnxParser.parse_from_file` (external weights resolve beside the .onnx file; every
+parser error collected and raised), one optimization profile over the window axis of `features` (or
+`audio`)/`frames`, a timing cache loaded and saved, `build_serialized_network` returning None
+raises. A Q/DQ graph (quantize_onnx), an fp16 graph or an fp32 plan builds strongly typed (no type
+BuilderFlag: those are not allowed there); a float32 graph for an fp16/bf16 plan builds weakly typed
+with the precision's BuilderFlag (deprecated since TensorRT 10.12, still honoured in 10.x). A graph
+that takes audio keeps its log-mel front end (the conv STFT) in true FP32: TF32 cleared and, in a
+weakly typed build, its layers pinned to float32 (af3trt.kernels.logmel explains why). `tensorrt` is
+imported only here and lazily: where it is missing, `build_plan` raises MissingDependency with the
+CLI line that finishes the step elsewhere.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import shlex
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -166,10 +170,12 @@ def _trt_logger(trt):
 
 
 def _parse_network(trt, builder, logger, src: Path, strongly_typed: bool, io: EncoderIO):
+    # TensorRT 10 networks are always explicit batch (EXPLICIT_BATCH is deprecated and ignored): 0 = weakly typed.
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    ok = parser.parse_from_file(str(src))
+    # parse_from_file takes a str (not a Path); external data `location`s resolve against its folder.
+    ok = parser.parse_from_file(str(src.resolve()))
     errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
     if not ok or errors:
         listed = "\n".join(f"  {e}" for e in errors) or "  (the parser recorded no error)"
@@ -198,8 +204,11 @@ def _builder_config(trt, builder, spec: PlanPrecision, strongly_typed: bool, pro
         opt.set_shape(name, *(s[name] for s in shapes))
     if config.add_optimization_profile(opt) < 0:
         raise PlanBuildError(f"TensorRT rejected the optimization profile {profile} windows for {list(io.inputs)}")
-    if not config.set_timing_cache(config.create_timing_cache(cache), ignore_mismatch=False):
-        raise PlanBuildError("TensorRT rejected the timing cache (made by another TensorRT or GPU): "
+    # b"" = a fresh cache. An unreadable blob: TensorRT logs an ERROR ("The timing cache will not be used!") and
+    # may hand back no cache (None from the bindings' nullptr): refuse that rather than pass None on.
+    timing_cache = config.create_timing_cache(cache)
+    if timing_cache is None or not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+        raise PlanBuildError("TensorRT rejected the timing cache (unreadable, or made by another TensorRT or GPU): "
                              "delete it or pass another --timing-cache path")
     return config
 
@@ -210,17 +219,19 @@ def _keep_front_end_fp32(trt, network, config, strongly_typed: bool, src: Path) 
     weakly typed build its float layers pinned to float32 under OBEY_PRECISION_CONSTRAINTS, or FP16
     could take them (and |X|^2 can pass fp16's 65504). A strongly typed build obeys the graph's
     float32 types already."""
-    config.clear_flag(trt.BuilderFlag.TF32)
+    config.clear_flag(trt.BuilderFlag.TF32)  # honoured in strongly typed builds too (float32 math)
     if strongly_typed:
-        return
+        return  # strongly typed networks reject layer.precision / set_output_type
     pinned = 0
-    for layer in (network.get_layer(i) for i in range(network.num_layers)):
-        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        if layer.name.startswith(FRONT_END_SCOPE) and all(t.dtype == trt.float32 for t in outputs):
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.float32)
-            pinned += 1
+    with warnings.catch_warnings():  # both setters are deprecated since TensorRT 10.12, still honoured in 10.x
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for layer in (network.get_layer(i) for i in range(network.num_layers)):
+            outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+            if layer.name.startswith(FRONT_END_SCOPE) and all(t.dtype == trt.float32 for t in outputs):
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, trt.float32)
+                pinned += 1
     if not pinned:
         raise PlanBuildError(f"expected the log-mel front end's layers (names starting {FRONT_END_SCOPE!r}) in "
                              f"the audio-input network parsed from {src}, found none")

@@ -320,7 +320,15 @@ def import_tensorrt(command: str | None = None):
 
 
 _TRT_TO_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
-                 "INT64": torch.int64, "INT8": torch.int8, "BOOL": torch.bool}
+                 "INT64": torch.int64, "INT8": torch.int8, "BOOL": torch.bool}  # by DataType.name (nptype lacks BF16)
+_TRT_ALIGNMENT = 256  # IExecutionContext::setTensorAddress: "The pointer must have at least 256-byte alignment."
+
+
+def _trt_aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a fresh copy where its data pointer is not 256-byte aligned (a later chunk of `frames`, say,
+    starts i * 8 bytes into the batch). The copy is made and freed on the current stream, so the caching
+    allocator reuses its memory only after the enqueued inference."""
+    return t if t.data_ptr() % _TRT_ALIGNMENT == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 class TensorRTEncoder:
@@ -366,6 +374,7 @@ class TensorRTEncoder:
 
     def _run(self, signal: torch.Tensor, frames: torch.Tensor, stream: int) -> torch.Tensor:
         ctx, io = self.context, self.io
+        signal, frames = _trt_aligned(signal), _trt_aligned(frames)
         for name, t in ((io.signal, signal), (io.frames, frames)):
             if not ctx.set_input_shape(name, tuple(t.shape)):
                 raise ValueError(f"expected {name} within the plan's profile ({self.min_windows}..{self.max_windows}"
@@ -373,7 +382,8 @@ class TensorRTEncoder:
         out = torch.empty(tuple(ctx.get_tensor_shape(io.embeddings)), dtype=self._dtypes[io.embeddings],
                           device=self.device)
         for name, t in ((io.signal, signal), (io.frames, frames), (io.embeddings, out)):
-            ctx.set_tensor_address(name, t.data_ptr())
+            if not ctx.set_tensor_address(name, t.data_ptr()):
+                raise RuntimeError(f"TensorRT refused the address of {name} ({t.data_ptr():#x}) on {self.path}")
         if not ctx.execute_async_v3(stream):
             raise RuntimeError(f"TensorRT execute_async_v3 failed for {tuple(signal.shape)} {io.signal} on {self.path}")
         return out
