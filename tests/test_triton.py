@@ -146,6 +146,9 @@ def test_production_repository(prod_repo, cpu_repo, tmp_path):
     assert llm.backend == "tensorrtllm" and llm.max_batch_size == 4 and llm.model_transaction_policy.decoupled
     assert params["gpt_model_path"] == str(engine.resolve() / "llm" / "engine")
     assert params["gpt_model_type"] == "inflight_fused_batching" and params["enable_kv_cache_reuse"] == "true"
+    assert params["exclude_input_in_output"] == "true" and params["batch_scheduler_policy"] == "guaranteed_no_evict"
+    # read without a default by the 1.2 backend (model_instance_state.cc): absent, the model fails to load
+    assert all(params[k] == "" for k in ("tokenizer_dir", "guided_decoding_backend", "xgrammar_tokenizer_info_path"))
     inputs = {t.name: t for t in llm.input}
     assert inputs["prompt_embedding_table"].data_type == model_config_pb2.TYPE_FP16
     assert inputs["prompt_table_extra_ids"].data_type == model_config_pb2.TYPE_UINT64
@@ -210,6 +213,23 @@ def test_prompt_table_gathers_valid_rows(cpu_repo, monkeypatch):
     assert gather(emb[:1], [0], 3).shape == (1, 1, 3)  # text only: one unread zero row
     with pytest.raises(ValueError, match="expected embeddings"):
         gather(emb, [750], 3)
+
+
+def test_tensorrtllm_backend_needs_an_engine_of_the_prompt_table_dtype(tiny_dir, tmp_path):
+    """The executor refuses a prompt table whose dtype is not the engine's (promptTuningBuffers.cpp):
+    the FP16 table the repository sends fits a float16 engine only."""
+    engine = fake_engine_dir(tiny_dir, tmp_path / "engine")
+    path = engine / "llm" / "engine" / "config.json"
+    for dtype, ok in (("float16", True), ("bfloat16", False)):
+        cfg = json.loads(path.read_text())
+        cfg["pretrained_config"]["dtype"] = dtype
+        path.write_text(json.dumps(cfg))
+        if ok:
+            write_repository(engine, tmp_path / dtype, llm_backend="tensorrtllm")
+        else:
+            with pytest.raises(ValueError, match="TYPE_BF16"):
+                write_repository(engine, tmp_path / dtype, llm_backend="tensorrtllm")
+    write_repository(engine, tmp_path / "python", llm_backend="python")  # the torch LLM takes FP16 tables
 
 
 def test_writer_errors(tiny_dir, tmp_path):

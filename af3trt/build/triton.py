@@ -317,6 +317,13 @@ def prompt_table_config(plan: Plan) -> ModelConfig:
                        plan.options.instances, parameters=params)
 
 
+def _engine_dtype(plan: Plan) -> str | None:
+    """The TensorRT-LLM engine's dtype as a Triton type (llm/engine/config.json), None if not recorded."""
+    path = plan.facts.llm_engine / "config.json" if plan.facts.llm_engine else None
+    dtype = _json(path).get("pretrained_config", {}).get("dtype") if path and path.is_file() else None
+    return NUMPY_TO_TRITON.get(dtype) if dtype else None
+
+
 def llm_config(plan: Plan) -> ModelConfig:
     f, o, mbs = plan.facts, plan.options, plan.limits.max_batch_size
     if o.llm_backend == "python":
@@ -324,10 +331,25 @@ def llm_config(plan: Plan) -> ModelConfig:
                            dtype="auto")
         return ModelConfig(LLM, 'backend: "python"', mbs, LLM_INPUTS, LLM_OUTPUTS, o.instances,
                            decoupled=o.streaming, parameters=param_pairs(params))
+    # The C++ backend hands prompt_embedding_table to the executor as is, and the executor refuses a
+    # table whose dtype is not the engine's ("Request embedding table data type doesn't match model
+    # weight data type", batch_manager/promptTuningBuffers.cpp): every audio request would fail.
+    table = {t.name: t for t in LLM_INPUTS}["prompt_embedding_table"].dtype
+    engine = _engine_dtype(plan)
+    if engine is not None and engine != table:
+        raise ValueError(f"expected a TensorRT-LLM engine of the prompt table's dtype {table} for llm_backend "
+                         f"'tensorrtllm' (the executor rejects a prompt table of another dtype), got an engine of "
+                         f"{engine}: the prompt_table model emits {table} tables; serve a --precision fp16 engine "
+                         f"dir, or use llm_backend 'python'")
+    # Parameter names and values as the tensorrtllm backend (TensorRT-LLM 1.2 triton_backend/
+    # inflight_batcher_llm, model_instance_state.cc) reads them. tokenizer_dir, guided_decoding_backend
+    # and xgrammar_tokenizer_info_path are read without a default: a config lacking them fails to load;
+    # empty values mean no guided decoding.
     params = (("gpt_model_type", "inflight_fused_batching"), ("gpt_model_path", plan.path(f.llm_engine)),
               ("max_beam_width", "1"), ("batch_scheduler_policy", "guaranteed_no_evict"),
               ("kv_cache_free_gpu_mem_fraction", "0.9"), ("enable_kv_cache_reuse", str(o.kv_cache_reuse).lower()),
               ("exclude_input_in_output", "true"), ("enable_chunked_context", "false"),
+              ("tokenizer_dir", ""), ("guided_decoding_backend", ""), ("xgrammar_tokenizer_info_path", ""),
               ("FORCE_CPU_ONLY_INPUT_TENSORS", "no"))
     return ModelConfig(LLM, 'backend: "tensorrtllm"', mbs, LLM_INPUTS, LLM_OUTPUTS, 1, "KIND_CPU",
                        decoupled=o.streaming, dynamic_batching=_dynamic_batching(o.max_queue_delay_us, mbs),

@@ -68,8 +68,16 @@ REQUEST_INPUTS = (
 )
 REQUEST_OUTPUTS = (tensor("TEXT", "bytes", -1),)
 
-# The TensorRT-LLM C++ backend's tensors this repository uses (reference/trtllm.md §3.3); the python
-# LLM backend declares exactly these. Preprocessing emits the per-request ones under the same names.
+# The TensorRT-LLM C++ backend's tensors this repository uses: names, dtypes and dims as in TensorRT-LLM
+# 1.2 triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt (input_ids is optional
+# there; this repository always sends it). The python LLM backend declares exactly these.
+# Preprocessing emits the per-request ones under the same names. How the C++ backend reads them
+# (inflight_batcher_llm/src/utils.cc): scalars by their exact dtype; stop_words_list [2, K] = ids row +
+# cumulative end offsets, -1 padded; prompt_embedding_table [rows, H] must be in the ENGINE's dtype
+# (the executor rejects another); prompt_table_extra_ids are used only when there is one per input
+# id (else dropped, and a reuse-enabled executor then refuses the request); prompt_vocab_size is not
+# read (the executor takes the table's rows) but the python backend uses it; streaming needs a
+# decoupled model; end_id never appears in output_ids.
 LLM_INPUTS = (
     tensor("input_ids", "int32", -1, ragged=True), _scalar("input_lengths", "int32", optional=False),
     _scalar("request_output_len", "int32", optional=False), _scalar("end_id", "int32"), _scalar("pad_id", "int32"),

@@ -65,12 +65,21 @@ def make_request(prompt: Prompt, embeddings: list[torch.Tensor], digests: list[s
 
 
 def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming: bool = False) -> dict:
-    """Keyword arguments of `tensorrt_llm.bindings.executor.Request` (pinned 1.2 API) for `req`,
-    as plain Python/torch values; the TensorRT-LLM backend wraps `prompt_tuning_config` and
-    `sampling_config` in their binding types. Fake ids start at vocab_size per request."""
+    """Keyword arguments of `tensorrt_llm.bindings.executor.Request` (TensorRT-LLM 1.2 bindings) for
+    `req`, as plain Python/torch values; the TensorRT-LLM backend wraps `sampling_config`,
+    `output_config` and `prompt_tuning_config` in their binding types. Fake ids start at vocab_size
+    per request (the executor gives every request its own table; prompt_vocab_size = table rows).
+
+    Sampling follows the executor's defaults (top_k 0, top_p 0.0, and top_k == 0 with top_p == 0 is
+    greedy): greedy sends top_k=1; sampling always sends top_p (1.0 = whole distribution) so that a
+    plain temperature sample is not turned into greedy. end_id is never in the output (generation
+    stops before it); the other stop ids are single-token stop words, which do appear in the output.
+    `input_token_extra_ids` (uint64 per prompt token, > 0 on an audio's fake ids) is what KV-cache
+    block reuse with a prompt table requires: the executor rejects such a request without it.
+    """
     o = req.options
     sampling = {"beam_width": 1, "temperature": o.temperature if o.do_sample else None,
-                "top_k": (o.top_k or None) if o.do_sample else 1, "top_p": o.top_p if o.do_sample and o.top_p < 1 else None,
+                "top_k": o.top_k if o.do_sample else 1, "top_p": o.top_p if o.do_sample else None,
                 "repetition_penalty": o.repetition_penalty if o.repetition_penalty != 1.0 else None,
                 "min_tokens": o.min_new_tokens or None, "seed": o.seed}
     args = {
@@ -81,6 +90,7 @@ def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming:
         "pad_id": pad_id,
         "stop_words": [[i] for i in o.eos_token_ids if i != end_id] or None,
         "sampling_config": sampling,
+        "output_config": {"exclude_input_from_output": True},  # non-streaming results: new tokens only
         "prompt_tuning_config": None,
     }
     if req.table.shape[0]:

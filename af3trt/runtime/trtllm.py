@@ -1,17 +1,24 @@
-"""TensorRT-LLM decoder backend on the pinned 1.2 C++ Executor API (reference/trtllm.md §1.3).
+"""TensorRT-LLM decoder backend on the TensorRT-LLM 1.2 C++ Executor bindings
+(`tensorrt_llm.bindings.executor`; checked against the 1.2 pybind/nanobind sources, see
+tests/test_trtllm_runtime.py for the contract as a fake module).
 
 Thin by design: every argument it passes is built by `stitch.executor_arguments`, which CPU tests
 compare with what the torch backend consumes. One Executor per engine; requests from any thread
 are enqueued on it (in-flight batching) and a dispatcher thread routes responses by request id.
-`tensorrt_llm` is imported lazily; where it is missing, constructing the backend raises
-`MissingDependency` with the install hint.
+Executor semantics this relies on: a streaming request's responses each carry only the tokens
+generated since the previous response (never the prompt), the final one (`is_final`) possibly
+none; end_id is never part of the output (the stop words are); `finish_reasons[0]` of the final
+result says why it ended. `tensorrt_llm` is imported lazily; where it is missing, constructing the
+backend raises `MissingDependency` with the install hint.
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import secrets
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,6 +73,19 @@ def check_engine(config: dict, limits: dict, built_version: str | None, installe
         raise ManifestError(f"expected an engine with vocab_size {vocab_size} (the model's), got {engine_vocab}")
 
 
+@dataclass(frozen=True)
+class Finished:
+    """Last item but one of a request's response queue: why the executor ended it (FinishReason name:
+    END_ID, STOP_WORDS, LENGTH, TIMED_OUT, CANCELLED)."""
+
+    reason: str
+
+
+def _reason(result) -> str:
+    reasons = list(getattr(result, "finish_reasons", None) or [])
+    return getattr(reasons[0], "name", str(reasons[0])).split(".")[-1] if reasons else "UNKNOWN"
+
+
 class TensorRTLLMDecoder:
     """Decoder backend on a TensorRT-LLM engine dir (`llm/engine`). steps(requests) like TorchDecoder."""
 
@@ -73,17 +93,19 @@ class TensorRTLLMDecoder:
     concurrent = True  # the executor batches the requests of all threads in flight (Pipeline needs no lock)
 
     def __init__(self, engine_dir: str | Path, end_id: int, pad_id: int, max_batch_size: int | None = None,
-                 free_gpu_memory_fraction: float = 0.9, enable_block_reuse: bool = True):
+                 free_gpu_memory_fraction: float = 0.9, enable_block_reuse: bool = True,
+                 table_device: str = "cuda"):
         tl = import_executor()
         self._tl = tl
         self.config = engine_config(engine_dir)
         build, pretrained = self.config["build_config"], self.config["pretrained_config"]
-        self.dtype = _DTYPES[pretrained["dtype"]]
+        self.dtype = _DTYPES[pretrained["dtype"]]  # the executor rejects a prompt table of another dtype
         self.vocab_size = int(pretrained["vocab_size"])
         self.max_batch_size = int(max_batch_size or build["max_batch_size"])
         self.end_id, self.pad_id = int(end_id), int(pad_id)
-        kv = tl.KvCacheConfig(free_gpu_memory_fraction=free_gpu_memory_fraction, enable_block_reuse=enable_block_reuse)
-        cfg = tl.ExecutorConfig(max_batch_size=self.max_batch_size, max_beam_width=1, kv_cache_config=kv)
+        self.table_device = table_device  # the executor copies a host table to the GPU itself
+        kv = tl.KvCacheConfig(enable_block_reuse=enable_block_reuse, free_gpu_memory_fraction=free_gpu_memory_fraction)
+        cfg = tl.ExecutorConfig(max_beam_width=1, kv_cache_config=kv, max_batch_size=self.max_batch_size)
         self.executor = tl.Executor(Path(engine_dir), tl.ModelType.DECODER_ONLY, cfg)
         self._queues: dict[int, queue.Queue] = {}
         self._lock = threading.Lock()
@@ -94,18 +116,28 @@ class TensorRTLLMDecoder:
     def _request(self, req: DecoderRequest, streaming: bool):
         tl = self._tl
         args = executor_arguments(req, self.end_id, self.pad_id, streaming)
-        args["sampling_config"] = tl.SamplingConfig(**{k: v for k, v in args["sampling_config"].items() if v is not None})
+        sampling = {k: v for k, v in args["sampling_config"].items() if v is not None}
+        if sampling.get("top_k") != 1 and "seed" not in sampling:
+            sampling["seed"] = secrets.randbits(63)  # the executor's default seed is 0 for every request
+        args["sampling_config"] = tl.SamplingConfig(**sampling)
+        args["output_config"] = tl.OutputConfig(**args["output_config"])
         if args["prompt_tuning_config"] is not None:
             ptc = args["prompt_tuning_config"]
-            table = ptc["embedding_table"].to("cuda", self.dtype)  # cast on the GPU, engine dtype
-            args["prompt_tuning_config"] = tl.PromptTuningConfig(table, ptc["input_token_extra_ids"])
+            table = ptc["embedding_table"].to(self.table_device, self.dtype).contiguous()
+            args["prompt_tuning_config"] = tl.PromptTuningConfig(
+                embedding_table=table, input_token_extra_ids=ptc["input_token_extra_ids"])
         return tl.Request(**{k: v for k, v in args.items() if v is not None})
 
     def submit(self, req: DecoderRequest, streaming: bool = True) -> tuple[int, queue.Queue]:
-        """Enqueue one request: (request id, queue of its responses: lists of new token ids, then None)."""
+        """Enqueue one request: (request id, queue of its responses). The queue holds lists of new
+        token ids (prompt excluded, streaming or not), then a `Finished(reason)`, then None; or an
+        exception, then None."""
+        request = self._request(req, streaming)  # tables are cast/copied outside the lock
         q: queue.Queue = queue.Queue()
         with self._lock:
-            rid = self.executor.enqueue_request(self._request(req, streaming))
+            if self._stop.is_set():
+                raise RuntimeError("the TensorRT-LLM decoder is closed")
+            rid = self.executor.enqueue_request(request)
             self._queues[rid] = q
         return rid, q
 
@@ -116,26 +148,42 @@ class TensorRTLLMDecoder:
                 return  # already finished
         self.executor.cancel_request(rid)
 
+    def _fail_all(self, exc: Exception) -> None:
+        with self._lock:
+            pending, self._queues = list(self._queues.values()), {}
+        for q in pending:
+            q.put(exc)
+            q.put(None)
+
     def _dispatch(self) -> None:
         from datetime import timedelta
 
         while not self._stop.is_set():
-            for resp in self.executor.await_responses(timeout=timedelta(milliseconds=50)):
+            try:
+                responses = self.executor.await_responses(timeout=timedelta(milliseconds=50))
+            except Exception as exc:  # a dead executor must not leave readers blocked forever
+                self._fail_all(RuntimeError(f"TensorRT-LLM executor failed: {exc}"))
+                return
+            for resp in responses:
                 with self._lock:
                     q = self._queues.get(resp.request_id)
                 if q is None:
-                    continue
+                    continue  # cancelled or unknown
+                final = resp.has_error() or resp.result.is_final
+                if final:  # unregister first: a reader that saw the end never cancels a finished request
+                    with self._lock:
+                        self._queues.pop(resp.request_id, None)
                 if resp.has_error():
                     q.put(RuntimeError(f"TensorRT-LLM request {resp.request_id} failed: {resp.error_msg}"))
                     q.put(None)
-                    with self._lock:
-                        self._queues.pop(resp.request_id, None)
                     continue
-                q.put(list(resp.result.output_token_ids[0]))
-                if resp.result.is_final:
+                result = resp.result
+                tokens = list(result.output_token_ids[0]) if result.output_token_ids else []
+                if tokens:
+                    q.put(tokens)
+                if final:
+                    q.put(Finished(_reason(result)))
                     q.put(None)
-                    with self._lock:
-                        self._queues.pop(resp.request_id, None)
 
     def steps(self, requests: list[DecoderRequest], generator=None):
         """Stream a batch: yields (B,) next ids per step; a finished row repeats end_id."""
@@ -148,6 +196,10 @@ class TensorRTLLMDecoder:
                 self.cancel(rid)
 
     def _collect(self, queues: list[queue.Queue], requests: list[DecoderRequest]):
+        """Per step one token per request from the streamed responses. A request the executor ended
+        on end_id (which it leaves out of the output) gets end_id appended, so the caller sees the
+        stop; one ended by a stop word already shows it; a row is over at its end or at its own
+        max_new_tokens, and then repeats end_id."""
         pending = [list() for _ in requests]
         done = [False] * len(requests)
         produced = [0] * len(requests)
@@ -159,14 +211,21 @@ class TensorRTLLMDecoder:
                     item = q.get()
                     if item is None:
                         done[i] = True
-                        if produced[i] < requests[i].options.max_new_tokens:
-                            pending[i].append(self.end_id)  # stopped by end_id: mark the row finished
                     elif isinstance(item, Exception):
                         raise item
+                    elif isinstance(item, Finished):
+                        done[i] = True
+                        if item.reason in ("END_ID", "UNKNOWN"):
+                            pending[i].append(self.end_id)
                     else:
                         pending[i].extend(item)
-                row.append(pending[i].pop(0) if pending[i] else self.end_id)
-                produced[i] += 1
+                if pending[i]:
+                    row.append(pending[i].pop(0))
+                    produced[i] += 1
+                    if produced[i] >= requests[i].options.max_new_tokens:
+                        done[i], pending[i] = True, []
+                else:
+                    row.append(self.end_id)
             yield torch.tensor(row, dtype=torch.long)
             if all(done) and not any(pending):
                 return
@@ -174,4 +233,5 @@ class TensorRTLLMDecoder:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+        self._fail_all(RuntimeError("the TensorRT-LLM decoder was closed"))
         self.executor.shutdown()
