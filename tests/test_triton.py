@@ -69,6 +69,20 @@ def check_min_tokens(configs):
     assert "MIN_TOKENS" in json.loads(bls["preprocessing_inputs"]) and "min_tokens" in json.loads(bls["llm_inputs"])
 
 
+def check_table_dtype(configs, data_type, torch_dtype):
+    """The prompt table's one dtype: prompt_table's output (and its `dtype` parameter) = the ensemble's
+    tensor between the two steps = the LLM's input."""
+    out = {t.name: t for t in configs["prompt_table"].output}["prompt_embedding_table"]
+    into = {t.name: t for t in configs["tensorrt_llm"].input}["prompt_embedding_table"]
+    assert (out.data_type, into.data_type) == (data_type, data_type)
+    assert configs["prompt_table"].parameters["dtype"].string_value == torch_dtype
+    steps = {s.model_name: s for s in configs["ensemble"].ensemble_scheduling.step}
+    assert steps["prompt_table"].output_map["prompt_embedding_table"] == \
+        steps["tensorrt_llm"].input_map["prompt_embedding_table"]
+    bls = {k: v.string_value for k, v in configs["af3"].parameters.items()}  # af3 passes prompt_table's on
+    assert "prompt_embedding_table" not in json.loads(bls["llm_inputs"])
+
+
 def conversation(prompt=PROMPT, audio=SPEECH_WAV):
     content = ([{"type": "audio", "audio": audio}] if audio is not None else []) + [{"type": "text", "text": prompt}]
     return [{"role": "user", "content": content}]
@@ -85,8 +99,9 @@ def cpu_repo(engine_dir, tmp_path_factory):
                             streaming=True, limits=LIMITS)
 
 
-def fake_engine_dir(tiny_dir, root):
-    """An engine dir whose TensorRT artifacts are stand-in files (config generation only)."""
+def fake_engine_dir(tiny_dir, root, dtype="bfloat16"):
+    """An engine dir whose TensorRT artifacts are stand-in files (config generation only); `dtype`: the
+    LLM engine's pretrained_config.dtype (bfloat16, as `af3trt build`'s default precision makes it)."""
     from af3trt.build.encoder import update_config
     from af3trt.build.manifest import Manifest
     from af3trt.runtime.encoder import IO
@@ -103,7 +118,8 @@ def fake_engine_dir(tiny_dir, root):
                         "io": {"features": "FLOAT", "frames": "INT64", "embeddings": "HALF"}})
     (root / "llm" / "engine").mkdir(parents=True)
     (root / "llm" / "engine" / "config.json").write_text(json.dumps(
-        {"pretrained_config": {"vocab_size": spec.text.vocab_size}, "build_config": {"max_batch_size": 4}}))
+        {"pretrained_config": {"vocab_size": spec.text.vocab_size, "dtype": dtype},
+         "build_config": {"max_batch_size": 4}}))
     limits = {"max_batch_size": 4, "max_audio_seconds": 600.0, "max_input_len": 17048, "max_new_tokens": 2048,
               "max_seq_len": 19096}
     Manifest(checkpoint={"path": str(tiny_dir)}, limits=limits, precision={"llm": "bf16"},
@@ -150,12 +166,17 @@ def test_production_repository(prod_repo, cpu_repo, tmp_path):
     # read without a default by the 1.2 backend (model_instance_state.cc): absent, the model fails to load
     assert all(params[k] == "" for k in ("tokenizer_dir", "guided_decoding_backend", "xgrammar_tokenizer_info_path"))
     inputs = {t.name: t for t in llm.input}
-    assert inputs["prompt_embedding_table"].data_type == model_config_pb2.TYPE_FP16
+    assert inputs["prompt_embedding_table"].data_type == model_config_pb2.TYPE_BF16  # the bfloat16 engine's
     assert inputs["prompt_table_extra_ids"].data_type == model_config_pb2.TYPE_UINT64
     assert "prompt_vocab_size" in inputs and "end_id" in inputs and "pad_id" in inputs
+    check_table_dtype(configs, model_config_pb2.TYPE_BF16, "bfloat16")
     check_min_tokens(configs)  # the C++ backend's min_tokens, as its inflight_batcher_llm config names it
     python_llm = parse_config(cpu_repo.path / "tensorrt_llm" / "config.pbtxt")
-    assert io_signature(llm.input) == io_signature(python_llm.input)  # same tensors either backend
+    check_table_dtype(parse_repository(cpu_repo.path), model_config_pb2.TYPE_FP16, "float16")
+    # same tensors either backend, but for the table's dtype (the engine's; FP16 for the python LLM)
+    untyped = [(n, model_config_pb2.TYPE_FP16 if n == "prompt_embedding_table" else d, *rest)
+               for n, d, *rest in io_signature(llm.input)]
+    assert untyped == io_signature(python_llm.input)
     assert io_signature(llm.output) == io_signature(python_llm.output)
     enc = configs["audio_encoder"]
     assert enc.platform == "tensorrt_plan" and enc.max_batch_size == 40
@@ -203,33 +224,123 @@ def test_python_models_work_without_tensorrt(prod_repo, cpu_repo, monkeypatch):
     assert not {m for m in set(sys.modules) - before if m.split(".")[0] in ("tensorrt", "tensorrt_llm")}
 
 
+def _stub_tensors(stub):
+    """pb_utils.Tensor, InferenceResponse, get_input_tensor_by_name and Logger on `stub`, in memory:
+    DLPack in and out as the python backend does it (torch), numpy only where numpy has the dtype."""
+    from torch.utils.dlpack import from_dlpack, to_dlpack
+
+    class Tensor:
+        def __init__(self, name, array):
+            self._name, self.value = name, array
+
+        def name(self):
+            return self._name
+
+        def as_numpy(self):
+            if not isinstance(self.value, np.ndarray):
+                raise TypeError("Tensor dtype is BF16 and cannot be converted to NumPy")
+            return self.value
+
+        def to_dlpack(self):
+            import torch
+
+            value = torch.from_numpy(self.value) if isinstance(self.value, np.ndarray) else self.value
+            return to_dlpack(value)
+
+        @classmethod
+        def from_dlpack(cls, name, capsule):
+            return cls(name, from_dlpack(capsule))
+
+    stub.Tensor = Tensor
+    stub.InferenceResponse = lambda output_tensors=None, error=None: types.SimpleNamespace(
+        tensors={t.name(): t for t in output_tensors or ()}, error=error)
+    stub.get_input_tensor_by_name = lambda request, name: request.get(name)
+    stub.Logger = types.SimpleNamespace(log_error=lambda message: None)
+    return Tensor
+
+
+def _prompt_table_model(repo, name, dtype=None):
+    """`repo`'s prompt_table model, initialized from its config.pbtxt (`dtype` replacing its parameter)."""
+    from google.protobuf import json_format
+
+    config = json_format.MessageToDict(parse_config(repo / "prompt_table" / "config.pbtxt"),
+                                       preserving_proto_field_name=True)
+    if dtype is not None:
+        config["parameters"]["dtype"]["string_value"] = dtype
+    model = _import_model(repo / "prompt_table" / "1" / "model.py", name).TritonPythonModel()
+    model.initialize({"model_config": json.dumps(config)})
+    return model
+
+
 def test_prompt_table_gathers_valid_rows(cpu_repo, monkeypatch):
+    import torch
+
     _stub_backend_utils(monkeypatch)
     gather = _import_model(cpu_repo.path / "prompt_table" / "1" / "model.py", "af3trt_test_gather").gather_rows
-    emb = np.arange(2 * 750 * 3, dtype=np.float32).reshape(2, 750, 3)
-    table = gather(emb, [750, 4], 3)
-    assert table.shape == (1, 754, 3) and table.dtype == np.float16
-    np.testing.assert_array_equal(table[0, 750:], emb[1, :4].astype(np.float16))
-    assert gather(emb[:1], [0], 3).shape == (1, 1, 3)  # text only: one unread zero row
+    emb = torch.arange(2 * 750 * 3, dtype=torch.float32).reshape(2, 750, 3)
+    table = gather(emb, [750, 4], 3, torch.float16)
+    assert table.shape == (1, 754, 3) and table.dtype == torch.float16 and table.is_contiguous()
+    torch.testing.assert_close(table[0, 750:], emb[1, :4].to(torch.float16))
+    assert gather(emb[:1], [0], 3, torch.bfloat16).shape == (1, 1, 3)  # text only: one unread zero row
     with pytest.raises(ValueError, match="expected embeddings"):
-        gather(emb, [750], 3)
+        gather(emb, [750], 3, torch.float16)
 
 
-def test_tensorrtllm_backend_needs_an_engine_of_the_prompt_table_dtype(tiny_dir, tmp_path):
-    """The executor refuses a prompt table whose dtype is not the engine's (promptTuningBuffers.cpp):
-    the FP16 table the repository sends fits a float16 engine only."""
-    engine = fake_engine_dir(tiny_dir, tmp_path / "engine")
-    path = engine / "llm" / "engine" / "config.json"
-    for dtype, ok in (("float16", True), ("bfloat16", False)):
-        cfg = json.loads(path.read_text())
-        cfg["pretrained_config"]["dtype"] = dtype
-        path.write_text(json.dumps(cfg))
-        if ok:
-            write_repository(engine, tmp_path / dtype, llm_backend="tensorrtllm")
-        else:
-            with pytest.raises(ValueError, match="TYPE_BF16"):
-                write_repository(engine, tmp_path / dtype, llm_backend="tensorrtllm")
-    write_repository(engine, tmp_path / "python", llm_backend="python")  # the torch LLM takes FP16 tables
+def test_prompt_table_model_emits_the_configured_dtype(cpu_repo, prod_repo, monkeypatch):
+    """execute(): FP16 / FP32 / BF16 tables of the same rows, handed over through DLPack (BF16 has no
+    numpy); the production repository's model (a bfloat16 engine) is configured for BF16."""
+    import torch
+
+    Tensor = _stub_tensors(_stub_backend_utils(monkeypatch))
+    emb = np.random.default_rng(0).standard_normal((3, 750, 128)).astype(np.float16)
+    request = {"embeddings": Tensor("embeddings", emb), "rows": Tensor("rows", np.array([750, 0, 17], np.int32))}
+    want = torch.from_numpy(np.concatenate([emb[0], emb[2, :17]])[None])
+    tables = {}
+    for dtype in ("float16", "float32", "bfloat16"):
+        model = _prompt_table_model(cpu_repo.path, f"af3trt_test_table_{dtype}", dtype)
+        (resp,) = model.execute([request])
+        assert resp.error is None, resp.error
+        table = resp.tensors["prompt_embedding_table"].value  # what from_dlpack received
+        assert isinstance(table, torch.Tensor) and table.shape == (1, 767, 128)
+        assert table.dtype == getattr(torch, dtype)
+        assert resp.tensors["prompt_vocab_size"].as_numpy().tolist() == [[767]]
+        tables[dtype] = table
+    torch.testing.assert_close(tables["float16"], want, rtol=0, atol=0)
+    torch.testing.assert_close(tables["float32"], want.float(), rtol=0, atol=0)
+    torch.testing.assert_close(tables["bfloat16"], want.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(tables["bfloat16"].float(), tables["float32"], rtol=2 ** -8, atol=0)
+    _, repo = prod_repo
+    assert _prompt_table_model(repo.path, "af3trt_test_table_prod").dtype == torch.bfloat16
+    (resp,) = _prompt_table_model(repo.path, "af3trt_test_table_bad").execute(
+        [{**request, "rows": Tensor("rows", np.array([750, 0], np.int32))}])
+    assert "expected embeddings (W=2, 750, 128)" in str(resp.error)
+    with pytest.raises(ValueError, match=r"expected dtype in .*got 'int8'"):
+        _prompt_table_model(cpu_repo.path, "af3trt_test_table_int8", "int8")
+
+
+@pytest.mark.parametrize("dtype, data_type", [("bfloat16", "TYPE_BF16"), ("float16", "TYPE_FP16"),
+                                              ("float32", "TYPE_FP32")])
+def test_prompt_table_dtype_is_the_engines(tiny_dir, tmp_path, dtype, data_type):
+    """The executor refuses a prompt table whose dtype is not the engine's (promptTuningBuffers.cpp): the
+    C++ backend's repository carries the table in the engine's dtype from prompt_table to the LLM; the
+    python LLM's in FP16 whatever the engine (it reads the table with as_numpy)."""
+    from tritonclient.grpc import model_config_pb2
+
+    engine = fake_engine_dir(tiny_dir, tmp_path / "engine", dtype)
+    repo = write_repository(engine, tmp_path / "repo", llm_backend="tensorrtllm")
+    check_table_dtype(parse_repository(repo.path), model_config_pb2.DataType.Value(data_type), dtype)
+    repo = write_repository(engine, tmp_path / "python", llm_backend="python")
+    check_table_dtype(parse_repository(repo.path), model_config_pb2.TYPE_FP16, "float16")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8", None])
+def test_unsupported_engine_dtype_is_an_error(tiny_dir, tmp_path, dtype):
+    engine = fake_engine_dir(tiny_dir, tmp_path / "engine", dtype)
+    with pytest.raises(ValueError, match=r"expected pretrained_config\.dtype in \['bfloat16', 'float16', 'float32'\] "
+                                         rf"in .*llm/engine/config.json .*got {dtype!r}"):
+        write_repository(engine, tmp_path / "repo", llm_backend="tensorrtllm")
+    assert not (tmp_path / "repo").exists()
+    write_repository(engine, tmp_path / "python", llm_backend="python")  # the python LLM: FP16 whatever the engine
 
 
 def test_writer_errors(tiny_dir, tmp_path):
@@ -439,3 +550,23 @@ def test_bad_requests(client, server, model):
           [t for t in client.inputs(PROMPT, SPEECH_WAV) if t.name() != "MAX_TOKENS"] + [wrong])
     assert client.infer(PROMPT, SPEECH_WAV, model=model, max_tokens=4)
     assert server.alive()
+
+
+def test_stream_reaches_the_llm_only_when_it_is_decoupled(tiny_dir, tmp_path, monkeypatch):
+    """A repository written with streaming=False has a non-decoupled LLM, which the C++ backend
+    refuses streaming=true for: preprocessing sends STREAM=true on as false there."""
+    from google.protobuf import json_format
+
+    stub = _stub_backend_utils(monkeypatch)
+    Tensor = _stub_tensors(stub)
+    engine = fake_engine_dir(tiny_dir, tmp_path / "engine")
+    for streaming in (True, False):
+        repo = write_repository(engine, tmp_path / f"repo-{streaming}", streaming=streaming).path
+        assert parse_config(repo / "tensorrt_llm" / "config.pbtxt").model_transaction_policy.decoupled == streaming
+        config = json_format.MessageToDict(parse_config(repo / "preprocessing" / "config.pbtxt"),
+                                           preserving_proto_field_name=True)
+        model = _import_model(repo / "preprocessing" / "1" / "model.py", f"af3trt_test_pre_{streaming}")
+        pre = model.TritonPythonModel()
+        pre.initialize({"model_config": json.dumps(config)})
+        request = {"STREAM": Tensor("STREAM", np.array([True])), "MAX_TOKENS": Tensor("MAX_TOKENS", np.array([4], np.int32))}
+        assert pre._options(request, prompt_len=10)["streaming"].tolist() == [[streaming]]

@@ -9,7 +9,8 @@ Models (every config.pbtxt rendered from the typed specs of `triton_spec` with `
                             (W, 128, 3000) log-mel + (W,) frames -> (W, 750, H) padded embeddings;
                             the window axis W is Triton's batch axis, so windows of concurrent
                             requests batch together (plan); the python encoders run request by request
-    prompt_table    python  gathers the valid rows of the padded windows -> [1, rows, H] FP16 table
+    prompt_table    python  gathers the valid rows of the padded windows -> [1, rows, H] table in the
+                            LLM's prompt table dtype (the engine's; FP16 for the python LLM)
     tensorrt_llm    tensorrtllm C++ backend (gpt_model_path = ENGINE_DIR/llm/engine), or with
                             llm_backend="python" af3trt's torch decoder behind the SAME tensors
     postprocessing  python  output_ids -> TEXT (optional STRIP_PREFIX; a streaming ensemble decodes each
@@ -24,9 +25,14 @@ valid embeddings in prompt order, and fake id `vocab_size + row` addresses that 
 Addressing the padded layout (`w*750 + r`) was rejected: every window would send 750 rows whatever
 its length (a 1 s clip: 750 rows for 25 valid) into the engine's prompt table, whose size is fixed
 engine-wide, and Triton cannot turn the encoder's (W, 750, H) batch into the LLM's (1, rows, H)
-input without a python step anyway. Cross-model embeddings are FP16
-(the python backend has no BF16; the engine casts to its dtype). A text-only request through the
-ensemble runs one dummy window and sends a 1-row zero table that no token reads; `af3` skips both.
+input without a python step anyway. The encoder's embeddings reach `prompt_table` as FP16 (or the
+plan's FP32); the table it emits is in `Plan.table_dtype`: for the C++ backend the engine's dtype
+(llm/engine/config.json pretrained_config.dtype), because the executor rejects a prompt table of
+another dtype ("Request embedding table data type doesn't match model weight data type",
+batch_manager/promptTuningBuffers.cpp); for the python LLM FP16 (it reads the table with as_numpy).
+A BF16 table leaves `prompt_table` through DLPack (the python backend has no numpy BF16), and `af3`
+forwards the table tensors untouched. A text-only request through the ensemble runs one dummy
+window and sends a 1-row zero table that no token reads; `af3` skips both.
 Extra ids (KV-cache reuse): per audio a positive 62-bit id of its decoded samples' hash
 (`runtime.stitch.extra_id`), on that audio's fake-id positions, 0 on text.
 """
@@ -41,11 +47,11 @@ from pathlib import Path
 
 from ..spec import FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW
 from .triton_spec import (  # also the names callers import from here
-    BLS, BLSParams, ENCODER, ENSEMBLE, EncoderIO, EncoderParams, LLM, LLMParams, LLM_BACKENDS, LLM_INPUTS,
-    LLM_OUTPUTS, MARKER, ModelConfig, NUMPY_TO_TRITON, POSTPROCESSING, PREPROCESSING, PROMPT_TABLE,
+    BLS, BLSParams, ENCODER, ENGINE_TABLE_DTYPES, ENSEMBLE, EncoderIO, EncoderParams, LLM, LLMParams, LLM_BACKENDS,
+    LLM_INPUTS, LLM_OUTPUTS, MARKER, ModelConfig, NUMPY_TO_TRITON, POSTPROCESSING, PREPROCESSING, PROMPT_TABLE,
     PostprocessingParams, PreprocessingParams, PromptTableParams, REQUEST_INPUTS, REQUEST_OUTPUTS,
-    ServingLimits, Step, TABLE_INPUTS, TEMPLATES, TensorSpec, from_preprocessing, param_pairs, tensor, render_ensemble,
-    render_model,
+    ServingLimits, Step, TABLE_INPUTS, TEMPLATES, TensorSpec, from_preprocessing, llm_inputs, param_pairs, tensor,
+    render_ensemble, render_model,
 )
 
 
@@ -209,13 +215,15 @@ class RepositoryOptions:
 
 @dataclass(frozen=True)
 class Plan:
-    """Resolved choices: limits in force, encoder backend, and the path mapper for server paths."""
+    """Resolved choices: limits in force, encoder backend, the prompt table's Triton dtype (prompt_table's
+    output = the LLM's input, `table_dtype_for`), and the path mapper for server paths."""
 
     facts: EngineFacts
     options: RepositoryOptions
     limits: ServingLimits
     encoder: str
     encoder_windows: int
+    table_dtype: str
 
     def path(self, p: Path) -> str:
         if self.options.server_engine_dir is None:
@@ -224,6 +232,19 @@ class Plan:
             return str(Path(self.options.server_engine_dir) / p.relative_to(self.facts.engine_dir))
         except ValueError:
             return str(p)
+
+
+def table_dtype_for(facts: EngineFacts, llm_backend: str) -> str:
+    """The prompt table's Triton dtype: the TensorRT-LLM engine's (pretrained_config.dtype of
+    llm/engine/config.json; its executor rejects a table of another dtype), FP16 for the python LLM."""
+    if llm_backend == "python":
+        return "TYPE_FP16"
+    path = facts.llm_engine / "config.json"
+    dtype = _json(path).get("pretrained_config", {}).get("dtype")
+    if dtype not in ENGINE_TABLE_DTYPES:
+        raise ValueError(f"expected pretrained_config.dtype in {sorted(ENGINE_TABLE_DTYPES)} in {path} (the prompt "
+                         f"table must be in the engine's dtype), got {dtype!r}")
+    return ENGINE_TABLE_DTYPES[dtype]
 
 
 def make_plan(facts: EngineFacts, o: RepositoryOptions) -> Plan:
@@ -252,7 +273,7 @@ def make_plan(facts: EngineFacts, o: RepositoryOptions) -> Plan:
         if windows < limits.max_windows:
             raise ValueError(f"expected the encoder plan's profile to allow {limits.max_windows} windows (one "
                              f"{limits.max_audio_seconds:.0f} s request), got a maximum of {windows}")
-    return Plan(facts, o, limits, encoder, windows)
+    return Plan(facts, o, limits, encoder, windows, table_dtype_for(facts, o.llm_backend))
 
 
 def _dynamic_batching(delay_us: int, preferred: int | None = None) -> str:
@@ -277,7 +298,7 @@ def preprocessing_config(plan: Plan) -> ModelConfig:
         end_id=f.eos_token_ids[0], pad_id=f.pad_id, stop_ids=list(f.eos_token_ids[1:]),
         limits=dataclasses.asdict(plan.limits), default_max_tokens=min(o.default_max_tokens, plan.limits.max_new_tokens),
         features=io.features, frames=io.frames, features_dtype=_numpy_dtype(io.features_dtype),
-        frames_dtype=_numpy_dtype(io.frames_dtype))
+        frames_dtype=_numpy_dtype(io.frames_dtype), llm_decoupled=o.streaming)
     return ModelConfig(PREPROCESSING, 'backend: "python"', 0, REQUEST_INPUTS, outputs, o.instances,
                        parameters=param_pairs(params))
 
@@ -309,38 +330,24 @@ def _encoder_output_dtype(plan: Plan) -> str:
 def prompt_table_config(plan: Plan) -> ModelConfig:
     io, h = plan.facts.encoder_io, plan.facts.hidden_size
     emb = _encoder_tensors(io, (-1,), _encoder_output_dtype(plan), h)[2]
-    outputs = (tensor("prompt_embedding_table", "float16", 1, -1, h), tensor("prompt_vocab_size", "int32", 1, 1))
-    params = param_pairs(PromptTableParams(hidden_size=h, embeddings=io.embeddings))
+    outputs = (TensorSpec("prompt_embedding_table", plan.table_dtype, (1, -1, h)),
+               tensor("prompt_vocab_size", "int32", 1, 1))
+    params = param_pairs(PromptTableParams(hidden_size=h, embeddings=io.embeddings,
+                                           dtype=_numpy_dtype(plan.table_dtype)))
     if plan.encoder == "tensorrt":
         params += (("FORCE_CPU_ONLY_INPUT_TENSORS", "no"),)  # take the plan's GPU output as is (DLPack)
     return ModelConfig(PROMPT_TABLE, 'backend: "python"', 0, (emb, tensor("rows", "int32", -1)), outputs,
                        plan.options.instances, parameters=params)
 
 
-def _engine_dtype(plan: Plan) -> str | None:
-    """The TensorRT-LLM engine's dtype as a Triton type (llm/engine/config.json), None if not recorded."""
-    path = plan.facts.llm_engine / "config.json" if plan.facts.llm_engine else None
-    dtype = _json(path).get("pretrained_config", {}).get("dtype") if path and path.is_file() else None
-    return NUMPY_TO_TRITON.get(dtype) if dtype else None
-
-
 def llm_config(plan: Plan) -> ModelConfig:
     f, o, mbs = plan.facts, plan.options, plan.limits.max_batch_size
+    inputs = llm_inputs(plan.table_dtype)  # prompt_embedding_table as prompt_table emits it
     if o.llm_backend == "python":
         params = LLMParams(path=plan.path(f.engine_dir if f.llm_checkpoint else f.checkpoint_dir), device=o.device,
                            dtype="auto")
-        return ModelConfig(LLM, 'backend: "python"', mbs, LLM_INPUTS, LLM_OUTPUTS, o.instances,
+        return ModelConfig(LLM, 'backend: "python"', mbs, inputs, LLM_OUTPUTS, o.instances,
                            decoupled=o.streaming, parameters=param_pairs(params))
-    # The C++ backend hands prompt_embedding_table to the executor as is, and the executor refuses a
-    # table whose dtype is not the engine's ("Request embedding table data type doesn't match model
-    # weight data type", batch_manager/promptTuningBuffers.cpp): every audio request would fail.
-    table = {t.name: t for t in LLM_INPUTS}["prompt_embedding_table"].dtype
-    engine = _engine_dtype(plan)
-    if engine is not None and engine != table:
-        raise ValueError(f"expected a TensorRT-LLM engine of the prompt table's dtype {table} for llm_backend "
-                         f"'tensorrtllm' (the executor rejects a prompt table of another dtype), got an engine of "
-                         f"{engine}: the prompt_table model emits {table} tables; serve a --precision fp16 engine "
-                         f"dir, or use llm_backend 'python'")
     # Parameter names and values as the tensorrtllm backend (TensorRT-LLM 1.2 triton_backend/
     # inflight_batcher_llm, model_instance_state.cc) reads them. tokenizer_dir, guided_decoding_backend
     # and xgrammar_tokenizer_info_path are read without a default: a config lacking them fails to load;
@@ -351,7 +358,7 @@ def llm_config(plan: Plan) -> ModelConfig:
               ("exclude_input_in_output", "true"), ("enable_chunked_context", "false"),
               ("tokenizer_dir", ""), ("guided_decoding_backend", ""), ("xgrammar_tokenizer_info_path", ""),
               ("FORCE_CPU_ONLY_INPUT_TENSORS", "no"))
-    return ModelConfig(LLM, 'backend: "tensorrtllm"', mbs, LLM_INPUTS, LLM_OUTPUTS, 1, "KIND_CPU",
+    return ModelConfig(LLM, 'backend: "tensorrtllm"', mbs, inputs, LLM_OUTPUTS, 1, "KIND_CPU",
                        decoupled=o.streaming, dynamic_batching=_dynamic_batching(o.max_queue_delay_us, mbs),
                        parameters=params)
 

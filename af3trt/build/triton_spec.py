@@ -77,7 +77,8 @@ REQUEST_OUTPUTS = (tensor("TEXT", "bytes", -1),)
 # (the executor rejects another); prompt_table_extra_ids are used only when there is one per input
 # id (else dropped, and a reuse-enabled executor then refuses the request); prompt_vocab_size is not
 # read (the executor takes the table's rows) but the python backend uses it; streaming needs a
-# decoupled model; end_id never appears in output_ids.
+# decoupled model; end_id never appears in output_ids. prompt_embedding_table is declared FP16 here
+# (the python LLM backend's dtype); `llm_inputs(table_dtype)` gives the set for another table dtype.
 LLM_INPUTS = (
     tensor("input_ids", "int32", -1, ragged=True), _scalar("input_lengths", "int32", optional=False),
     _scalar("request_output_len", "int32", optional=False), _scalar("end_id", "int32"), _scalar("pad_id", "int32"),
@@ -89,6 +90,17 @@ LLM_INPUTS = (
 )
 LLM_OUTPUTS = (tensor("output_ids", "int32", -1, -1), tensor("sequence_length", "int32", -1))
 TABLE_INPUTS = ("prompt_embedding_table", "prompt_vocab_size")  # from prompt_table, the rest from preprocessing
+# A TensorRT-LLM engine's dtype (pretrained_config.dtype) -> the prompt table dtype it accepts.
+ENGINE_TABLE_DTYPES = {"bfloat16": "TYPE_BF16", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
+
+
+def llm_inputs(table_dtype: str) -> tuple[TensorSpec, ...]:
+    """LLM_INPUTS with prompt_embedding_table in `table_dtype` (a Triton TYPE_* of ENGINE_TABLE_DTYPES)."""
+    if table_dtype not in ENGINE_TABLE_DTYPES.values():
+        raise ValueError(f"expected a prompt table dtype in {sorted(ENGINE_TABLE_DTYPES.values())}, "
+                         f"got {table_dtype!r}")
+    return tuple(dataclasses.replace(t, dtype=table_dtype) if t.name == "prompt_embedding_table" else t
+                 for t in LLM_INPUTS)
 
 
 def from_preprocessing(spec: TensorSpec) -> TensorSpec:
@@ -209,6 +221,7 @@ class PreprocessingParams:
     frames: str
     features_dtype: str
     frames_dtype: str
+    llm_decoupled: bool  # the LLM streams only when decoupled: STREAM=true is sent on as false otherwise
 
 
 @dataclass(frozen=True)
@@ -225,6 +238,7 @@ class EncoderParams:
 class PromptTableParams:
     hidden_size: int
     embeddings: str
+    dtype: str  # the table's torch dtype name: float16 | bfloat16 | float32 (the LLM's prompt table dtype)
 
 
 @dataclass(frozen=True)

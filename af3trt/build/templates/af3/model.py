@@ -82,7 +82,7 @@ class TritonPythonModel:
         if int(prep["rows"].as_numpy().sum()) > 0:
             emb = self._call(ENCODER, [prep[n] for n in self.p.encoder_inputs], [self.p.embeddings])
             table = self._call(PROMPT_TABLE, [emb[self.p.embeddings], prep["rows"]], list(TABLE_INPUTS))
-            llm += [table[n] for n in TABLE_INPUTS]
+            llm += [table[n] for n in TABLE_INPUTS]  # passed on as they are, never as_numpy (BF16 has none)
         tokens, sent = [], 0
         for resp in self._call(LLM, llm, ["output_ids", "sequence_length"]):
             if resp.has_error():

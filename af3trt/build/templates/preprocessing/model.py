@@ -141,7 +141,8 @@ class TritonPythonModel:
             "temperature": np.array([[float(v["TEMPERATURE"])]], np.float32),
             "repetition_penalty": np.array([[float(v["REPETITION_PENALTY"])]], np.float32),
             "seed": np.array([[seed]], np.uint64),
-            "streaming": np.array([[bool(v["STREAM"])]], bool),
+            # a non-decoupled C++ LLM refuses streaming=true: the answer then comes in one piece
+            "streaming": np.array([[bool(v["STREAM"]) and self.p.llm_decoupled]], bool),
         }
 
     def _process(self, request):
