@@ -97,7 +97,7 @@ class TritonPythonModel:
                                            pb_utils.Tensor("sequence_length", np.array([[ids.shape[-1]]], np.int32))])
 
     def _request(self, request):
-        """The request's tensors -> (DecoderRequest, streaming, seed)."""
+        """The request's tensors -> (DecoderRequest, streaming, seed, end_id)."""
         import torch
 
         from af3trt.runtime.sampling import GenerationOptions
@@ -130,13 +130,13 @@ class TritonPythonModel:
                              f"{list(table.shape)}")
         extra = get("prompt_table_extra_ids", np.zeros(ids.shape, np.uint64)).reshape(-1)[: ids.shape[0]]
         req = DecoderRequest(ids, torch.from_numpy(table.astype(np.float32)), extra.astype(np.int64), opts)
-        return req, bool(one("streaming", False)), one("seed", None)
+        return req, bool(one("streaming", False)), one("seed", None), end_id
 
     def _generate(self, request, force_whole=False):
         """Yields lists of new token ids: one per step when streaming, else one list at the end."""
         import torch
 
-        req, streaming, seed = self._request(request)
+        req, streaming, seed, end_id = self._request(request)
         streaming = streaming and not force_whole
         generator = torch.Generator(device=self.decoder.device)
         if seed is not None:
@@ -145,6 +145,8 @@ class TritonPythonModel:
         cancelled = getattr(request, "is_cancelled", lambda: False)
         for nxt in self.decoder.steps([req], generator):
             token = int(nxt[0])
+            if token == end_id:  # as the C++ backend: end_id ends the answer and is not in it; stop words are
+                break
             out.append(token)
             if streaming:
                 yield [token]
