@@ -277,25 +277,32 @@ def test_trtllm_engine_checks_name_what_differs():
         check_engine(config, limits, "1.2.0", "1.2.0", 641)
 
 
+def in_threads(n, work, timeout=300):
+    """Run work(0) ... work(n - 1) in n threads at once; their dicts merged (any error re-raised)."""
+    got, errors = {}, []
+
+    def run(i):
+        try:
+            got.update(work(i))
+        except Exception as exc:  # re-raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    if errors:
+        raise errors[0]
+    return got
+
+
 def test_concurrent_threads_equal_sequential_runs(engine_pipe):
     convs = [[audio_turn(synthetic_audio(0.5 + 1.7 * i, 20 + i), f"Question {i}?")] for i in range(8)]
     convs += [[{"role": "user", "content": f"Text question {i}"}] for i in range(8)]
     expected = [engine_pipe.generate(c, max_new_tokens=5)[0].token_ids for c in convs]
-    got, errors = {}, []
-
-    def worker(w):
-        try:
-            for k in (w, w + 8):
-                got[k] = engine_pipe.generate(convs[k], max_new_tokens=5)[0].token_ids
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors and [got[k] for k in range(16)] == expected
+    got = in_threads(8, lambda w: {k: engine_pipe.generate(convs[k], max_new_tokens=5)[0].token_ids for k in (w, w + 8)})
+    assert [got[k] for k in range(16)] == expected
 
 
 @pytest.mark.trtllm
@@ -356,18 +363,6 @@ def test_a_batching_decoder_gets_the_requests_of_all_threads_at_once(engine_pipe
     pipe = Pipeline(p.builder, p.encoder, InFlight(), p.spec, p.eos_token_ids, "cpu", limits=p.limits)
     convs = [[audio_turn(synthetic_audio(1.0 + i, 40 + i))] for i in range(2)]
     expected = [p.generate(c, max_new_tokens=4)[0].token_ids for c in convs]
-    got, errors = {}, []
-
-    def worker(i):
-        try:
-            got[i] = pipe.generate(convs[i], max_new_tokens=4)[0].token_ids
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors and [got[0], got[1]] == expected
+    got = in_threads(2, lambda i: {i: pipe.generate(convs[i], max_new_tokens=4)[0].token_ids})
+    assert [got[0], got[1]] == expected
     assert not getattr(p.decoder, "concurrent", False) and isinstance(p._decode_lock, type(threading.Lock()))
