@@ -268,12 +268,18 @@ def _check_replaceable(final: Path) -> None:
                                   f"with other files (it would be replaced): pass e.g. ENGINE_DIR/encoder") from None
 
 
-def _existing_export(final: Path, key: str, verify: bool) -> ExportResult | None:
+def matching_section(folder: Path, section: str, key: str, artifact: str) -> dict | None:
+    """config.json's `section` of `folder` when it was written for `key` and `artifact` is there, else None."""
     try:
-        onnx_section = read_config(final).get("onnx") or {}
+        found = read_config(folder).get(section) or {}
     except (FileNotFoundError, ValueError):
         return None
-    if onnx_section.get("key") != key or not (final / ONNX_FILE).is_file():
+    return found if found.get("key") == key and (folder / artifact).is_file() else None
+
+
+def _existing_export(final: Path, key: str, verify: bool) -> ExportResult | None:
+    onnx_section = matching_section(final, "onnx", key, ONNX_FILE)
+    if onnx_section is None:
         return None
     check = onnx_section.get("verification")
     if verify and check is None:

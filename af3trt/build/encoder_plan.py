@@ -31,7 +31,7 @@ import torch
 
 from ..runtime.encoder import CONFIG_FILE, IO, PLAN_FILE, EncoderIO, import_tensorrt
 from ..spec import MAX_WINDOWS
-from .encoder import FRONT_END_SCOPE, external_data_files, lookup, read_config, update_config
+from .encoder import FRONT_END_SCOPE, external_data_files, lookup, matching_section, read_config, update_config
 from .manifest import stage_key
 
 
@@ -316,11 +316,8 @@ def build_plan(onnx_path, out_dir=None, *, precision: str = "fp16", profile=None
 
 
 def _existing_plan(out: Path, key: str) -> PlanResult | None:
-    try:
-        plan = read_config(out).get("plan") or {}
-    except (FileNotFoundError, ValueError):
-        return None
-    if plan.get("key") != key or not (out / PLAN_FILE).is_file():
+    plan = matching_section(out, "plan", key, PLAN_FILE)
+    if plan is None:
         return None
     prof = tuple(plan["profile"][k] for k in ("min", "opt", "max"))
     return PlanResult(out / PLAN_FILE, out / CONFIG_FILE, plan["precision"], prof, plan["strongly_typed"],
