@@ -142,3 +142,14 @@ class ModelSpec:
         if not path.is_file():
             raise FileNotFoundError(f"expected an AF3 checkpoint with config.json at {path}, found none")
         return cls.from_config(json.loads(path.read_text()))
+
+
+def check_limit_fields(owner: str, obj, int_fields: tuple[str, ...]) -> None:
+    """Validate a limits dataclass: each of `int_fields` an int >= 1, `max_audio_seconds` in (0, 600]."""
+    for name in int_fields:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{owner}.{name}: expected an int >= 1, got {value!r}")
+    if not 0 < obj.max_audio_seconds <= MAX_AUDIO_SECONDS:
+        raise ValueError(f"{owner}.max_audio_seconds: expected (0, {MAX_AUDIO_SECONDS}] s (longer audio is "
+                         f"truncated), got {obj.max_audio_seconds!r}")

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..spec import MAX_AUDIO_SECONDS, ModelSpec, TextSpec, audio_tokens_for_seconds
+from ..spec import MAX_AUDIO_SECONDS, ModelSpec, TextSpec, audio_tokens_for_seconds, check_limit_fields
 from .precision import (
     KVCacheSpec, PrecisionSpec, get_kv_cache, get_precision, modelopt_quant_config, needs_calibration,
     resolve_dtype, trtllm_quantization,
@@ -48,13 +48,7 @@ class EngineLimits:
     max_num_tokens: int | None = None
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_text_tokens", "max_new_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"EngineLimits.{name} must be an int >= 1, got {value!r}")
-        if not 0 < self.max_audio_seconds <= MAX_AUDIO_SECONDS:
-            raise ValueError(f"EngineLimits.max_audio_seconds must be in (0, {MAX_AUDIO_SECONDS}] s "
-                             f"(longer audio is truncated), got {self.max_audio_seconds}")
+        check_limit_fields("EngineLimits", self, ("max_batch_size", "max_text_tokens", "max_new_tokens"))
         if self.max_num_tokens is not None and not (isinstance(self.max_num_tokens, int) and self.max_num_tokens >= 1):
             raise ValueError(f"EngineLimits.max_num_tokens must be None or an int >= 1, got {self.max_num_tokens!r}")
 

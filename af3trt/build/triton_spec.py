@@ -14,7 +14,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..spec import MAX_AUDIO_SECONDS, MAX_AUDIO_TOKENS, MAX_WINDOWS
+from ..spec import MAX_AUDIO_SECONDS, MAX_AUDIO_TOKENS, MAX_WINDOWS, check_limit_fields
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 GENERATOR = "af3trt"
@@ -161,13 +161,8 @@ class ServingLimits:
     max_seq_len: int = MAX_AUDIO_TOKENS + 2048 + 2048
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_windows", "max_input_len", "max_new_tokens", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ServingLimits.{name}: expected an int >= 1, got {value!r}")
-        if not 0 < self.max_audio_seconds <= MAX_AUDIO_SECONDS:
-            raise ValueError(f"ServingLimits.max_audio_seconds: expected (0, {MAX_AUDIO_SECONDS}], "
-                             f"got {self.max_audio_seconds!r}")
+        check_limit_fields("ServingLimits", self, ("max_batch_size", "max_windows", "max_input_len", "max_new_tokens",
+                                                   "max_seq_len"))
         if self.max_seq_len <= self.max_input_len:
             raise ValueError(f"ServingLimits: expected max_seq_len > max_input_len, got {self.max_seq_len} "
                              f"<= {self.max_input_len}")
