@@ -1,6 +1,8 @@
 """Audio decoding and windowing: path, bytes or array -> 16 kHz mono float32 -> 30 s windows.
 
-WAV, FLAC, MP3 and OGG are decoded with libsndfile (soundfile); resampling uses soxr (VHQ).
+WAV, FLAC, MP3 and OGG are decoded with libsndfile (soundfile), channels averaged, then resampled with
+soxr HQ and padded/trimmed to ceil(n * 16000 / rate) samples: transformers' `load_audio` (soundfile
+backend, = `librosa.load`), so the same file gives the reference's samples.
 URLs are refused: audio comes as files, bytes or arrays (no network access at run time).
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +78,15 @@ def _to_mono(samples: np.ndarray, name: str) -> np.ndarray:
 
 
 def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
-    """Resample (N,) float32 from `rate` Hz to `target` Hz with soxr (VHQ)."""
+    """Resample (N,) float32 from `rate` Hz to `target` Hz as transformers' `load_audio` does: soxr
+    "soxr_hq", then zero-padded or trimmed to ceil(N * target / rate) samples."""
     if rate == target:
         return samples
     import soxr
 
-    return soxr.resample(samples, rate, target, quality="VHQ").astype(np.float32, copy=False)
+    n = math.ceil(samples.shape[0] * target / rate)
+    out = soxr.resample(samples, rate, target, quality="soxr_hq")
+    return np.pad(out, (0, max(0, n - out.shape[0])))[:n].astype(np.float32, copy=False)
 
 
 def load_audio(source, sampling_rate: int | None = None, *, allow_urls: bool = False) -> Audio:

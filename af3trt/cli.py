@@ -33,8 +33,7 @@ def _cmd_run(args) -> int:
     pipe = Pipeline.from_pretrained(args.model, encoder=args.encoder, decoder=args.decoder,
                                     device=args.device, dtype=args.dtype)
     conv = _conversation(args.audio or [], args.prompt)
-    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-              top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    kw = {name: getattr(args, name) for name in (*GENERATION_FLAGS, "do_sample", "stop")}
     if args.stream and not args.json:
         for piece in pipe.stream(conv, **kw):
             print(piece, end="", flush=True)
@@ -133,6 +132,30 @@ def _add_bench(sub) -> None:
     sub.add_parser("bench", add_help=False, help="latency benchmark: same arguments as benchmarks/latency.py")
 
 
+# `af3trt run` generation flags: absent = the model's generation_config.json default (as HF `generate`)
+GENERATION_FLAGS = {
+    "max_new_tokens": (int, "new tokens at most (default: generation_config's max_new_tokens, else 256)"),
+    "min_new_tokens": (int, "no eos before this many new tokens"),
+    "temperature": (float, "sampling temperature (needs sampling on)"),
+    "top_k": (int, "sample among the k most likely ids (0 = off; needs sampling on)"),
+    "top_p": (float, "nucleus sampling mass (1.0 = off; needs sampling on)"),
+    "min_p": (float, "drop ids below min_p x the top probability (0 = off; needs sampling on)"),
+    "repetition_penalty": (float, "HF repetition penalty (1.0 = off; applies to greedy decoding too)"),
+    "presence_penalty": (float, "OpenAI presence penalty over the generated ids (0 = off)"),
+    "frequency_penalty": (float, "OpenAI frequency penalty over the generated ids (0 = off)"),
+    "seed": (int, "sampling seed"),
+}
+
+
+def _add_generation(p) -> None:
+    g = p.add_argument_group("generation (each default comes from the model's generation_config.json)")
+    g.add_argument("--do-sample", dest="do_sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample (--do-sample) or decode greedily (--no-do-sample)")
+    for name, (kind, text) in GENERATION_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeat for several)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="af3trt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,12 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="engine dir (af3trt build), AF3 checkpoint dir, or 'tiny'")
     p.add_argument("--audio", action="append", help="audio file (repeat for several)")
     p.add_argument("--prompt", default="Transcribe the input speech.")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    _add_generation(p)
     p.add_argument("--encoder", default="auto")
     p.add_argument("--decoder", default="auto")
     p.add_argument("--device", default=None)

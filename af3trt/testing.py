@@ -24,6 +24,7 @@ TINY_AUDIO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, in
 TINY_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2)
 TINY_BPE_VOCAB = 600  # trained BPE vocabulary before the special tokens
+TINY_MAX_NEW_TOKENS = 64  # generation_config.json's max_new_tokens (AF3's own samples like this, with 2048)
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>")
 
 # Qwen2's pre-tokenizer split pattern (contractions, letters, single digits, punctuation, spaces)
@@ -151,7 +152,8 @@ def _configs(ids: dict[str, int], vocab_size: int) -> tuple[dict, dict]:
               "projector_hidden_act": "gelu", "projector_bias": True, "dtype": "float32"}
     generation = {"bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
                   "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "do_sample": True,
-                  "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8}
+                  "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
+                  "max_new_tokens": TINY_MAX_NEW_TOKENS}
     return config, generation
 
 

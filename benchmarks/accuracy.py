@@ -109,7 +109,7 @@ def transcribe(pipe, items: list[Item], max_new_tokens: int) -> list[dict]:
     """Greedy answers, one request per clip: raw text, stripped hypothesis and token ids."""
     out = []
     for item in items:
-        r = pipe.generate(conversation(item.audio), max_new_tokens=max_new_tokens)[0]
+        r = pipe.generate(conversation(item.audio), max_new_tokens=max_new_tokens, do_sample=False)[0]  # greedy WER
         out.append({"raw": r.text, "hypothesis": strip_transcription_prefix(r.text), "token_ids": r.token_ids})
     return out
 

@@ -6,4 +6,5 @@
 source "$(dirname "$0")/env.sh"
 OUT="${1:-$ROOT/out/tiny-engine}"
 af3trt build --model tiny --out "$OUT" --precision "${AF3TRT_PRECISION:-bf16}"
-af3trt run --model "$OUT" --audio af3trt/assets/speech.wav --prompt "Transcribe the input speech." --json
+# greedy (--no-do-sample) keeps the answer deterministic: the checkpoint's generation_config samples
+af3trt run --model "$OUT" --audio af3trt/assets/speech.wav --prompt "Transcribe the input speech." --no-do-sample --json

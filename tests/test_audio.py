@@ -24,7 +24,7 @@ def encode(samples, rate, fmt, subtype) -> bytes:
 
 @pytest.mark.parametrize("fmt,rate,subtype,channels,max_err", [
     ("MP3", 44100, "MPEG_LAYER_III", 2, 0.05),  # lossy: codec error dominates
-    ("FLAC", 22050, "PCM_16", 1, 1e-3),  # lossless: resampler (soxr VHQ) + 16-bit error only
+    ("FLAC", 22050, "PCM_16", 1, 1e-3),  # lossless: resampler (soxr HQ, as transformers) + 16-bit error only
     ("OGG", 48000, "VORBIS", 2, 0.05),
     ("WAV", 16000, "PCM_16", 1, 1e-4),
 ])

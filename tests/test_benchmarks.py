@@ -180,7 +180,7 @@ def test_teacher_forced_logits_reproduce_greedy_answer(pipe):
     from af3trt.assets import SPEECH_TEXT, SPEECH_WAV
 
     conv = accuracy.conversation(SPEECH_WAV)
-    answer = pipe.generate(conv, max_new_tokens=6)[0].token_ids
+    answer = pipe.generate(conv, do_sample=False, max_new_tokens=6)[0].token_ids
     logits = accuracy.teacher_forced_logits(pipe, conv, answer)
     assert logits.shape == (len(answer), pipe.spec.text.vocab_size)
     assert logits.argmax(-1).tolist() == answer
@@ -212,7 +212,7 @@ def test_random_model_small_scale_matches_hf_and_shares_weights(tiny_dir):
     assert models.weights.startswith("shared")
     assert models.hf.lm_head.weight.data_ptr() == models.pipeline.decoder.module.lm_head.weight.data_ptr()
     convs = conversations(10.0, 2)
-    ours = models.pipeline.generate(convs, max_new_tokens=4, min_new_tokens=4)
+    ours = models.pipeline.generate(convs, do_sample=False, max_new_tokens=4, min_new_tokens=4)
     assert [r.num_audio_tokens for r in ours] == [250, 250]
     inputs = models.processor.apply_chat_template(convs, tokenize=True, add_generation_prompt=True, return_dict=True)
     with torch.inference_mode():

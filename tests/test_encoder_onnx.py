@@ -205,13 +205,13 @@ def ort_pipe(pipe, engine):
     from af3trt.runtime.pipeline import Pipeline
 
     return Pipeline(pipe.builder, OnnxRuntimeEncoder(engine.onnx_path), pipe.decoder, pipe.spec,
-                    pipe.eos_token_ids, "cpu")
+                    pipe.defaults, "cpu")
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_pipeline_tokens_equal_with_onnxruntime_encoder(case, pipe, ort_pipe):
-    ref = [r.token_ids for r in pipe.generate(CASES[case](), max_new_tokens=8)]
-    got = [r.token_ids for r in ort_pipe.generate(CASES[case](), max_new_tokens=8)]
+    ref = [r.token_ids for r in pipe.generate(CASES[case](), do_sample=False, max_new_tokens=8)]
+    got = [r.token_ids for r in ort_pipe.generate(CASES[case](), do_sample=False, max_new_tokens=8)]
     print(case, "torch", ref, "onnxruntime", got)
     assert got == ref
 
@@ -686,8 +686,8 @@ def test_engine_dir_with_an_audio_input_encoder(engine_dir, tiny_dir, tmp_path):
     torch_pipe = Pipeline.from_pretrained(out, encoder="torch", device="cpu", dtype="float32")
     assert (audio_pipe.encoder.name, audio_pipe.encoder.takes) == ("onnxruntime", "audio")
     for case in ("audio+text", "batch mixed lengths"):
-        got = [r.token_ids for r in audio_pipe.generate(CASES[case](), max_new_tokens=8)]
-        ref = [r.token_ids for r in torch_pipe.generate(CASES[case](), max_new_tokens=8)]
+        got = [r.token_ids for r in audio_pipe.generate(CASES[case](), do_sample=False, max_new_tokens=8)]
+        ref = [r.token_ids for r in torch_pipe.generate(CASES[case](), do_sample=False, max_new_tokens=8)]
         print(case, "torch encoder", ref, "audio-input onnxruntime encoder", got)
         assert got == ref
     with pytest.raises(ValueError, match="the Triton repository supports features-input encoders only"):

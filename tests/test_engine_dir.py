@@ -177,7 +177,7 @@ def test_multi_turn_reuses_extra_ids_and_the_encoder_output(engine_dir):
     pipe = Pipeline.from_pretrained(engine_dir, device="cpu", dtype="float32")
     clip = synthetic_audio(6.0, 11)
     turn1 = [audio_turn(clip)]
-    first = pipe.generate(turn1, max_new_tokens=4)[0]
+    first = pipe.generate(turn1, do_sample=False, max_new_tokens=4)[0]
     assert pipe.encoder_calls == 1
     turn2 = turn1 + [{"role": "assistant", "content": first.text},
                      {"role": "user", "content": "And who is speaking?"}]
@@ -189,7 +189,7 @@ def test_multi_turn_reuses_extra_ids_and_the_encoder_output(engine_dir):
     np.testing.assert_array_equal(r2.input_ids[:n], r1.input_ids[:n])
     np.testing.assert_array_equal(r2.extra_ids[:n], r1.extra_ids[:n])
     assert (r2.extra_ids > 0).sum() == r1.audio_rows[0] and torch.equal(r2.table, r1.table)
-    pipe.generate(turn2, max_new_tokens=4)
+    pipe.generate(turn2, do_sample=False, max_new_tokens=4)
     assert pipe.encoder_calls == 1
     other = pipe.requests(pipe.prepare([audio_turn(synthetic_audio(6.0, 12))]), opts)[0][0]
     assert set(other.extra_ids[other.extra_ids > 0]) != set(r1.extra_ids[r1.extra_ids > 0])
@@ -219,7 +219,7 @@ def test_requests_past_the_engine_limits_fail_before_anything_runs(small_engine)
     ]
     for conv, kw, match in cases:
         with pytest.raises(PromptError, match=match):
-            pipe.generate(conv, **{"max_new_tokens": 4, **kw})
+            pipe.generate(conv, **{"max_new_tokens": 4, "do_sample": False, **kw})
     assert pipe.encoder_calls == 0 and calls == [] and len(pipe.cache) == 0
     assert pipe.generate([audio_turn(synthetic_audio(9.0))], max_new_tokens=16)[0].token_ids
     assert calls == [1]
@@ -300,8 +300,8 @@ def in_threads(n, work, timeout=300):
 def test_concurrent_threads_equal_sequential_runs(engine_pipe):
     convs = [[audio_turn(synthetic_audio(0.5 + 1.7 * i, 20 + i), f"Question {i}?")] for i in range(8)]
     convs += [[{"role": "user", "content": f"Text question {i}"}] for i in range(8)]
-    expected = [engine_pipe.generate(c, max_new_tokens=5)[0].token_ids for c in convs]
-    got = in_threads(8, lambda w: {k: engine_pipe.generate(convs[k], max_new_tokens=5)[0].token_ids for k in (w, w + 8)})
+    expected = [engine_pipe.generate(c, do_sample=False, max_new_tokens=5)[0].token_ids for c in convs]
+    got = in_threads(8, lambda w: {k: engine_pipe.generate(convs[k], do_sample=False, max_new_tokens=5)[0].token_ids for k in (w, w + 8)})
     assert [got[k] for k in range(16)] == expected
 
 
@@ -321,8 +321,8 @@ def test_trtllm_engine_gives_the_torch_tokens(tmp_path):
     convs = CASES["batch mixed lengths"]() + CASES["text only"]()
     trt = Pipeline.from_pretrained(out, decoder="tensorrt_llm", dtype="float16")
     ref = Pipeline.from_pretrained(out, decoder="torch", dtype="float16")
-    assert [r.token_ids for r in trt.generate(convs[:2], max_new_tokens=8)] == \
-        [r.token_ids for r in ref.generate(convs[:2], max_new_tokens=8)]
+    assert [r.token_ids for r in trt.generate(convs[:2], do_sample=False, max_new_tokens=8)] == \
+        [r.token_ids for r in ref.generate(convs[:2], do_sample=False, max_new_tokens=8)]
 
 
 def test_cli_build_fp8_then_run_the_engine_dir(tiny_dir, tmp_path, capsys):
@@ -360,9 +360,9 @@ def test_a_batching_decoder_gets_the_requests_of_all_threads_at_once(engine_pipe
             yield from inner.steps(requests, generator)
 
     p = engine_pipe
-    pipe = Pipeline(p.builder, p.encoder, InFlight(), p.spec, p.eos_token_ids, "cpu", limits=p.limits)
+    pipe = Pipeline(p.builder, p.encoder, InFlight(), p.spec, p.defaults, "cpu", limits=p.limits)
     convs = [[audio_turn(synthetic_audio(1.0 + i, 40 + i))] for i in range(2)]
-    expected = [p.generate(c, max_new_tokens=4)[0].token_ids for c in convs]
-    got = in_threads(2, lambda i: {i: pipe.generate(convs[i], max_new_tokens=4)[0].token_ids})
+    expected = [p.generate(c, do_sample=False, max_new_tokens=4)[0].token_ids for c in convs]
+    got = in_threads(2, lambda i: {i: pipe.generate(convs[i], do_sample=False, max_new_tokens=4)[0].token_ids})
     assert [got[0], got[1]] == expected
     assert not getattr(p.decoder, "concurrent", False) and isinstance(p._decode_lock, type(threading.Lock()))

@@ -27,8 +27,8 @@ from af3trt.prompt import left_pad
 from af3trt.runtime.decoder import Qwen2Decoder, TorchDecoder, attention_bias
 from af3trt.runtime.fast_decoder import KV_BUCKET, FastTorchDecoder
 from af3trt.runtime.fast_weights import FP8, FastLinear, fast_weights, fp8_linear, fuse_linears
-from af3trt.runtime.sampling import GenerationOptions
-from af3trt.runtime.stitch import DecoderRequest
+from af3trt.runtime.generation import GenerationOptions
+from af3trt.runtime.stitch import DecoderRequest, hf_prompt_ids
 
 REPO = Path(__file__).resolve().parents[1]
 FP32_RTOL = 1e-5  # STYLE rule 5: fp32 paths ~1e-5 relative (here: max |diff| / max |ref| of logits)
@@ -54,7 +54,8 @@ def requests(text, lengths=(9, 4), rows=(3, 0), max_new=MAX_NEW, seed=0, table_d
         ids = rng.integers(0, text.vocab_size, n)
         ids[n // 3 : n // 3 + r] = text.vocab_size + np.arange(r)
         table = torch.randn(r, text.hidden_size, generator=gen).to(table_dtype)
-        out.append(DecoderRequest(ids.astype(np.int64), table, np.zeros(n, np.int64), opts))
+        out.append(DecoderRequest(ids.astype(np.int64), table, np.zeros(n, np.int64), opts,
+                                  prompt_ids=hf_prompt_ids(ids, text.vocab_size, 0)))
     return out
 
 
@@ -182,7 +183,7 @@ def fast_pipe(pipe, ckpt):
     from af3trt.runtime import Pipeline
 
     dec = FastTorchDecoder.from_checkpoint(ckpt, "cpu", torch.float32)
-    return Pipeline(pipe.builder, pipe.encoder, dec, pipe.spec, pipe.eos_token_ids, "cpu")
+    return Pipeline(pipe.builder, pipe.encoder, dec, pipe.spec, pipe.defaults, "cpu")
 
 
 @pytest.mark.parametrize("case", ["audio+text", "text only", "batch mixed lengths"])
@@ -190,8 +191,8 @@ def test_greedy_tokens_equal_torch_decoder(case, pipe, fast_pipe):
     from .test_prompt import CASES
 
     convs = CASES[case]()
-    ref = [r.token_ids for r in pipe.generate(convs, max_new_tokens=MAX_NEW)]
-    got = [r.token_ids for r in fast_pipe.generate(convs, max_new_tokens=MAX_NEW)]
+    ref = [r.token_ids for r in pipe.generate(convs, do_sample=False, max_new_tokens=MAX_NEW)]
+    got = [r.token_ids for r in fast_pipe.generate(convs, do_sample=False, max_new_tokens=MAX_NEW)]
     print(case, "TorchDecoder", ref, "FastTorchDecoder", got)
     assert got == ref
 
@@ -436,7 +437,7 @@ def test_gpu_fp8_path_runs_within_budget(ckpt, fp8_dir, fp8_activations, budget)
     text = ref.spec
     reqs = requests(text, lengths=(21, 9), rows=(4, 1), table_dtype=torch.bfloat16)
     forced = torch.randint(0, text.vocab_size, (2, 5), generator=torch.Generator().manual_seed(7))
-    ref_reqs = [DecoderRequest(r.input_ids, r.table.float(), r.extra_ids, r.options) for r in reqs]
+    ref_reqs = [DecoderRequest(r.input_ids, r.table.float(), r.extra_ids, r.options, prompt_ids=r.prompt_ids) for r in reqs]
     got = fast_forced(dec, reqs, forced)
     want = forced_reference(ref.module, ref_reqs, forced)
     errs = [rel(g, w) for g, w in zip(got, want)]

@@ -390,25 +390,25 @@ def test_repository_loads(server):
 @pytest.mark.triton_server
 @pytest.mark.parametrize("model", ["af3", "ensemble"])
 def test_http_matches_pipeline(client, engine_pipe, model):
-    expected = engine_pipe.generate(conversation(), max_new_tokens=MAX_TOKENS)[0].text
-    got = client.generate(PROMPT, SPEECH_WAV, model=model, max_tokens=MAX_TOKENS)
+    expected = engine_pipe.generate(conversation(), do_sample=False, max_new_tokens=MAX_TOKENS)[0].text
+    got = client.generate(PROMPT, SPEECH_WAV, model=model, do_sample=False, max_tokens=MAX_TOKENS)
     print(f"expected {expected!r}\ngot      {got!r}")
     assert got == expected
 
 
 @pytest.mark.triton_server
 def test_grpc_streaming_matches_pipeline(client, engine_pipe):
-    expected = list(engine_pipe.stream(conversation(), max_new_tokens=MAX_TOKENS))
-    pieces = list(client.stream(PROMPT, SPEECH_WAV, max_tokens=MAX_TOKENS))
+    expected = list(engine_pipe.stream(conversation(), do_sample=False, max_new_tokens=MAX_TOKENS))
+    pieces = list(client.stream(PROMPT, SPEECH_WAV, do_sample=False, max_tokens=MAX_TOKENS))
     print(f"expected {expected}\ngot      {pieces}")
     assert len(pieces) > 1 and pieces == expected
 
 
 @pytest.mark.triton_server
 def test_text_only_request(client, engine_pipe):
-    expected = engine_pipe.generate(conversation("What is the weather?", None), max_new_tokens=MAX_TOKENS)[0].text
-    assert client.infer("What is the weather?", max_tokens=MAX_TOKENS) == expected
-    assert client.infer("What is the weather?", max_tokens=MAX_TOKENS, model="ensemble") == expected
+    expected = engine_pipe.generate(conversation("What is the weather?", None), do_sample=False, max_new_tokens=MAX_TOKENS)[0].text
+    assert client.infer("What is the weather?", do_sample=False, max_tokens=MAX_TOKENS) == expected
+    assert client.infer("What is the weather?", do_sample=False, max_tokens=MAX_TOKENS, model="ensemble") == expected
 
 
 @pytest.mark.triton_server
@@ -417,13 +417,13 @@ def test_text_only_request(client, engine_pipe):
 def test_min_tokens_fixes_the_length(client, engine_pipe, model, prompt, audio, tokens, held):
     """MIN_TOKENS = MAX_TOKENS: exactly that many tokens, the in-process min_new_tokens answer. Text-only
     "hello" ends by itself before 12 tokens (`held`): there MIN_TOKENS is what holds the end back."""
-    free = engine_pipe.generate(conversation(prompt, audio), max_new_tokens=tokens)[0]
-    fixed = engine_pipe.generate(conversation(prompt, audio), max_new_tokens=tokens, min_new_tokens=tokens)[0]
+    free = engine_pipe.generate(conversation(prompt, audio), do_sample=False, max_new_tokens=tokens)[0]
+    fixed = engine_pipe.generate(conversation(prompt, audio), do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens)[0]
     assert len(fixed.token_ids) == tokens and (len(free.token_ids) < tokens) == held
-    got = client.generate(prompt, audio, model=model, max_tokens=tokens, min_tokens=tokens)
+    got = client.generate(prompt, audio, model=model, do_sample=False, max_tokens=tokens, min_tokens=tokens)
     print(f"free     {free.text!r}\nexpected {fixed.text!r}\ngot      {got!r}")
     assert got == fixed.text and (got != free.text) == held
-    assert client.infer(prompt, audio, model=model, max_tokens=tokens, min_tokens=tokens) == fixed.text
+    assert client.infer(prompt, audio, model=model, do_sample=False, max_tokens=tokens, min_tokens=tokens) == fixed.text
 
 
 @pytest.mark.triton_server
@@ -447,14 +447,14 @@ def test_concurrent_clients(client, server):
 
     audios = [synthetic_audio(s, seed=i) for i, s in enumerate((0.8, 3.0, 7.5, 31.0))]  # 31 s: two windows
     jobs = [(a, f"Describe audio {i}.") for i, a in enumerate(audios)]
-    sequential = [client.infer(p, a, max_tokens=8) for a, p in jobs]
+    sequential = [client.infer(p, a, do_sample=False, max_tokens=8) for a, p in jobs]
     results, errors = {}, []
 
     def worker(w):  # even clients talk to af3, odd ones to the ensemble
         try:
             for k in range(4):
                 a, p = jobs[(w + k) % len(jobs)]
-                got = client.infer(p, a, max_tokens=8, model="af3" if w % 2 == 0 else "ensemble")
+                got = client.infer(p, a, do_sample=False, max_tokens=8, model="af3" if w % 2 == 0 else "ensemble")
                 results[(w, k)] = (got, sequential[(w + k) % len(jobs)])
         except Exception as exc:  # collected and reported below
             errors.append(f"client {w}: {exc}")
@@ -548,7 +548,7 @@ def test_bad_requests(client, server, model):
     wrong.set_data_from_numpy(np.array([8.0], np.float32))
     fails(r"'MAX_TOKENS' data-type is 'FP32', but model '\w+' expects 'INT32'",
           [t for t in client.inputs(PROMPT, SPEECH_WAV) if t.name() != "MAX_TOKENS"] + [wrong])
-    assert client.infer(PROMPT, SPEECH_WAV, model=model, max_tokens=4)
+    assert client.infer(PROMPT, SPEECH_WAV, model=model, do_sample=False, max_tokens=4)
     assert server.alive()
 
 

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from af3trt.runtime.sampling import GenerationOptions
-from af3trt.runtime.stitch import DecoderRequest, executor_arguments
+from af3trt.runtime.generation import GenerationOptions
+from af3trt.runtime.stitch import DecoderRequest, executor_arguments, hf_prompt_ids
 
-VOCAB, HIDDEN, END, STOP = 100, 8, 2, 3
+VOCAB, HIDDEN, END, STOP, AUDIO_ID = 100, 8, 2, 3, 99
 MAX_BATCH, TABLE_SIZE = 4, 4 * 64
 
 
@@ -275,7 +275,8 @@ def request(n_text=5, rows=3, **opts):
     ids = np.concatenate([np.arange(10, 10 + n_text), VOCAB + np.arange(rows), [40, 41]]).astype(np.int64)
     extra = np.where(ids >= VOCAB, 7, 0).astype(np.int64)
     options = GenerationOptions(**{"max_new_tokens": 6, "eos_token_ids": (END, STOP), **opts})
-    return DecoderRequest(ids, torch.randn(rows, HIDDEN), extra, options, [rows] if rows else [])
+    return DecoderRequest(ids, torch.randn(rows, HIDDEN), extra, options, [rows] if rows else [],
+                          prompt_ids=hf_prompt_ids(ids, VOCAB, AUDIO_ID))
 
 
 def run(dec, reqs):
@@ -355,7 +356,10 @@ def test_streamed_batch_rows_match_the_torch_backend_layout(tl, engine):
         reqs = [request(n_text=1), request(n_text=2), request(n_text=3, max_new_tokens=4)]
         reqs[1].input_ids[0], reqs[2].input_ids[0] = 11, 12
         rows = run(dec, reqs)
-        assert [list(col) for col in zip(*rows)] == [[50, 51, END, END], [60, STOP, END, END], [70, 71, 72, 73]]
+        # the collector ends once every request has ended (a LENGTH end is seen one step later);
+        # where each answer stops is generation.AnswerStream's decision, not the collector's
+        assert [list(col) for col in zip(*rows)] == [[50, 51, END, END, END], [60, STOP, END, END, END],
+                                                     [70, 71, 72, 73, END]]
     finally:
         dec.close()
 
@@ -370,8 +374,7 @@ def test_collect_assembles_multi_token_and_empty_final_responses(tl, engine):
             qa.put(item)
         for item in ([8], [9, 10], Finished("LENGTH"), None):
             qb.put(item)
-        reqs = [request(max_new_tokens=6), request(max_new_tokens=3)]
-        rows = [r.tolist() for r in dec._collect([qa, qb], reqs)]
+        rows = [r.tolist() for r in dec._collect([qa, qb])]
         assert rows == [[5, 8], [6, 9], [7, 10], [END, END]]
     finally:
         dec.close()

@@ -93,7 +93,8 @@ class TorchBackend(Backend):
         self.precision = _precision_name(self.pipe.decoder)
 
     def run(self, convs, new_tokens: int) -> Call:
-        results = self.pipe.generate(convs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        results = self.pipe.generate(convs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                     repetition_penalty=1.0)  # the hf backend's options
         got = {len(r.token_ids) for r in results}
         if got != {new_tokens}:
             raise RuntimeError(f"expected {new_tokens} new tokens per request, got {sorted(got)}")
@@ -145,7 +146,7 @@ def with_decoder(pipe, decoder):
     """The same Pipeline (builder, encoder, spec) with another decoder; encoder cache off."""
     from ..runtime.pipeline import Pipeline
 
-    return Pipeline(pipe.builder, pipe.encoder, decoder, pipe.spec, pipe.eos_token_ids, pipe.device, cache_bytes=0)
+    return Pipeline(pipe.builder, pipe.encoder, decoder, pipe.spec, pipe.defaults, pipe.device, cache_bytes=0)
 
 
 class TorchFastBackend(TorchBackend):

@@ -196,6 +196,7 @@ def build(scale: float = 1.0, *, device: str | torch.device = "cuda", dtype: tor
     from ..prompt import PromptBuilder
     from ..runtime.decoder import TorchDecoder
     from ..runtime.encoder import TorchEncoder
+    from ..runtime.generation import GenerationDefaults
     from ..runtime.pipeline import Pipeline
     from ..testing import default_tiny_dir, make_tiny_checkpoint
 
@@ -223,6 +224,7 @@ def build(scale: float = 1.0, *, device: str | torch.device = "cuda", dtype: tor
         enc, dec = modules_on_device(spec, device, dtype)
         weights = f"random (PyTorch default init) for torch only; hf: {reason}"
     builder = PromptBuilder.from_pretrained(tok_dir, spec.audio_token_id, spec.text.vocab_size)
-    pipeline = Pipeline(builder, TorchEncoder(enc, device), TorchDecoder(dec, device), spec, ids["eos_ids"], device,
+    defaults = GenerationDefaults(eos_token_ids=tuple(ids["eos_ids"]), pad_token_id=ids["pad_token_id"])
+    pipeline = Pipeline(builder, TorchEncoder(enc, device), TorchDecoder(dec, device), spec, defaults, device,
                         cache_bytes=cache_bytes)
     return RandomModels(config, spec, pipeline, hf, processor, weights, tok_dir)

@@ -195,7 +195,6 @@ class RepositoryOptions:
     streaming: bool = True
     kv_cache_reuse: bool = True
     device: str = "auto"
-    default_max_tokens: int = 256
     max_queue_delay_us: int = 0
     limits: ServingLimits | None = None
     server_engine_dir: str | None = None
@@ -206,7 +205,7 @@ class RepositoryOptions:
         if self.encoder_backend not in ("auto", "tensorrt", "onnxruntime", "torch"):
             raise ValueError(f"expected encoder_backend in ('auto', 'tensorrt', 'onnxruntime', 'torch'), "
                              f"got {self.encoder_backend!r}")
-        for name in ("instances", "default_max_tokens"):
+        for name in ("instances",):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"expected {name} an int >= 1, got {getattr(self, name)!r}")
         if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
@@ -296,7 +295,7 @@ def preprocessing_config(plan: Plan) -> ModelConfig:
     params = PreprocessingParams(
         tokenizer_dir=plan.path(f.tokenizer_dir), vocab_size=f.vocab_size, audio_token_id=f.audio_token_id,
         end_id=f.eos_token_ids[0], pad_id=f.pad_id, stop_ids=list(f.eos_token_ids[1:]),
-        limits=dataclasses.asdict(plan.limits), default_max_tokens=min(o.default_max_tokens, plan.limits.max_new_tokens),
+        limits=dataclasses.asdict(plan.limits),
         features=io.features, frames=io.frames, features_dtype=_numpy_dtype(io.features_dtype),
         frames_dtype=_numpy_dtype(io.frames_dtype), llm_decoupled=o.streaming)
     return ModelConfig(PREPROCESSING, 'backend: "python"', 0, REQUEST_INPUTS, outputs, o.instances,
@@ -345,7 +344,7 @@ def llm_config(plan: Plan) -> ModelConfig:
     inputs = llm_inputs(plan.table_dtype)  # prompt_embedding_table as prompt_table emits it
     if o.llm_backend == "python":
         params = LLMParams(path=plan.path(f.engine_dir if f.llm_checkpoint else f.checkpoint_dir), device=o.device,
-                           dtype="auto")
+                           dtype="auto", audio_token_id=f.audio_token_id)
         return ModelConfig(LLM, 'backend: "python"', mbs, inputs, LLM_OUTPUTS, o.instances,
                            decoupled=o.streaming, parameters=param_pairs(params))
     # Parameter names and values as the tensorrtllm backend (TensorRT-LLM 1.2 triton_backend/

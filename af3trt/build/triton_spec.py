@@ -211,7 +211,6 @@ class PreprocessingParams:
     pad_id: int
     stop_ids: list
     limits: dict
-    default_max_tokens: int
     features: str
     frames: str
     features_dtype: str
@@ -241,6 +240,7 @@ class LLMParams:
     path: str  # ENGINE_DIR (its llm/checkpoint) or an AF3 checkpoint dir
     device: str
     dtype: str
+    audio_token_id: int  # fake ids read as this id in the repetition penalty's history, as HF does
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..spec import TextSpec
+from .generation import decode_loop
 
 
 class RMSNorm(nn.Module):
@@ -164,6 +165,7 @@ class TorchDecoder:
         self.device = torch.device(device)
         self.dtype = next(module.parameters()).dtype
         self.spec = module.t
+        self.vocab_limit: int | None = None  # the model's vocabulary where the lm_head is padded past it
 
     @classmethod
     def from_checkpoint(cls, ckpt, device="cpu", dtype=torch.float32) -> "TorchDecoder":
@@ -189,15 +191,15 @@ class TorchDecoder:
         return cls(module.to(dtype), device)
 
     @torch.inference_mode()
-    def steps(self, requests, generator=None):
-        """Greedy/sampled decoding of a batch of `DecoderRequest`s (same options for all).
+    def steps(self, requests, generator=None, stats=None):
+        """Greedy/sampled decoding of a batch of `DecoderRequest`s (same options for all), through
+        `generation.decode_loop` (HF's processors; `stats`: a LoopStats timing the step calls).
 
         Each request brings its fake-id prompt and its own (rows, H) prompt table (rows may be 0).
-        Yields (B,) int64 next ids per step (finished rows keep being fed, the caller ignores
-        them); the first yield follows the prefill.
+        Yields (B,) int64 next ids per step on the device (finished rows keep being fed, the caller
+        ignores them); the first yield follows the prefill.
         """
         from ..prompt import left_pad
-        from .sampling import decode_loop
 
         opts = requests[0].options
         sequences = [r.input_ids for r in requests]
@@ -226,4 +228,5 @@ class TorchDecoder:
             bias = attention_bias(key_mask[:, : n + step + 1], 1, n + step, self.dtype)
             return self.module(x, last, cache, n + step, bias)
 
-        yield from decode_loop(logits, ids, opts, generator, advance)
+        yield from decode_loop(logits, [r.prompt_ids for r in requests], opts, generator, advance,
+                               vocab_size=self.vocab_limit, stats=stats)

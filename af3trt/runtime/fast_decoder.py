@@ -26,7 +26,7 @@ import gc
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..kernels.gemv import MAX_M, gemv_bf16, gemv_fp8
 from ..spec import ModelSpec, TextSpec
 from .decoder import attention_bias, rotate_half
+from .generation import decode_loop
 from .fast_weights import FastLayer, FastLinear, FastWeights, fast_weights, fp8_linear, random_fast_weights
 
 __all__ = ["FastTorchDecoder", "KV_BUCKET", "benchmark_matrix", "decode_step_benchmark"]
@@ -56,7 +57,6 @@ class _Session:
     batch: int
     prompt_len: int  # padded prompt length n: decode step s writes cache slot n + s
     step: int = 0
-    history: torch.Tensor | None = field(default=None, repr=False)
 
 
 class _DecodeGraphs:
@@ -113,6 +113,7 @@ class FastTorchDecoder:
                  use_graphs: bool | None = None, kernels: bool | None = None, fp8_activations: bool | None = None):
         self.w = weights
         self.spec = weights.text
+        self.vocab_limit: int | None = None  # the model's vocabulary where the lm_head is padded past it
         self.dtype = weights.dtype
         self.device = torch.device(device) if device is not None else weights.embed.device
         if self.device != weights.embed.device and not (self.device.type == "cuda" == weights.embed.device.type):
@@ -274,7 +275,7 @@ class FastTorchDecoder:
         else:
             last = self._prefill_pass(x, positions, attention_bias(mask, n, 0, self.dtype), 0, 0)
         self._start[:b].copy_(torch.as_tensor(pads, device=self.device))
-        self._session = _Session(b, n, history=ids)
+        self._session = _Session(b, n)
         return self._logits(last)
 
     def _prefill_pass(self, x, positions, bias, row: int, slot: int) -> torch.Tensor:
@@ -347,14 +348,12 @@ class FastTorchDecoder:
         return self._runner(s.batch, self.kv_bucket(slot + 1))
 
     @torch.inference_mode()
-    def steps(self, requests, generator=None):
+    def steps(self, requests, generator=None, stats=None):
         """Greedy/sampled decoding of a batch of `DecoderRequest`s, as `TorchDecoder.steps`:
-        yields (B,) int64 next ids per step, the first after the prefill."""
-        from .sampling import decode_loop
-
+        yields (B,) int64 next ids per step on the device, the first after the prefill."""
         logits = self.prefill(requests)
-        yield from decode_loop(logits, self._session.history, requests[0].options, generator,
-                               lambda nxt, step: self.decode(nxt))
+        yield from decode_loop(logits, [r.prompt_ids for r in requests], requests[0].options, generator,
+                               lambda nxt, step: self.decode(nxt), vocab_size=self.vocab_limit, stats=stats)
 
 
 # --------------------------------------------------------------------------- benchmark

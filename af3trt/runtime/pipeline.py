@@ -17,7 +17,7 @@ from ..prompt import DEFAULT_TRANSCRIBE_PROMPT, Prompt, PromptBuilder, PromptErr
 from ..spec import ModelSpec
 from .cache import DEFAULT_BUDGET_BYTES, EmbeddingCache
 from .encoder import valid_rows
-from .sampling import GenerationOptions
+from .generation import AnswerStream, GenerationDefaults, GenerationOptions, LoopStats, read_steps
 from .stitch import audio_hash, make_request
 
 @dataclass
@@ -53,7 +53,7 @@ class Pipeline:
     encoder serve one call at a time; a decoder with `concurrent = True` (TensorRT-LLM) receives the
     requests of all threads at once (in-flight batching), the torch decoders one batch at a time."""
 
-    def __init__(self, builder: PromptBuilder, encoder, decoder, spec: ModelSpec, eos_token_ids, device,
+    def __init__(self, builder: PromptBuilder, encoder, decoder, spec: ModelSpec, defaults: GenerationDefaults, device,
                  limits: dict | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES):
         self.builder = builder
         self.limits = dict(limits or {})
@@ -62,7 +62,8 @@ class Pipeline:
         self.encoder = encoder
         self.decoder = decoder
         self.spec = spec
-        self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
+        self.defaults = defaults  # the model's generation_config.json: what a request without options gets
+        self.eos_token_ids = defaults.eos_token_ids
         self.device = torch.device(device)
         self.tokenizer = builder.tokenizer
         self._lock = threading.Lock()  # prompt building, encoder, cache
@@ -96,7 +97,8 @@ class Pipeline:
         dec = _TORCH_DECODERS[dec_name]().from_checkpoint(ckpt, device, dtype)
         builder = PromptBuilder.from_pretrained(path, ckpt.spec.audio_token_id, ckpt.spec.text.vocab_size,
                                                 allow_urls=allow_urls)
-        return cls(builder, enc, dec, ckpt.spec, _eos_ids(path, builder.tokenizer), device, cache_bytes=cache_bytes)
+        defaults = GenerationDefaults.from_dir(path, builder.tokenizer.eos_token_id)
+        return cls(builder, enc, dec, ckpt.spec, defaults, device, cache_bytes=cache_bytes)
 
     @classmethod
     def _from_engine_dir(cls, path: Path, encoder, decoder, device, dtype, allow_urls, cache_bytes) -> "Pipeline":
@@ -113,9 +115,9 @@ class Pipeline:
             enc = load_encoder(enc_name, path, device, dtype)
         builder = PromptBuilder.from_pretrained(path / "tokenizer", spec.audio_token_id, spec.text.vocab_size,
                                                 allow_urls=allow_urls)
-        eos = _eos_ids(path / "tokenizer", builder.tokenizer)
-        dec = load_decoder(decoder, path, manifest, spec, device, dtype, eos, builder.pad_token_id)
-        return cls(builder, enc, dec, spec, eos, device, limits=manifest.limits, cache_bytes=cache_bytes)
+        defaults = GenerationDefaults.from_dir(path / "tokenizer", builder.tokenizer.eos_token_id)
+        dec = load_decoder(decoder, path, manifest, spec, device, dtype, defaults.eos_token_ids, builder.pad_token_id)
+        return cls(builder, enc, dec, spec, defaults, device, limits=manifest.limits, cache_bytes=cache_bytes)
 
     # -- stages ---------------------------------------------------------------------------------
     def prepare(self, conversations) -> list[Prompt]:
@@ -201,45 +203,39 @@ class Pipeline:
                 raise PromptError(f"expected at most {limit} {what} (engine limit), got {got}")
 
     # -- generation -----------------------------------------------------------------------------
-    def options(self, **kw) -> GenerationOptions:
-        stop = kw.pop("stop", None) or ()
-        return GenerationOptions(stop=(stop,) if isinstance(stop, str) else tuple(stop),
-                                 eos_token_ids=self.eos_token_ids, **kw)
+    def options(self, **options) -> GenerationOptions:
+        """Options of one request: the given ones over the model's generation_config.json defaults
+        (`self.defaults`), as HF `generate` resolves them. Unknown names and sampling-only options
+        while sampling is off raise `OptionError`."""
+        return self.defaults.options(**options)
 
-    def generate(self, conversations, max_new_tokens: int = 256, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 repetition_penalty: float = 1.0, stop=None, seed: int | None = None,
-                 min_new_tokens: int = 0) -> list[Result]:
-        """Answer one conversation or a batch of them (left-padded together). Returns one Result each."""
-        opts = self.options(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
-                            seed=seed, min_new_tokens=min_new_tokens)
-        results = None
-        for results in self._run(conversations, opts):
+    def generate(self, conversations, **options) -> list[Result]:
+        """Answer one conversation or a batch of them (left-padded together). Returns one Result each.
+
+        options (None or absent = the model's generation_config.json default, as for HF `generate`):
+        max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, min_p,
+        repetition_penalty, presence_penalty, frequency_penalty, bad_words (token-id sequences),
+        stop (a string or several), seed."""
+        results: list[Result] = []
+        for _ in self._run(conversations, self.options(**options), False, results):
             pass
-        return [r for r, _ in results]
+        return results
 
-    def stream(self, conversation, **kw) -> Iterator[str]:
-        """Yield text pieces of one conversation's answer as tokens arrive."""
-        opts = self.options(**kw)
-        sent = 0
-        for batch in self._run([conversation] if _is_single_conversation(conversation) else conversation, opts):
-            result, done = batch[0]
-            text = result.text
-            if not done and text.endswith("\ufffd"):
-                continue  # an incomplete UTF-8 sequence: wait for the rest
-            if len(text) > sent:
-                yield text[sent:]
-                sent = len(text)
+    def stream(self, conversations, **options) -> Iterator:
+        """Text pieces as tokens arrive: `str` pieces for one conversation; `(index, piece)` for a
+        list of conversations (each conversation's pieces, joined, equal its `generate` text)."""
+        single = _is_single_conversation(conversations)
+        for index, piece in self._run(conversations, self.options(**options), True, []):
+            yield piece if single else (index, piece)
 
-    def transcribe(self, audio, prompt: str | None = None, strip_prefix: bool = True, **kw) -> str:
+    def transcribe(self, audio, prompt: str | None = None, strip_prefix: bool = True, **options) -> str:
         conv = [{"role": "user", "content": [{"type": "audio", "audio": audio},
                                               {"type": "text", "text": prompt or DEFAULT_TRANSCRIBE_PROMPT}]}]
-        text = self.generate(conv, **kw)[0].text
+        text = self.generate(conv, **options)[0].text
         return strip_transcription_prefix(text) if strip_prefix else text
 
-    def _run(self, conversations, opts: GenerationOptions):
-        """Yields after every step a list of (Result so far, finished) per conversation."""
+    def _run(self, conversations, opts: GenerationOptions, streaming: bool, results: list):
+        """Yields (index, piece) while streaming; fills `results` with one Result per conversation."""
         t0 = time.perf_counter()
         with self._lock:
             prompts = self.prepare(conversations)
@@ -248,42 +244,27 @@ class Pipeline:
             gen = torch.Generator(device=self.device)
             if opts.seed is not None:
                 gen.manual_seed(opts.seed)
-            out = [[] for _ in prompts]
-            texts = [""] * len(prompts)
-            reasons = [None] * len(prompts)
+            answers = [AnswerStream(self.tokenizer, opts, streaming) for _ in prompts]
+            stats = LoopStats()
             t_first = None
-            eos = set(opts.eos_token_ids)
-            for step, nxt in enumerate(self.decoder.steps(reqs, gen)):
-                nxt = nxt.tolist()
+            for _ in read_steps(self.decoder.steps(reqs, gen, stats=stats), answers, every_step=streaming):
                 if t_first is None:
-                    _sync(self.device)
                     t_first = time.perf_counter()
-                for i, tok in enumerate(nxt):
-                    if reasons[i] is not None:
-                        continue
-                    out[i].append(tok)
-                    if tok in eos:
-                        reasons[i] = "stop"
-                    texts[i] = self.tokenizer.decode(out[i], skip_special_tokens=True)
-                    for s in opts.stop:
-                        if s in texts[i]:
-                            texts[i] = texts[i][: texts[i].index(s)]
-                            reasons[i] = "stop_string"
-                    if reasons[i] is None and len(out[i]) >= opts.max_new_tokens:
-                        reasons[i] = "length"
-                done = all(r is not None for r in reasons)
-                yield [(Result(texts[i], list(out[i]), p.num_audio_tokens, reasons[i] or "running"), reasons[i] is not None)
-                       for i, p in enumerate(prompts)]
-                if done:
-                    break
+                if streaming:
+                    for i, answer in enumerate(answers):
+                        piece = answer.pending()
+                        if piece:
+                            yield i, piece
             t_end = time.perf_counter()
-            timings.update(total=t_end - t0, ttft=(t_first or t_end) - t0,
-                           prefill=(t_first or t_end) - t0 - timings["features"] - timings["encoder"],
-                           decode=t_end - (t_first or t_end))
-            n = max(len(o) for o in out)
-            timings["tokens_per_second"] = (n - 1) / timings["decode"] if n > 1 and timings["decode"] > 0 else 0.0
-            yield [(Result(texts[i], out[i], p.num_audio_tokens, reasons[i] or "length", dict(timings)), True)
-                   for i, p in enumerate(prompts)]
+        t_first = t_first or t_end
+        timings.update(total=t_end - t0, ttft=t_first - t0, prefill=t_first - t0 - timings["features"] - timings["encoder"],
+                       decode=t_end - t_first)
+        n = max(len(a.tokens) for a in answers)
+        timings["tokens_per_second"] = (n - 1) / timings["decode"] if n > 1 and timings["decode"] > 0 else 0.0
+        if stats.steps:  # torch decoders: time of the loop outside the decoder's step calls, per step
+            timings["decode_host_per_step"] = max(0.0, timings["decode"] - stats.model_seconds) / stats.steps
+        results.extend(Result(a.text, list(a.tokens), p.num_audio_tokens, a.finish_reason or "length", dict(timings))
+                       for a, p in zip(answers, prompts))
 
 
 def check_engine_dir(manifest, path: Path) -> None:
@@ -380,14 +361,3 @@ def _dtype(dtype, device: str) -> torch.dtype:
     if dtype not in table:
         raise ValueError(f"expected dtype in {sorted(table)}, got {dtype!r}")
     return table[dtype]
-
-
-def _eos_ids(path: Path, tokenizer) -> list[int]:
-    import json
-
-    gen = path / "generation_config.json"
-    ids = []
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    return ids or [tokenizer.eos_token_id]

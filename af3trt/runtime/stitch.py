@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..prompt import Prompt, fake_ids
-from .sampling import GenerationOptions
+from .generation import GenerationOptions
 
 EXTRA_ID_BITS = 62  # extra ids are uint64 > 0 in TensorRT-LLM; stay clear of the sign bit of int64 tensors
 
@@ -35,13 +35,20 @@ def extra_id(digest: str) -> int:
 
 @dataclass
 class DecoderRequest:
-    """input_ids (T,) int64 with fake ids; table (rows, hidden); extra_ids (T,) int64 (0 on text)."""
+    """input_ids (T,) int64 with fake ids; table (rows, hidden); extra_ids (T,) int64 (0 on text);
+    prompt_ids (T,) the same prompt as HF sees it (the `<sound>` id at every audio row): the history
+    of HF's repetition penalty."""
 
     input_ids: np.ndarray
     table: torch.Tensor
     extra_ids: np.ndarray
     options: GenerationOptions
     audio_rows: list[int] = field(default_factory=list)
+    prompt_ids: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.prompt_ids is None:
+            raise ValueError("expected the prompt's HF ids (prompt_ids), got none: use make_request or hf_prompt_ids")
 
     @property
     def prompt_len(self) -> int:
@@ -61,7 +68,34 @@ def make_request(prompt: Prompt, embeddings: list[torch.Tensor], digests: list[s
     where = np.flatnonzero(ids == audio_token_id)
     extra[where] = np.repeat([extra_id(d) for d in digests], prompt.audio_tokens).astype(np.int64)
     table = torch.cat(embeddings) if embeddings else torch.zeros((0, hidden))
-    return DecoderRequest(fake_ids(ids, audio_token_id, vocab_size), table, extra, options, list(prompt.audio_tokens))
+    return DecoderRequest(fake_ids(ids, audio_token_id, vocab_size), table, extra, options, list(prompt.audio_tokens),
+                          prompt_ids=ids)
+
+
+def hf_prompt_ids(input_ids: np.ndarray, vocab_size: int, audio_token_id: int) -> np.ndarray:
+    """Fake-id prompt -> the ids HF's history holds (every prompt-table row is the `<sound>` id)."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    return np.where(ids >= vocab_size, audio_token_id, ids)
+
+
+def trtllm_sampling(o: GenerationOptions) -> dict:
+    """`GenerationOptions` -> keyword arguments of TensorRT-LLM 1.2's `executor.SamplingConfig` (None =
+    not sent, the executor's default). The one mapping of options to TensorRT-LLM: the in-process
+    executor and the Triton repository (its LLM tensors) both use it.
+
+    Sampling follows the executor's defaults (top_k 0, top_p 0.0, and top_k == 0 with top_p == 0 is
+    greedy): greedy sends top_k=1; sampling always sends top_p (1.0 = whole distribution) so that a
+    plain temperature sample is not turned into greedy. Penalties and min_tokens apply under greedy
+    too, as in HF. Where TensorRT-LLM's semantics differ from the torch backends (HF's), the README's
+    table says how.
+    """
+    sample = o.do_sample
+    return {"beam_width": 1, "temperature": o.temperature if sample else None,
+            "top_k": o.top_k if sample else 1, "top_p": o.top_p if sample else None,
+            "min_p": o.min_p if sample and o.min_p else None,
+            "repetition_penalty": o.repetition_penalty if o.repetition_penalty != 1.0 else None,
+            "presence_penalty": o.presence_penalty or None, "frequency_penalty": o.frequency_penalty or None,
+            "min_tokens": o.min_new_tokens or None, "seed": o.seed}
 
 
 def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming: bool = False) -> dict:
@@ -70,26 +104,23 @@ def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming:
     `output_config` and `prompt_tuning_config` in their binding types. Fake ids start at vocab_size
     per request (the executor gives every request its own table; prompt_vocab_size = table rows).
 
-    Sampling follows the executor's defaults (top_k 0, top_p 0.0, and top_k == 0 with top_p == 0 is
-    greedy): greedy sends top_k=1; sampling always sends top_p (1.0 = whole distribution) so that a
-    plain temperature sample is not turned into greedy. end_id is never in the output (generation
-    stops before it); the other stop ids are single-token stop words, which do appear in the output.
-    `input_token_extra_ids` (uint64 per prompt token, > 0 on an audio's fake ids) is what KV-cache
-    block reuse with a prompt table requires: the executor rejects such a request without it.
+    Sampling: `trtllm_sampling`. end_id is never in the output (generation stops before it); the
+    other stop ids are single-token stop words, which do appear in the output; bad words are banned
+    for the whole request. Stop strings are not sent: the host stops reading (and cancels) where the
+    text holds one. `input_token_extra_ids` (uint64 per prompt token, > 0 on an audio's fake ids) is
+    what KV-cache block reuse with a prompt table requires: the executor rejects such a request
+    without it.
     """
     o = req.options
-    sampling = {"beam_width": 1, "temperature": o.temperature if o.do_sample else None,
-                "top_k": o.top_k if o.do_sample else 1, "top_p": o.top_p if o.do_sample else None,
-                "repetition_penalty": o.repetition_penalty if o.repetition_penalty != 1.0 else None,
-                "min_tokens": o.min_new_tokens or None, "seed": o.seed}
     args = {
         "input_token_ids": req.input_ids.tolist(),
         "max_tokens": o.max_new_tokens,
         "streaming": streaming,
         "end_id": end_id,
         "pad_id": pad_id,
+        "bad_words": [list(w) for w in o.bad_words] or None,
         "stop_words": [[i] for i in o.eos_token_ids if i != end_id] or None,
-        "sampling_config": sampling,
+        "sampling_config": trtllm_sampling(o),
         "output_config": {"exclude_input_from_output": True},  # non-streaming results: new tokens only
         "prompt_tuning_config": None,
     }

@@ -185,26 +185,26 @@ class TensorRTLLMDecoder:
                     q.put(Finished(_reason(result)))
                     q.put(None)
 
-    def steps(self, requests: list[DecoderRequest], generator=None):
-        """Stream a batch: yields (B,) next ids per step; a finished row repeats end_id."""
-        del generator  # sampling seeds travel in SamplingConfig.seed
+    def steps(self, requests: list[DecoderRequest], generator=None, stats=None):
+        """Stream a batch: yields (B,) next ids per step; a finished row repeats end_id. The executor
+        applies the sampling options itself (`stitch.trtllm_sampling`); the caller's
+        `generation.AnswerStream` decides where each answer ends, and closing this generator
+        cancels what still runs."""
+        del generator, stats  # sampling seeds travel in SamplingConfig.seed; the steps run in the executor
         submitted = [self.submit(r, streaming=True) for r in requests]
         try:
-            yield from self._collect([q for _, q in submitted], requests)
+            yield from self._collect([q for _, q in submitted])
         finally:  # finished requests are gone from _queues already; cancel the others
             for rid, _ in submitted:
                 self.cancel(rid)
 
-    def _collect(self, queues: list[queue.Queue], requests: list[DecoderRequest]):
-        """Per step one token per request from the streamed responses. A request the executor ended
-        on end_id (which it leaves out of the output) gets end_id appended, so the caller sees the
-        stop; one ended by a stop word already shows it; a row is over at its end or at its own
-        max_new_tokens, and then repeats end_id."""
-        pending = [list() for _ in requests]
-        done = [False] * len(requests)
-        produced = [0] * len(requests)
-        limit = max(r.options.max_new_tokens for r in requests)
-        for _ in range(limit):
+    def _collect(self, queues: list[queue.Queue]):
+        """Per step one token per request from the streamed responses, until every request ended. A
+        request the executor ended on end_id (which it leaves out of the output) gets end_id
+        appended, so the caller sees the stop; one ended by a stop word already shows it."""
+        pending = [list() for _ in queues]
+        done = [False] * len(queues)
+        while True:
             row = []
             for i, q in enumerate(queues):
                 while not done[i] and not pending[i]:
@@ -219,13 +219,7 @@ class TensorRTLLMDecoder:
                             pending[i].append(self.end_id)
                     else:
                         pending[i].extend(item)
-                if pending[i]:
-                    row.append(pending[i].pop(0))
-                    produced[i] += 1
-                    if produced[i] >= requests[i].options.max_new_tokens:
-                        done[i], pending[i] = True, []
-                else:
-                    row.append(self.end_id)
+                row.append(pending[i].pop(0) if pending[i] else self.end_id)
             yield torch.tensor(row, dtype=torch.long)
             if all(done) and not any(pending):
                 return

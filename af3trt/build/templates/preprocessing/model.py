@@ -20,8 +20,16 @@ import warnings
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-OPTIONAL = {"MAX_TOKENS": None, "MIN_TOKENS": 0, "DO_SAMPLE": False, "TEMPERATURE": 1.0, "TOP_P": 1.0,
-            "TOP_K": 0, "REPETITION_PENALTY": 1.0, "SEED": None, "STREAM": False, "STRIP_PREFIX": False}
+# request input -> generation option (absent = the model's generation_config.json default)
+OPTIONS = {"MAX_TOKENS": "max_new_tokens", "MIN_TOKENS": "min_new_tokens", "DO_SAMPLE": "do_sample",
+           "TEMPERATURE": "temperature", "TOP_P": "top_p", "TOP_K": "top_k", "REPETITION_PENALTY": "repetition_penalty",
+           "SEED": "seed"}
+FLAGS = {"STREAM": False, "STRIP_PREFIX": False}
+# the LLM's tensors of TensorRT-LLM SamplingConfig fields (af3trt.runtime.stitch.trtllm_sampling), with
+# the value that leaves a field at its default
+LLM_SAMPLING = {"top_k": ("runtime_top_k", np.int32, 0), "top_p": ("runtime_top_p", np.float32, 1.0),
+                "temperature": ("temperature", np.float32, 1.0),
+                "repetition_penalty": ("repetition_penalty", np.float32, 1.0), "min_tokens": ("min_tokens", np.int32, 0)}
 
 
 class RequestError(ValueError):
@@ -33,10 +41,10 @@ def _error(message):
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
-def _scalar(request, name):
+def _scalar(request, name, default=None):
     t = pb_utils.get_input_tensor_by_name(request, name)
     if t is None:
-        return OPTIONAL[name]
+        return default
     value = t.as_numpy().reshape(-1)
     if value.size != 1:
         raise RequestError(f"expected {name} with 1 element, got shape {list(t.as_numpy().shape)}")
@@ -66,6 +74,9 @@ class TritonPythonModel:
 
         self.p = load_params(PreprocessingParams, json.loads(args["model_config"]))
         self.limits = ServingLimits(**self.p.limits)
+        from af3trt.runtime.generation import GenerationDefaults
+
+        self.defaults = GenerationDefaults.from_dir(self.p.tokenizer_dir, self.p.end_id)
         self.builder = PromptBuilder.from_pretrained(self.p.tokenizer_dir, self.p.audio_token_id, self.p.vocab_size)
         stop = [i for i in self.p.stop_ids if i != self.p.end_id]
         self.stop_words = np.array([[stop, list(range(1, len(stop) + 1))]], np.int32) if stop else \
@@ -110,40 +121,43 @@ class TritonPythonModel:
         return audios
 
     def _options(self, request, prompt_len):
-        from af3trt.runtime.sampling import GenerationOptions
+        """The request's generation options (absent ones from the model's generation_config.json,
+        max tokens capped at the engine's limit only where the request gives none) -> LLM tensors."""
+        from af3trt.runtime.generation import OptionError
+        from af3trt.runtime.stitch import trtllm_sampling
 
-        v = {name: _scalar(request, name) for name in OPTIONAL}
-        max_tokens = self.p.default_max_tokens if v["MAX_TOKENS"] is None else int(v["MAX_TOKENS"])
+        given = {opt: _scalar(request, name) for name, opt in OPTIONS.items()}
+        flags = {name: bool(_scalar(request, name, default)) for name, default in FLAGS.items()}
         lim = self.limits
-        if not 1 <= max_tokens <= lim.max_new_tokens:
+        if given["max_new_tokens"] is None:
+            given["max_new_tokens"] = min(self.defaults.options().max_new_tokens, lim.max_new_tokens)
+        try:
+            opts = self.defaults.options(**{k: (bool(v) if k == "do_sample" else v) for k, v in given.items()})
+        except OptionError as exc:
+            raise RequestError(str(exc).replace("max_new_tokens", "MAX_TOKENS")) from exc
+        max_tokens = opts.max_new_tokens
+        if max_tokens > lim.max_new_tokens:
             raise RequestError(f"expected MAX_TOKENS in [1, {lim.max_new_tokens}], got {max_tokens}")
         if prompt_len + max_tokens > lim.max_seq_len:
             raise RequestError(f"expected prompt + MAX_TOKENS <= {lim.max_seq_len} tokens, got {prompt_len} + "
                                f"{max_tokens}")
-        min_tokens = int(v["MIN_TOKENS"])
-        if not 0 <= min_tokens <= max_tokens:
-            raise RequestError(f"expected MIN_TOKENS in [0, {max_tokens}] (at most MAX_TOKENS), got {min_tokens}")
-        if v["STREAM"] and v["STRIP_PREFIX"]:
+        if flags["STREAM"] and flags["STRIP_PREFIX"]:
             raise RequestError("expected STRIP_PREFIX false when STREAM is true (pieces cannot be stripped), got both true")
-        try:
-            GenerationOptions(max_new_tokens=max_tokens, min_new_tokens=min_tokens, do_sample=bool(v["DO_SAMPLE"]),
-                              temperature=float(v["TEMPERATURE"]), top_p=float(v["TOP_P"]), top_k=int(v["TOP_K"]),
-                              repetition_penalty=float(v["REPETITION_PENALTY"]))
-        except ValueError as exc:
-            raise RequestError(str(exc)) from exc
-        greedy = not v["DO_SAMPLE"]
-        seed = secrets.randbits(63) if v["SEED"] is None else int(v["SEED"])  # unseeded: a fresh seed
-        return {
+        sampling = trtllm_sampling(opts)
+        unsent = {k: v for k, v in sampling.items() if v is not None and k not in LLM_SAMPLING and k not in ("beam_width", "seed")}
+        if unsent or opts.bad_words:
+            raise RequestError(f"this repository's LLM tensors carry no {sorted(unsent) + (['bad_words'] if opts.bad_words else [])}"
+                               f" (set by the model's generation_config.json {self.defaults.as_dict()})")
+        out = {tensor: np.array([[neutral if sampling[field] is None else sampling[field]]], dtype)
+               for field, (tensor, dtype, neutral) in LLM_SAMPLING.items()}
+        seed = secrets.randbits(63) if opts.seed is None else opts.seed  # unseeded: a fresh seed
+        out.update({
             "request_output_len": np.array([[max_tokens]], np.int32),
-            "min_tokens": np.array([[min_tokens]], np.int32),
-            "runtime_top_k": np.array([[1 if greedy else int(v["TOP_K"])]], np.int32),
-            "runtime_top_p": np.array([[1.0 if greedy else float(v["TOP_P"])]], np.float32),
-            "temperature": np.array([[float(v["TEMPERATURE"])]], np.float32),
-            "repetition_penalty": np.array([[float(v["REPETITION_PENALTY"])]], np.float32),
             "seed": np.array([[seed]], np.uint64),
             # a non-decoupled C++ LLM refuses streaming=true: the answer then comes in one piece
-            "streaming": np.array([[bool(v["STREAM"]) and self.p.llm_decoupled]], bool),
-        }
+            "streaming": np.array([[flags["STREAM"] and self.p.llm_decoupled]], bool),
+        })
+        return out
 
     def _process(self, request):
         from af3trt.features import extract_features

@@ -100,8 +100,8 @@ class TritonPythonModel:
         """The request's tensors -> (DecoderRequest, streaming, seed, end_id)."""
         import torch
 
-        from af3trt.runtime.sampling import GenerationOptions
-        from af3trt.runtime.stitch import DecoderRequest
+        from af3trt.runtime.generation import GenerationOptions
+        from af3trt.runtime.stitch import DecoderRequest, hf_prompt_ids
 
         def get(name, default=None):
             t = pb_utils.get_input_tensor_by_name(request, name)
@@ -129,28 +129,32 @@ class TritonPythonModel:
             raise ValueError(f"expected a prompt table of >= {rows} rows x {self.hidden} for the fake ids, got "
                              f"{list(table.shape)}")
         extra = get("prompt_table_extra_ids", np.zeros(ids.shape, np.uint64)).reshape(-1)[: ids.shape[0]]
-        req = DecoderRequest(ids, torch.from_numpy(table.astype(np.float32)), extra.astype(np.int64), opts)
+        req = DecoderRequest(ids, torch.from_numpy(table.astype(np.float32)), extra.astype(np.int64), opts,
+                             prompt_ids=hf_prompt_ids(ids, self.vocab_size, self.p.audio_token_id))
         return req, bool(one("streaming", False)), one("seed", None), end_id
 
     def _generate(self, request, force_whole=False):
-        """Yields lists of new token ids: one per step when streaming, else one list at the end."""
+        """Yields lists of new token ids: one per step when streaming, else one list at the end.
+        The stops are generation.AnswerStream's (end_id + stop words, max tokens); as the C++ backend,
+        end_id ends the answer and is not in it, a stop word is."""
         import torch
+
+        from af3trt.runtime.generation import AnswerStream, read_steps
 
         req, streaming, seed, end_id = self._request(request)
         streaming = streaming and not force_whole
         generator = torch.Generator(device=self.decoder.device)
         if seed is not None:
             generator.manual_seed(int(seed))
-        eos, out = set(req.options.eos_token_ids), []
+        answer = AnswerStream(None, req.options)
         cancelled = getattr(request, "is_cancelled", lambda: False)
-        for nxt in self.decoder.steps([req], generator):
-            token = int(nxt[0])
-            if token == end_id:  # as the C++ backend: end_id ends the answer and is not in it; stop words are
-                break
-            out.append(token)
-            if streaming:
-                yield [token]
-            if token in eos or len(out) >= req.options.max_new_tokens or cancelled():
+        sent = 0
+        for _ in read_steps(self.decoder.steps([req], generator), [answer], every_step=streaming):
+            tokens = answer.tokens[: len(answer.tokens) - (answer.tokens[-1:] == [end_id])]
+            if streaming and len(tokens) > sent:
+                yield tokens[sent:]
+                sent = len(tokens)
+            if cancelled():
                 break
         if not streaming:
-            yield out
+            yield answer.tokens[: len(answer.tokens) - (answer.tokens[-1:] == [end_id])]
