@@ -148,7 +148,7 @@ def test_executor_arguments_equal_the_torch_backend_inputs(case, engine_pipe):
 
     pipe = engine_pipe
     vocab = pipe.spec.text.vocab_size
-    reqs, _ = pipe.requests(pipe.prepare(CASES[case]()), pipe.options(max_new_tokens=4))
+    reqs, _ = pipe.requests(pipe.prepare(CASES[case]()), pipe.options(max_new_tokens=4, do_sample=False))
     ids, mask = left_pad([r.input_ids for r in reqs], 0)
     rows = [r.table.shape[0] for r in reqs]
     table = torch.cat([r.table for r in reqs]) if sum(rows) else None
@@ -355,9 +355,9 @@ def test_a_batching_decoder_gets_the_requests_of_all_threads_at_once(engine_pipe
     class InFlight:
         concurrent = True
 
-        def steps(self, requests, generator=None):
+        def steps(self, requests, generator=None, stats=None):
             barrier.wait()  # returns only once both threads' requests are in the decoder
-            yield from inner.steps(requests, generator)
+            yield from inner.steps(requests, generator, stats)
 
     p = engine_pipe
     pipe = Pipeline(p.builder, p.encoder, InFlight(), p.spec, p.defaults, "cpu", limits=p.limits)

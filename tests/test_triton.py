@@ -405,6 +405,25 @@ def test_grpc_streaming_matches_pipeline(client, engine_pipe):
 
 
 @pytest.mark.triton_server
+@pytest.mark.parametrize("model", ["af3", "ensemble"])
+def test_repetition_penalty_with_audio_and_the_checkpoint_defaults(client, engine_pipe, model):
+    """REPETITION_PENALTY with audio answers (the penalty's history holds the `<sound>` id, not the
+    fake ids), as the in-process pipeline does; a request without options takes the checkpoint's
+    generation_config (sampling): seeded, it is reproducible."""
+    for penalty in (1.05, 1.3):
+        expected = engine_pipe.generate(conversation(), do_sample=False, repetition_penalty=penalty,
+                                        max_new_tokens=MAX_TOKENS)[0].text
+        got = client.generate(PROMPT, SPEECH_WAV, model=model, do_sample=False, repetition_penalty=penalty,
+                              max_tokens=MAX_TOKENS)
+        print(f"repetition_penalty {penalty}: expected {expected!r}, got {got!r}")
+        assert got == expected
+    sampled = [client.generate(PROMPT, SPEECH_WAV, model=model, seed=4, max_tokens=MAX_TOKENS) for _ in range(2)]
+    expected = engine_pipe.generate(conversation(), seed=4, max_new_tokens=MAX_TOKENS)[0].text
+    print(f"sampled with seed 4: expected {expected!r}, got {sampled}")
+    assert sampled[0] == sampled[1] == expected
+
+
+@pytest.mark.triton_server
 def test_text_only_request(client, engine_pipe):
     expected = engine_pipe.generate(conversation("What is the weather?", None), do_sample=False, max_new_tokens=MAX_TOKENS)[0].text
     assert client.infer("What is the weather?", do_sample=False, max_tokens=MAX_TOKENS) == expected
@@ -539,9 +558,12 @@ def test_bad_requests(client, server, model):
     fails(r"expected AUDIO\[0\] of at most 600 s, got 660.0 s", client.inputs(PROMPT, _wav(660)))
     fails(r"expected a prompt of at most 2048 tokens .*, got \d+", client.inputs("hello world " * 1500, SPEECH_WAV))
     fails(r"expected MAX_TOKENS in \[1, 512\], got 100000", client.inputs(PROMPT, SPEECH_WAV, max_tokens=100000))
-    fails(r"expected MIN_TOKENS in \[0, 8\] \(at most MAX_TOKENS\), got 9",
+    fails(r"expected MIN_TOKENS an integer in \[0, MAX_TOKENS=8\], got 9",
           client.inputs(PROMPT, SPEECH_WAV, max_tokens=8, min_tokens=9))
-    fails(r"expected MIN_TOKENS in \[0, 256\] \(at most MAX_TOKENS\), got -1", client.inputs(PROMPT, min_tokens=-1))
+    fails(r"expected MIN_TOKENS an integer in \[0, MAX_TOKENS=\d+\], got -1", client.inputs(PROMPT, min_tokens=-1))
+    fails(r"expected TEMPERATURE a finite number > 0, got inf", client.inputs(PROMPT, temperature=float("inf")))
+    fails(r"expected DO_SAMPLE=True with \{'TEMPERATURE': 0.5\} .*got DO_SAMPLE=False from the call",
+          client.inputs(PROMPT, do_sample=False, temperature=0.5))
     fails(r"expected PROMPT with 1 element \(text\), got none",
           [t for t in client.inputs(PROMPT, SPEECH_WAV) if t.name() != "PROMPT"])
     wrong = grpcclient.InferInput("MAX_TOKENS", [1], "FP32")

@@ -65,6 +65,9 @@ class SamplingConfig:
         self.temperature = _opt(temperature, lambda v: v >= 0.0, "temperature")
         self.min_tokens = _opt(min_tokens, lambda v: isinstance(v, int) and v >= 0, "min_tokens")
         self.repetition_penalty = _opt(repetition_penalty, lambda v: v > 0.0, "repetition_penalty")
+        # samplingConfig.cpp checks min_p in [0, 1]; presence and frequency penalties are unchecked
+        self.min_p = _opt(min_p, lambda v: 0.0 <= v <= 1.0, "min_p")
+        self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
 
     @property
     def greedy(self):
@@ -104,12 +107,12 @@ class Request:
         assert sampling_config is None or isinstance(sampling_config, SamplingConfig)
         assert output_config is None or isinstance(output_config, OutputConfig)
         assert prompt_tuning_config is None or isinstance(prompt_tuning_config, PromptTuningConfig)
-        assert stop_words is None or all(isinstance(w, list) and all(isinstance(t, int) for t in w)
-                                         for w in stop_words)  # std::list<VecTokens>
+        for words in (stop_words, bad_words):  # std::list<VecTokens>
+            assert words is None or all(isinstance(w, list) and all(isinstance(t, int) for t in w) for w in words)
         self.input_token_ids, self.max_tokens, self.streaming = list(input_token_ids), max_tokens, streaming
         self.sampling_config = sampling_config or SamplingConfig()
         self.output_config = output_config or OutputConfig()
-        self.end_id, self.pad_id, self.stop_words = end_id, pad_id, stop_words
+        self.end_id, self.pad_id, self.stop_words, self.bad_words = end_id, pad_id, stop_words, bad_words
         self.prompt_tuning_config = prompt_tuning_config
 
 
@@ -341,6 +344,28 @@ def test_sampling_is_not_turned_into_greedy(tl, engine):
         assert not plain.greedy and plain.top_p == 1.0 and plain.temperature == 0.7
         assert plain.seed is not None  # unseeded sampling gets a fresh seed (the executor's default is 0)
         assert (topk.top_k, topk.top_p, topk.seed, topk.min_tokens, topk.repetition_penalty) == (5, 0.9, 11, 1, 1.1)
+    finally:
+        dec.close()
+
+
+def test_every_generation_option_reaches_the_executor(tl, engine):
+    """stitch.trtllm_sampling maps each option to its SamplingConfig / Request field (the one mapping,
+    also behind the Triton repository's LLM tensors)."""
+    Executor.script = staticmethod(lambda r: ([70], FinishReason.LENGTH))
+    dec = decoder(engine)
+    try:
+        run(dec, [request(max_new_tokens=1, do_sample=True, temperature=0.6, top_k=7, top_p=0.85, min_p=0.05,
+                          repetition_penalty=1.05, presence_penalty=0.5, frequency_penalty=0.25, min_new_tokens=1,
+                          seed=9, bad_words=((5,), (40, 41)))])
+        run(dec, [request(max_new_tokens=1, repetition_penalty=1.05, presence_penalty=0.5, min_p=0.05)])
+        sampled, greedy = Executor.instances[-1].requests[1:3]
+        s = sampled.sampling_config
+        assert (s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty, s.presence_penalty,
+                s.frequency_penalty, s.min_tokens, s.seed) == (0.6, 7, 0.85, 0.05, 1.05, 0.5, 0.25, 1, 9)
+        assert sampled.bad_words == [[5], [40, 41]] and sampled.stop_words == [[STOP]]
+        g = greedy.sampling_config  # penalties apply to greedy decoding too (as in HF); min_p only shapes sampling
+        assert g.greedy and (g.repetition_penalty, g.presence_penalty, g.min_p) == (1.05, 0.5, None)
+        assert greedy.bad_words is None
     finally:
         dec.close()
 

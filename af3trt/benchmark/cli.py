@@ -4,6 +4,7 @@
     af3trt bench --random-weights --backends hf,torch --audio-seconds 30,600 --batch 1,8 --out gpu.json
     af3trt bench --backends triton --triton-url 127.0.0.1:8000 --triton-grpc-url 127.0.0.1:8001 --out triton.json
     af3trt bench --floor-only --out floor.json
+    af3trt bench --host-overhead --batch 1,8 --new-tokens 256 --out host.json   # token-loop overhead per step (CPU)
 
 `python benchmarks/latency.py ARGS` is the same command (it calls `main` here).
 """
@@ -51,6 +52,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-floor", action="store_true", help="do not measure bandwidth / matmul rate")
     p.add_argument("--floor-only", action="store_true", help="only measure the floors (+ environment)")
     p.add_argument("--report-from", metavar="JSON", help="only rebuild the markdown + PNGs of a results JSON")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="only the token loop's host time per decode step (generate minus the decoder's step calls), "
+                        "--model on CPU at each --batch, without and with one stop string (af3trt/benchmark/host_overhead.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="results JSON; .md and _latency.png / _decode.png go beside it")
     return p
@@ -89,6 +93,11 @@ def main(argv=None, prog: str | None = None) -> int:
         add_ratios(result["results"])  # a killed run stopped before computing them
         print(json.dumps(write_report(result, args.out)))
         return 0
+    if args.host_overhead:
+        from .host_overhead import main as host_overhead
+
+        return host_overhead(["--model", args.model, "--batch", ",".join(str(b) for b in args.batch),
+                              "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--out", args.out])
     if args.floor_only:
         record = floor_record(args.device)
         write_json(record, args.out)

@@ -206,7 +206,11 @@ class Pipeline:
     def options(self, **options) -> GenerationOptions:
         """Options of one request: the given ones over the model's generation_config.json defaults
         (`self.defaults`), as HF `generate` resolves them. Unknown names and sampling-only options
-        while sampling is off raise `OptionError`."""
+        while sampling is off raise `OptionError`. Without max_new_tokens, the engine's own lower
+        limit (if any) caps the default; an explicit value over it is refused by check_limits."""
+        limit = self.limits.get("max_new_tokens")
+        if options.get("max_new_tokens") is None and limit is not None and self.defaults.options().max_new_tokens > limit:
+            options = {**options, "max_new_tokens": limit}
         return self.defaults.options(**options)
 
     def generate(self, conversations, **options) -> list[Result]:

@@ -132,9 +132,13 @@ class TritonPythonModel:
         if given["max_new_tokens"] is None:
             given["max_new_tokens"] = min(self.defaults.options().max_new_tokens, lim.max_new_tokens)
         try:
-            opts = self.defaults.options(**{k: (bool(v) if k == "do_sample" else v) for k, v in given.items()})
-        except OptionError as exc:
-            raise RequestError(str(exc).replace("max_new_tokens", "MAX_TOKENS")) from exc
+            opts = self.defaults.options(**{k: (bool(v) if k == "do_sample" and v is not None else v)
+                                             for k, v in given.items()})
+        except OptionError as exc:  # name the request's inputs, not af3trt's option names
+            message = str(exc)
+            for name, opt in OPTIONS.items():
+                message = message.replace(opt, name)
+            raise RequestError(message) from exc
         max_tokens = opts.max_new_tokens
         if max_tokens > lim.max_new_tokens:
             raise RequestError(f"expected MAX_TOKENS in [1, {lim.max_new_tokens}], got {max_tokens}")
