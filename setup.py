@@ -20,6 +20,10 @@ BASE = [
     "lief==1.0.0",
     "tqdm",
     "rich",
+    # af3trt openai (FastAPI + uvicorn, multipart for /v1/audio/transcriptions)
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
+    "python-multipart>=0.0.9",
 ]
 
 setup(
@@ -34,7 +38,7 @@ setup(
         "triton": ["tritonclient[all]>=2.40", "nvidia-pytriton>=0.5"],
         "bench": ["matplotlib>=3.7", "jiwer>=3"],
         "kernels": ["triton==3.9.0"],
-        "dev": ["pytest>=8", "triton==3.9.0", "tritonclient[all]>=2.40", "nvidia-pytriton>=0.5", "matplotlib>=3.7", "jiwer>=3"],
+        "dev": ["pytest>=8", "openai>=1.40", "triton==3.9.0", "tritonclient[all]>=2.40", "nvidia-pytriton>=0.5", "matplotlib>=3.7", "jiwer>=3"],
         # from NVIDIA's index / containers only (PyPI holds stub sdists): see README
         "trt": ["tensorrt"],
         "trtllm": ["tensorrt_llm"],

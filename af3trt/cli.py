@@ -5,6 +5,7 @@
     af3trt build  --model M --out ENGINE_DIR         engine dir (af3trt.build.engine_dir.build_engine_dir)
     af3trt triton --engine-dir E --out REPO          Triton model repository (af3trt.build.triton.write_repository)
     af3trt serve  --repo REPO                        tritonserver on it, in the foreground (af3trt.serving.server.serve)
+    af3trt openai --model M                          OpenAI-compatible API (af3trt.serving.openai_server.serve)
     af3trt bench  ARGS                               latency benchmark (af3trt.benchmark.cli; = benchmarks/latency.py)
 """
 
@@ -127,6 +128,31 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+def _cmd_openai(args) -> int:
+    from .serving.openai_server import serve
+
+    return serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
+                 allow_urls=args.allow_urls, max_queue=args.max_queue, max_body_bytes=args.max_body_mb * 1024 * 1024,
+                 encoder=args.encoder, decoder=args.decoder, device=args.device, dtype=args.dtype)
+
+
+def _add_openai(sub) -> None:
+    p = sub.add_parser("openai", help="OpenAI-compatible API (chat completions with audio, transcriptions)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="engine dir (af3trt build), AF3 checkpoint dir, or 'tiny'")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless you mean otherwise)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default="af3", help="the `model` clients send and /v1/models lists")
+    p.add_argument("--allow-urls", action="store_true", help="fetch http(s) audio_url parts (size-capped, with a timeout)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 503")
+    p.add_argument("--max-body-mb", type=int, default=200, help="request body limit (413 past it)")
+    p.add_argument("--encoder", default="auto", help="encoder backend")
+    p.add_argument("--decoder", default="auto", help="decoder backend")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: by device)")
+    p.set_defaults(func=_cmd_openai)
+
+
 def _add_bench(sub) -> None:
     # no arguments (nor -h) here: main() hands the rest to the benchmark's parser (`af3trt bench --help`)
     sub.add_parser("bench", add_help=False, help="latency benchmark: same arguments as benchmarks/latency.py")
@@ -201,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
     _add_triton(sub)
     _add_serve(sub)
+    _add_openai(sub)
     _add_bench(sub)
     return parser
 

@@ -61,6 +61,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # eos ids do not end the answer (benchmarks fix output lengths this way)
 
     def __post_init__(self):
         def integer(v):
@@ -87,6 +88,7 @@ class GenerationOptions:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
             ("seed", self.seed is None or (integer(self.seed) and 0 <= self.seed < 2 ** 63), "an integer in [0, 2**63)"),
             ("eos_token_ids", all(integer(i) and i >= 0 for i in self.eos_token_ids), "token ids"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "true or false"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -220,11 +222,11 @@ class TokenState:
 
     def append(self, ids: torch.Tensor) -> None:
         """ids (B,) int64 on the device: the step's chosen tokens."""
-        col = ids[:, None]
+        col = ids[:, None]  # < V: chosen from the (B, V) logits
         if self.seen is not None:
-            self.seen.scatter_(1, col.clamp(max=self.seen.shape[1] - 1), True)
+            self.seen.scatter_(1, col, True)
         if self.counts is not None:
-            self.counts.scatter_add_(1, col.clamp(max=self.counts.shape[1] - 1), torch.ones_like(col, dtype=torch.float32))
+            self.counts.scatter_add_(1, col, torch.ones_like(col, dtype=torch.float32))
         if self.tail is not None:
             self.tail = torch.cat([self.tail[:, 1:], col], dim=1)
         self.step += 1
@@ -265,29 +267,43 @@ class BadWords:
     def __init__(self, sequences: Iterable[Sequence[int]], eos_token_ids: Sequence[int] = ()):
         eos = {(int(i),) for i in eos_token_ids}
         seqs = [tuple(s) for s in sequences if tuple(s) not in eos]
-        self.single = sorted({s[0] for s in seqs if len(s) == 1})
+        self.single = _IdMask(s[0] for s in seqs if len(s) == 1)
         self.multi = [s for s in seqs if len(s) > 1]
         self.needs = "tail" if self.multi else None
         self.tail = max((len(s) - 1 for s in self.multi), default=0)
-        self._single: dict[torch.device, torch.Tensor] = {}
         self._multi: dict[torch.device, list[tuple[torch.Tensor, int]]] = {}
 
     def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
         dev, v = logits.device, logits.shape[-1]
-        ban = torch.zeros_like(logits, dtype=torch.bool)
-        if self.single:
-            ids = self._single.get(dev)
-            if ids is None:
-                ids = self._single[dev] = torch.tensor([i for i in self.single if i < v], dtype=torch.long, device=dev)
-            ban[:, ids] = True
+        if self.single.ids:
+            logits = logits.masked_fill(self.single(logits), float("-inf"))
         if self.multi:
+            ban = torch.zeros_like(logits, dtype=torch.bool)
             prefixes = self._multi.get(dev)
             if prefixes is None:
                 prefixes = self._multi[dev] = [(torch.tensor(s[:-1], device=dev), s[-1]) for s in self.multi if s[-1] < v]
             for prefix, last in prefixes:
                 match = (state.tail[:, state.tail.shape[1] - prefix.shape[0]:] == prefix).all(dim=1)
                 ban[:, last] |= match
-        return logits.masked_fill(ban, float("-inf"))
+            logits = logits.masked_fill(ban, float("-inf"))
+        return logits
+
+
+class _IdMask:
+    """A (1, V) bool mask of fixed ids, made once per (device, V): one masked_fill per step."""
+
+    def __init__(self, ids):
+        self.ids = sorted(set(int(i) for i in ids))
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        key = (logits.device, logits.shape[-1])
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = torch.zeros((1, logits.shape[-1]), dtype=torch.bool)
+            mask[0, [i for i in self.ids if i < logits.shape[-1]]] = True
+            mask = self._masks[key] = mask.to(logits.device)
+        return mask
 
 
 class MinNewTokens:
@@ -295,19 +311,12 @@ class MinNewTokens:
 
     def __init__(self, min_new_tokens: int, eos_token_ids: Sequence[int]):
         self.min_new = int(min_new_tokens)
-        self.eos = sorted(set(int(i) for i in eos_token_ids))
-        self._ids: dict[torch.device, torch.Tensor] = {}
+        self.mask = _IdMask(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
-        if state.step >= self.min_new or not self.eos:
+        if state.step >= self.min_new or not self.mask.ids:
             return logits
-        ids = self._ids.get(logits.device)
-        if ids is None:
-            ids = self._ids[logits.device] = torch.tensor([i for i in self.eos if i < logits.shape[-1]],
-                                                          dtype=torch.long, device=logits.device)
-        logits = logits.clone()
-        logits[:, ids] = float("-inf")
-        return logits
+        return logits.masked_fill(self.mask(logits), float("-inf"))
 
 
 class SuppressPaddedVocab:
@@ -316,13 +325,16 @@ class SuppressPaddedVocab:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = int(vocab_size)
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
-        if logits.shape[-1] <= self.vocab_size:
+        v = logits.shape[-1]
+        if v <= self.vocab_size:
             return logits
-        logits = logits.clone()
-        logits[:, self.vocab_size:] = float("-inf")
-        return logits
+        mask = self._masks.get((logits.device, v))
+        if mask is None:
+            mask = self._masks[(logits.device, v)] = (torch.arange(v, device=logits.device) >= self.vocab_size)[None]
+        return logits.masked_fill(mask, float("-inf"))
 
 
 class Temperature:
@@ -513,7 +525,7 @@ class AnswerStream:
     def __init__(self, tokenizer, opts: GenerationOptions, streaming: bool = False):
         self.tokenizer = tokenizer
         self.opts = opts
-        self.eos = frozenset(opts.eos_token_ids)
+        self.eos = frozenset() if opts.ignore_eos else frozenset(opts.eos_token_ids)
         self.stops = opts.stop
         self.longest_stop = max((len(s) for s in self.stops), default=0)
         self.live = streaming or bool(self.stops)

@@ -22,18 +22,21 @@ from .stitch import audio_hash, make_request
 
 @dataclass
 class Result:
-    """One conversation's answer. timings in seconds: features, encoder, prefill (to the first
-    token), decode (the rest), total, ttft; tokens_per_second over the decode phase."""
+    """One conversation's answer. finish_reason: "stop" (an eos id), "stop_string", "length";
+    prompt_tokens: the prompt's length, audio rows included. timings in seconds: features, encoder,
+    prefill (to the first token), decode (the rest), total, ttft; tokens_per_second over the decode
+    phase; decode_host_per_step (torch decoders) the loop's time outside the decoder's step calls."""
 
     text: str
     token_ids: list[int]
     num_audio_tokens: int
     finish_reason: str
     timings: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int = 0
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "num_audio_tokens": self.num_audio_tokens,
-                "finish_reason": self.finish_reason, "timings": self.timings}
+                "prompt_tokens": self.prompt_tokens, "finish_reason": self.finish_reason, "timings": self.timings}
 
 
 def _is_single_conversation(conversations) -> bool:
@@ -232,6 +235,15 @@ class Pipeline:
         for index, piece in self._run(conversations, self.options(**options), True, []):
             yield piece if single else (index, piece)
 
+    def stream_result(self, conversation, **options) -> Iterator:
+        """One conversation: its text pieces (`str`) as they come, then its `Result`."""
+        if not _is_single_conversation(conversation):
+            raise PromptError("expected one conversation (a list of messages), got a batch or no messages")
+        results: list[Result] = []
+        for _, piece in self._run(conversation, self.options(**options), True, results):
+            yield piece
+        yield results[0]
+
     def transcribe(self, audio, prompt: str | None = None, strip_prefix: bool = True, **options) -> str:
         conv = [{"role": "user", "content": [{"type": "audio", "audio": audio},
                                               {"type": "text", "text": prompt or DEFAULT_TRANSCRIBE_PROMPT}]}]
@@ -267,8 +279,8 @@ class Pipeline:
         timings["tokens_per_second"] = (n - 1) / timings["decode"] if n > 1 and timings["decode"] > 0 else 0.0
         if stats.steps:  # torch decoders: time of the loop outside the decoder's step calls, per step
             timings["decode_host_per_step"] = max(0.0, timings["decode"] - stats.model_seconds) / stats.steps
-        results.extend(Result(a.text, list(a.tokens), p.num_audio_tokens, a.finish_reason or "length", dict(timings))
-                       for a, p in zip(answers, prompts))
+        results.extend(Result(a.text, list(a.tokens), p.num_audio_tokens, a.finish_reason or "length", dict(timings),
+                              len(p.input_ids)) for a, p in zip(answers, prompts))
 
 
 def check_engine_dir(manifest, path: Path) -> None:

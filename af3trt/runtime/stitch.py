@@ -116,10 +116,10 @@ def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming:
         "input_token_ids": req.input_ids.tolist(),
         "max_tokens": o.max_new_tokens,
         "streaming": streaming,
-        "end_id": end_id,
+        "end_id": -1 if o.ignore_eos else end_id,  # -1: no end id (TensorRT-LLM's way to ignore eos)
         "pad_id": pad_id,
         "bad_words": [list(w) for w in o.bad_words] or None,
-        "stop_words": [[i] for i in o.eos_token_ids if i != end_id] or None,
+        "stop_words": None if o.ignore_eos else ([[i] for i in o.eos_token_ids if i != end_id] or None),
         "sampling_config": trtllm_sampling(o),
         "output_config": {"exclude_input_from_output": True},  # non-streaming results: new tokens only
         "prompt_tuning_config": None,

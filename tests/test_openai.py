@@ -1,0 +1,276 @@
+"""`af3trt openai` on 127.0.0.1, driven by the official `openai` client: every answer equals
+`Pipeline.generate` for the same conversation; bad input gets its status and OpenAI's error shape."""
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from af3trt.assets import SPEECH_WAV
+from af3trt.testing import synthetic_audio
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+MODEL = "af3-tiny"
+MAX = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, pipe, **options):
+        import uvicorn
+
+        from af3trt.serving.openai_server import InProcess, ServerOptions, create_app
+
+        self.port = _free_port()
+        app = create_app(InProcess(pipe), ServerOptions(served_model_name=MODEL, **options))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("the OpenAI server did not start within 30 s")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def api(engine_pipe):
+    s = Server(engine_pipe)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def small(engine_pipe):
+    """A server with a 1 MB body limit and one request slot."""
+    s = Server(engine_pipe, max_body_bytes=1024 * 1024, max_queue=1)
+    yield s
+    s.stop()
+
+
+def wav_b64(samples, rate=16000) -> str:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV", subtype="FLOAT")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def audio_part(samples) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": wav_b64(samples), "format": "wav"}}
+
+
+def pipe_answer(pipe, conv, **kw):
+    return pipe.generate(conv, do_sample=False, max_new_tokens=MAX, **kw)[0]
+
+
+def test_chat_with_one_and_two_audios_equals_the_pipeline(api, engine_pipe):
+    a, b = synthetic_audio(2.5, 31), synthetic_audio(4.0, 32)
+    for audios in ([a], [a, b]):
+        messages = [{"role": "user", "content": [audio_part(x) for x in audios] + [{"type": "text", "text": "Compare."}]}]
+        got = api.client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=MAX)
+        conv = [{"role": "user", "content": [{"type": "audio", "audio": x} for x in audios] +
+                 [{"type": "text", "text": "Compare."}]}]
+        want = pipe_answer(engine_pipe, conv)
+        print(len(audios), "audios:", repr(got.choices[0].message.content), "usage", got.usage)
+        assert got.choices[0].message.content == want.text
+        assert got.usage.prompt_tokens == want.prompt_tokens and got.usage.completion_tokens == len(want.token_ids)
+        assert got.choices[0].finish_reason == ("length" if want.finish_reason == "length" else "stop")
+
+
+def test_multi_turn_and_system(api, engine_pipe):
+    a = synthetic_audio(3.0, 33)
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": [audio_part(a), {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": "A voice."},
+                {"role": "user", "content": "Say more."}]
+    got = api.client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=MAX)
+    conv = [{"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": [{"type": "audio", "audio": a}, {"type": "text", "text": "What is it?"}]},
+            {"role": "assistant", "content": "A voice."}, {"role": "user", "content": "Say more."}]
+    assert got.choices[0].message.content == pipe_answer(engine_pipe, conv).text
+
+
+def test_streaming_joins_to_the_answer_with_usage(api, engine_pipe):
+    messages = [{"role": "user", "content": [audio_part(synthetic_audio(2.0, 34)), {"type": "text", "text": "Hi"}]}]
+    whole = api.client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=MAX)
+    chunks = list(api.client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=MAX,
+                                                     stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    print(f"{len(chunks)} chunks: {text!r}")
+    assert text == whole.choices[0].message.content and reasons == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens and not chunks[-1].choices
+
+
+def test_audio_url_data_uri(api, engine_pipe):
+    x = synthetic_audio(2.0, 35)
+    part = {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + wav_b64(x)}}
+    got = api.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [part]}],
+                                             temperature=0, max_tokens=MAX)
+    conv = [{"role": "user", "content": [{"type": "audio", "audio": x}]}]
+    assert got.choices[0].message.content == pipe_answer(engine_pipe, conv).text
+
+
+@pytest.mark.parametrize("fmt", ["json", "text", "verbose_json"])
+def test_transcriptions_every_format(api, engine_pipe, fmt):
+    with open(SPEECH_WAV, "rb") as f:
+        got = api.client.audio.transcriptions.create(model=MODEL, file=f, response_format=fmt, temperature=0,
+                                                     extra_body={})
+    want = engine_pipe.transcribe(str(SPEECH_WAV), do_sample=False)
+    text = got if isinstance(got, str) else got.text
+    print(fmt, repr(text))
+    assert text.strip() == want.strip()
+    if fmt == "verbose_json":
+        assert abs(got.duration - 5.8) < 0.2
+
+
+def test_models_and_health(api):
+    listed = api.client.models.list().data
+    assert [m.id for m in listed] == [MODEL]
+    assert json.loads(urllib.request.urlopen(api.url + "/health").read()) == {"status": "ok"}
+
+
+def _post(url, body, status):
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(req, timeout=120)
+    except urllib.error.HTTPError as exc:
+        err = json.loads(exc.read())
+        print(status, err)
+        assert exc.code == status and set(err["error"]) == {"message", "type", "param", "code"}
+        return err["error"]
+    raise AssertionError(f"expected HTTP {status}, got 200")
+
+
+def chat_body(content, **kw):
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0, **kw}
+
+
+def test_bad_input_statuses_and_error_shape(api):
+    nan = np.full(1600, np.nan, np.float32)
+    not_audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"no audio here" * 9).decode(),
+                                                        "format": "wav"}}
+    empty = {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}
+    cases = [
+        (chat_body([not_audio]), 400, "WAV, FLAC, MP3 or OGG"),
+        (chat_body([empty]), 400, "audio bytes"),
+        (chat_body([audio_part(nan)]), 400, "NaN"),
+        (chat_body("hello " * 20000), 400, "at most"),
+        (chat_body("hi", n=2), 400, "n=1"),
+        (chat_body("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+        (chat_body("hi", logprobs=True), 400, "logprobs"),
+        (chat_body("hi", frobnicate=1), 400, "frobnicate"),
+        (chat_body("hi", top_p=0.5), 400, "do_sample"),
+        (chat_body("hi", temperature=-1), 400, "temperature"),
+        (chat_body("hi", max_tokens=100000), 400, "max_new_tokens"),
+        (chat_body([{"type": "audio_url", "audio_url": {"url": "file:///etc/passwd"}}]), 400, "scheme 'file'"),
+        (chat_body([{"type": "audio_url", "audio_url": {"url": "http://127.0.0.1:9/a.wav"}}]), 400, "--allow-urls"),
+        ({**chat_body("hi"), "model": "other"}, 404, "expected model"),
+    ]
+    for body, status, text in cases:
+        err = _post(api.url, body, status)
+        assert text in err["message"], err
+    assert api.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              temperature=0, max_tokens=2).choices
+
+
+def test_body_limit_413(small):
+    """By Content-Length, before the body is sent; and while a chunked body (no length) arrives."""
+    import http.client
+
+    big = json.dumps(chat_body([{"type": "input_audio", "input_audio": {
+        "data": wav_b64(synthetic_audio(40.0, 1)), "format": "wav"}}])).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", small.port, timeout=60)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(len(big)))
+    conn.endheaders()
+    resp = conn.getresponse()
+    err = json.loads(resp.read())["error"]
+    print(resp.status, err)
+    assert resp.status == 413 and "at most 1048576 bytes" in err["message"] and err["code"] == "request_too_large"
+    conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", small.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    resp = conn.getresponse()
+    err = json.loads(resp.read())["error"]
+    print(resp.status, err)
+    assert resp.status == 413 and "chunked" in err["message"]
+    conn.close()
+
+
+def test_concurrent_clients_with_bad_requests_among_them(api, engine_pipe):
+    clips = [synthetic_audio(1.0 + k * 0.5, 40 + k) for k in range(4)]
+    want = [pipe_answer(engine_pipe, [{"role": "user", "content": [{"type": "audio", "audio": c}]}]).text for c in clips]
+    out, errors = {}, []
+
+    def client(w):
+        for k in range(4):
+            if (w + k) % 3 == 0:  # a bad one among them
+                try:
+                    api.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=3)
+                    errors.append("a bad request was answered")
+                except openai.BadRequestError:
+                    pass
+                continue
+            r = api.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [audio_part(clips[k])]}],
+                                                   temperature=0, max_tokens=MAX)
+            out[(w, k)] = r.choices[0].message.content
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors and out and all(text == want[k] for (w, k), text in out.items())
+
+
+def test_disconnected_stream_frees_its_slot(small, engine_pipe):
+    """max_queue 1: while the abandoned stream still ran, every other request would get 503."""
+    clip = synthetic_audio(2.0, 50)
+    messages = [{"role": "user", "content": [audio_part(clip)]}]
+    stream = small.client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=500,
+                                                  stream=True, extra_body={"ignore_eos": True})
+    t0 = time.perf_counter()
+    for n, _ in enumerate(stream):
+        if n == 3:
+            break
+    stream.close()
+    deadline = time.perf_counter() + 20
+    while True:
+        try:
+            r = small.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                     temperature=0, max_tokens=2)
+            break
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503, exc
+            assert time.perf_counter() < deadline, "the abandoned stream kept its slot"
+            time.sleep(0.1)
+    freed = time.perf_counter() - t0
+    full = engine_pipe.generate([{"role": "user", "content": [{"type": "audio", "audio": clip}]}],
+                                do_sample=False, max_new_tokens=60, ignore_eos=True)[0]
+    per_token = full.timings["decode"] / 59
+    print(f"slot free {freed:.2f} s after closing; 500 tokens would take ~{500 * per_token:.1f} s")
+    assert r.choices and freed < 500 * per_token / 2
