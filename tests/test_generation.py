@@ -301,3 +301,22 @@ def test_mp3_bytes_decode_like_hf(tmp_path):
     path.write_bytes(buf.getvalue())
     ref = hf_load_audio(str(path), sampling_rate=16000, backend="soundfile")
     assert np.array_equal(load_audio(buf.getvalue()).samples, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_token_loop_reads_the_same_ids_as_on_cpu(pipe):
+    """read_steps on CUDA (pinned copies read one step late) gives the CPU loop's answers."""
+    from af3trt.runtime.generation import decode_loop, read_steps
+
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(40, 4, 97, generator=g)
+    opts = GenerationOptions(max_new_tokens=40, repetition_penalty=1.1, eos_token_ids=(5,))
+    got = {}
+    for device in ("cpu", "cuda"):
+        steps = decode_loop(table[0].to(device), [[1, 2]] * 4, opts, None, lambda nxt, step: table[step + 1].to(device))
+        answers = [AnswerStream(pipe.tokenizer, opts) for _ in range(4)]
+        for _ in read_steps(steps, answers):
+            pass
+        got[device] = [(a.tokens, a.finish_reason) for a in answers]
+    assert got["cuda"] == got["cpu"]

@@ -96,9 +96,12 @@ def run(model: str = "tiny", batches=(1, 8), new_tokens: int = 256, repeats: int
 
 
 def _commit() -> str | None:
+    """The commit of the af3trt that was measured (the imported package's checkout)."""
+    import af3trt
+
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
+                              cwd=Path(af3trt.__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 

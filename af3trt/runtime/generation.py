@@ -147,8 +147,7 @@ class GenerationDefaults:
 
     @classmethod
     def from_config(cls, raw: dict, source: str, fallback_eos: int | None = None) -> "GenerationDefaults":
-        odd = {k: raw[k] for k, neutral in _UNSUPPORTED.items() if raw.get(k, neutral) not in (neutral, None) or
-               (neutral is None and raw.get(k) not in (None, [], {}))}
+        odd = {k: raw[k] for k, neutral in _UNSUPPORTED.items() if raw.get(k) not in (None, neutral, [], {})}
         if odd:
             logger.warning("%s sets %s, which af3trt does not implement; its answers will differ from "
                            "transformers' for this model", source, odd)
@@ -599,6 +598,7 @@ def read_steps(steps: Iterator[torch.Tensor], answers: list[AnswerStream], every
     (a stream shows them as they come).
     Yields after each batch of host reads; closes `steps` when done (a backend then cancels)."""
     pending: list[tuple[torch.Tensor, object]] = []
+    host = None  # CUDA: one pinned (steps, B) buffer the ids are copied into without blocking
 
     def drain(keep: int) -> None:
         while len(pending) > keep:
@@ -611,11 +611,13 @@ def read_steps(steps: Iterator[torch.Tensor], answers: list[AnswerStream], every
     try:
         for step, nxt in enumerate(steps):
             if nxt.device.type == "cuda":
-                host = torch.empty(nxt.shape, dtype=nxt.dtype, pin_memory=True)
-                host.copy_(nxt, non_blocking=True)
+                if host is None or step >= host.shape[0]:
+                    rows = max(max(a.opts.max_new_tokens for a in answers), step + 1)
+                    host = torch.empty((rows, nxt.shape[0]), dtype=nxt.dtype, pin_memory=True)
+                host[step].copy_(nxt, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
-                pending.append((host, event))
+                pending.append((host[step], event))
             else:
                 pending.append((nxt, None))
             drain(0 if every_step or step == 0 else 1)  # the first token at once: time to first token
