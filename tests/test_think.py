@@ -444,3 +444,29 @@ def test_quantized_think_builds_answer_through_af3trt_run(precision, think_engin
                  "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["num_audio_tokens"] == 144 and len(result["token_ids"]) == 6
+
+
+@pytest.mark.triton_server
+def test_tritonserver_serves_the_think_engine_dir(think_engine_dir, tmp_path):
+    """A real tritonserver (nvidia-pytriton's binary, CPU) on the think engine dir's repository: the model
+    config API shows the variant, and `af3` answers as the in-process think pipeline (suffix added)."""
+    pytest.importorskip("pytriton", reason="the tritonserver binary comes from the nvidia-pytriton wheel")
+    import tritonclient.http as httpclient
+
+    from af3trt.assets import SPEECH_WAV
+    from af3trt.build.triton import write_repository
+    from af3trt.runtime import Pipeline
+    from af3trt.serving.client import Af3Client
+    from af3trt.serving.server import start_server
+
+    repo = write_repository(think_engine_dir, tmp_path / "repo", llm_backend="python")
+    expected = Pipeline.from_pretrained(think_engine_dir, device="cpu").generate(
+        [audio_turn(str(SPEECH_WAV))], max_new_tokens=8)[0].text
+    with start_server(repo.path, startup_timeout_s=300, log_path=tmp_path / "tritonserver.log") as srv:
+        params = httpclient.InferenceServerClient(srv.http_url).get_model_config("ensemble")["parameters"]
+        got = Af3Client(srv.http_url, srv.grpc_url, timeout_s=120).generate(
+            "Transcribe the input speech.", SPEECH_WAV, model="af3", max_tokens=8)
+    print(f"expected {expected!r}\ngot      {got!r}")
+    assert params["variant"]["string_value"] == "think"
+    assert params["variant_adapter"]["string_value"] == Manifest.read(think_engine_dir).variant["adapter"]
+    assert got == expected
