@@ -58,7 +58,9 @@ _NOT_IMPLEMENTED = {"use_dora": "DoRA", "use_rslora": "rsLoRA (scaling lora_alph
                     "layers_to_transform": "layers_to_transform", "layer_replication": "layer_replication",
                     "trainable_token_indices": "trainable tokens", "target_parameters": "LoRA on parameters",
                     "alora_invocation_tokens": "activated LoRA (aLoRA)", "megatron_config": "Megatron LoRA layers"}
-_INIT_KEEPS_BASE = (True, False, "gaussian")  # other inits (pissa, olora, loftq, corda, ...) rewrite base weights
+# inits that leave the base weights and the LoRA of a targeted module without saved weights at zero
+# effect (B = 0); False (random A and B there) and pissa, olora, loftq, corda, ... (base weights rewritten) do not
+_INIT_KEEPS_BASE = (True, "gaussian")
 
 
 class ThinkError(ValueError):
@@ -121,8 +123,8 @@ def check_adapter_config(config: dict, where: Path) -> float:
     if config.get("bias", "none") != "none":
         raise ThinkError(f"{where}: expected bias 'none' (no trained biases), got {config.get('bias')!r}")
     if config.get("init_lora_weights", True) not in _INIT_KEEPS_BASE:
-        raise ThinkError(f"{where}: expected init_lora_weights in {_INIT_KEEPS_BASE} (inits that leave the base "
-                         f"weights unchanged), got {config.get('init_lora_weights')!r}")
+        raise ThinkError(f"{where}: expected init_lora_weights in {_INIT_KEEPS_BASE} (inits that change nothing "
+                         f"but the saved LoRA pairs when PEFT loads the adapter), got {config.get('init_lora_weights')!r}")
     r, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or r < 1 or isinstance(r, bool) or not isinstance(alpha, (int, float)):
         raise ThinkError(f"{where}: expected an int r >= 1 and a number lora_alpha, got r={r!r}, lora_alpha={alpha!r}")

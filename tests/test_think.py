@@ -293,6 +293,7 @@ def test_non_lora_names_in_both_namings_and_unmatched_ones_reported(tiny_dir, tm
     ("alpha_pattern", {"q_proj": 8}, "alpha_pattern"), ("modules_to_save", ["lm_head"], "modules_to_save"),
     ("layers_to_transform", [0], "layers_to_transform"), ("peft_type", "IA3", "expected peft_type 'LORA'"),
     ("bias", "all", "expected bias 'none'"), ("init_lora_weights", "pissa", "init_lora_weights"),
+    ("init_lora_weights", False, "init_lora_weights"),
     ("some_future_option", {"on": True}, "unknown adapter setting some_future_option"),
     ("target_modules", ["q_proj"], "target_modules .* does not select"), ("r", 4, r"expected lora_A \(4,"),
 ])
@@ -347,6 +348,8 @@ def test_think_files_enter_every_stage_key(tiny_dir, tmp_path, think_engine_dir)
     for name, entry in manifest.stages.items():
         assert entry["key"] == stage_key(stage=name, checkpoint=think.fingerprint(), options=_stage_flags(name, opts))
         assert entry["key"] != stage_key(stage=name, checkpoint=base_fp, options=_stage_flags(name, opts)), name
+    missing = [e for e in manifest.stages.values() if "missing" in e]  # where tensorrt(_llm) is absent
+    assert all(e["command"].endswith("--variant think") for e in missing)
     onnx_key = json.loads((think_engine_dir / "encoder" / "config.json").read_text())["onnx"]["checkpoint"]
     assert onnx_key["fingerprint"] == think.fingerprint()
     root = think_copy(tiny_dir, tmp_path / "ckpt")
@@ -378,6 +381,20 @@ def test_build_variant_think_answers_through_af3trt_run(think_engine_dir, tiny_d
         Pipeline.from_pretrained(think_engine_dir, device="cpu", variant="base")
     plain = Pipeline.from_pretrained(think_engine_dir, device="cpu", think_suffix=False)
     assert plain.builder.user_suffix == "" and THINK_SUFFIX not in plain.prepare(conv)[0].text
+
+
+def test_cli_variant_errors_name_what_differs(engine_dir, tiny_dir, tmp_path, capsys):
+    from af3trt.cli import main
+
+    assert main(["run", "--model", str(engine_dir), "--variant", "think", "--max-new-tokens", "2"]) == 2
+    assert "expected an engine dir of variant 'think', got 'base'" in capsys.readouterr().err
+    root = tmp_path / "no-think"
+    root.mkdir()
+    for path in tiny_dir.iterdir():
+        if path.is_file():
+            (root / path.name).symlink_to(path)
+    assert main(["build", "--model", str(root), "--out", str(tmp_path / "out"), "--variant", "think"]) == 2
+    assert "for variant 'think', missing ['adapter_config.json'" in capsys.readouterr().err
 
 
 def test_torch_encoder_on_a_think_engine_dir_reads_the_think_weights(think_engine_dir, pipe):
