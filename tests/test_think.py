@@ -395,6 +395,8 @@ def test_cli_variant_errors_name_what_differs(engine_dir, tiny_dir, tmp_path, ca
             (root / path.name).symlink_to(path)
     assert main(["build", "--model", str(root), "--out", str(tmp_path / "out"), "--variant", "think"]) == 2
     assert "for variant 'think', missing ['adapter_config.json'" in capsys.readouterr().err
+    assert main(["build", "--model", str(tiny_dir), "--out", str(engine_dir), "--variant", "think"]) == 2
+    assert "got one of variant 'base'" in capsys.readouterr().err  # the base engine dir is left alone
 
 
 def test_torch_encoder_on_a_think_engine_dir_reads_the_think_weights(think_engine_dir, pipe):

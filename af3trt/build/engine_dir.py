@@ -101,6 +101,7 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
 
     ckpt = open_checkpoint(model, options.variant)
     out = Path(out)
+    _check_same_variant(out, options)
     out.mkdir(parents=True, exist_ok=True)
     clean_partials(out)
     fingerprint = ckpt.fingerprint()  # a think checkpoint's covers its think/ files: every stage key does
@@ -150,6 +151,18 @@ def _start_manifest(out: Path, ckpt, fingerprint: str, options: BuildOptions) ->
             elif "missing" not in entry:
                 _remove(out / entry["path"])
     return manifest
+
+
+def _check_same_variant(out: Path, options: BuildOptions) -> None:
+    """Each variant is an engine dir of its own: building another one over it needs `force`."""
+    try:
+        built = Manifest.read(out).variant.get("name", "base")
+    except ManifestError:
+        return
+    if built != options.variant and not options.force:
+        raise FileExistsError(f"expected an engine dir of variant {options.variant!r} (or a new one) at {out}, got "
+                              f"one of variant {built!r}: build the {options.variant} model into another --out, or "
+                              f"pass --force to replace it")
 
 
 def _variant_record(ckpt) -> dict:
