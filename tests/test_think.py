@@ -21,8 +21,6 @@ from af3trt.think import (
 from .test_parity import hf_generate
 from .test_prompt import audio_turn
 
-peft = pytest.importorskip("peft", reason="the AF3-Think reference is transformers + PEFT (pip install peft)")
-
 MAX_NEW = 12
 LENGTHS = (1.3, 12.0, 47.5)  # seconds; 47.5 s spans two encoder windows
 
@@ -48,6 +46,7 @@ def suffixed(convs):
 def reference(tiny_dir, non_lora=True, lora=True):
     """transformers' AF3 with the think files applied as the issue's harness code does."""
     pytest.importorskip("transformers.models.audioflamingo3", reason="reference needs transformers >= 5")
+    pytest.importorskip("peft", reason="the AF3-Think reference is transformers + PEFT (pip install -e .[dev])")
     from peft import PeftModel
     from transformers import AudioFlamingo3ForConditionalGeneration
 
@@ -99,6 +98,7 @@ def think_copy(tiny_dir, root):
 
 
 def test_tiny_think_is_what_peft_writes_and_loads(tiny_dir, hf, tmp_path):
+    pytest.importorskip("peft", reason="PEFT is the reference for the adapter layout (pip install -e .[dev])")
     from peft import LoraConfig, PeftModel, get_peft_model
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
