@@ -4,7 +4,8 @@
 text_config), model.safetensors with HF parameter names, generation_config.json, a byte-level BPE
 tokenizer.json (trained here with `tokenizers`, Qwen-style pre-tokenizer, AF3's special tokens),
 tokenizer_config.json, the AF3 chat templates, the feature-extractor/processor configs and think/
-(AF3-Think: a PEFT LoRA + non_lora_trainables.bin, `make_tiny_think`). Same seed -> byte-identical weights. It needs no AF3 classes of transformers.
+(AF3-Think: a PEFT LoRA + non_lora_trainables.bin, `make_tiny_think`). Same seed -> byte-identical
+weights. It needs no AF3 classes of transformers.
 """
 
 from __future__ import annotations
@@ -312,6 +313,12 @@ def tiny_adapter_config(r: int, lora_alpha: int, target_modules) -> dict:
             "use_rslora": False}
 
 
+def _umask_mode(path: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def make_tiny_think(out: Path, config: dict, seed: int = 0) -> Path:
     """Write `out` (CKPT/think): adapter_config.json + adapter_model.safetensors (PEFT's key names for
     AudioFlamingo3ForConditionalGeneration: `base_model.model.model.language_model.layers.N.<module>.
@@ -335,6 +342,7 @@ def make_tiny_think(out: Path, config: dict, seed: int = 0) -> Path:
             lora[f"base_model.model.{name}.lora_A.weight"] = (std * rng.standard_normal((r, cols))).astype(np.float32)
             lora[f"base_model.model.{name}.lora_B.weight"] = (std * rng.standard_normal((rows, r))).astype(np.float32)
     save_file(lora, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _umask_mode(out / "adapter_model.safetensors")  # safetensors writes 0600 whatever the umask
     adapter = tiny_adapter_config(r, TINY_THINK["lora_alpha"], TINY_THINK["target_modules"])
     (out / "adapter_config.json").write_text(json.dumps(adapter, indent=2, sort_keys=True))
     non_lora = {}

@@ -137,6 +137,10 @@ def test_tiny_think_is_deterministic_small_and_in_the_cache_key(tiny_dir, tmp_pa
     other = make_tiny_checkpoint(tmp_path / "other", seed=1)
     assert digests(other)["adapter_model.safetensors"] != digests(tiny_dir)["adapter_model.safetensors"]
     assert digests(other)["non_lora_trainables.bin"] != digests(tiny_dir)["non_lora_trainables.bin"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {n: (again / "think" / n).stat().st_mode & 0o777 for n in THINK_FILES} == dict.fromkeys(
+        THINK_FILES, 0o666 & ~mask)  # the files honour the umask
     size = sum((tiny_dir / "think" / n).stat().st_size for n in THINK_FILES)
     print(f"think/ holds {size} bytes")
     assert size < 400_000
