@@ -432,6 +432,7 @@ def test_triton_repository_of_a_think_engine_dir_carries_the_variant(think_engin
     for name in ("ensemble", "af3", "preprocessing", "audio_encoder", "tensorrt_llm", "postprocessing"):
         params = {k: v.string_value for k, v in configs[name].parameters.items()}
         assert params["variant"] == "think" and params["variant_adapter"] == adapter, name
+    assert json.loads((repo.path / ".af3trt-repository").read_text())["variant"]["adapter"] == adapter
     base = parse_repository(write_repository(engine_dir, tmp_path / "base", llm_backend="python").path)
     assert base["ensemble"].parameters["variant"].string_value == "base"
     _stub_backend_utils(monkeypatch)

@@ -473,6 +473,7 @@ def write_repository(engine_dir: str | os.PathLike, out_dir: str | os.PathLike, 
             (tmp / name / "config.pbtxt").write_text(text)
             _model_files(plan, name, tmp / name / "1")
         record = {"engine_dir": str(plan.facts.engine_dir), "limits": dataclasses.asdict(plan.limits),
-                  "encoder": plan.encoder, "options": {k: v for k, v in dataclasses.asdict(o).items() if k != "limits"}}
+                  "encoder": plan.encoder, "options": {k: v for k, v in dataclasses.asdict(o).items() if k != "limits"},
+                  "variant": plan.facts.variant}
         (tmp / MARKER).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
     return Repository(out, tuple(sorted(configs)), plan.limits, o, plan.encoder)
