@@ -87,15 +87,15 @@ def load_non_lora(path: str | Path) -> dict:
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every failure is a refusal of the file; the cause is chained
+    except Exception as exc:  # whatever torch rejects (unsafe globals, not a torch file) refuses the file
         raise ThinkError(f"refused {path}: expected a torch-saved flat dict of str -> tensor that loads with "
                          f"torch.load(weights_only=True), got content it rejects: {exc}") from exc
     if not isinstance(obj, dict):
         raise ThinkError(f"refused {path}: expected a flat dict of str -> tensor, got {type(obj).__name__}")
     bad = [f"{k!r}: {type(v).__name__}" for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
     if bad:
-        raise ThinkError(f"refused {path}: expected a flat dict of str -> tensor, got {len(bad)} other entries, "
-                         f"e.g. {', '.join(bad[:5])}")
+        raise ThinkError(f"refused {path}: expected a flat dict of str -> tensor, got {len(bad)} entries of other "
+                         f"types, e.g. {', '.join(bad[:5])}")
     return {k: v.detach() for k, v in obj.items()}
 
 
