@@ -38,7 +38,10 @@ setup(
         "triton": ["tritonclient[all]>=2.40", "nvidia-pytriton>=0.5"],
         "bench": ["matplotlib>=3.7", "jiwer>=3"],
         "kernels": ["triton==3.9.0"],
-        "dev": ["pytest>=8", "openai>=1.40", "triton==3.9.0", "tritonclient[all]>=2.40", "nvidia-pytriton>=0.5", "matplotlib>=3.7", "jiwer>=3"],
+        "dev": ["pytest>=8", "triton==3.9.0", "tritonclient[all]>=2.40", "nvidia-pytriton>=0.5", "matplotlib>=3.7", "jiwer>=3",
+                # the AF3-Think reference of tests/test_think.py (af3trt merges the adapter without it)
+                "peft==0.21.2",
+                "openai>=1.40"],  # the client tests/test_openai.py drives af3trt openai with
         # from NVIDIA's index / containers only (PyPI holds stub sdists): see README
         "trt": ["tensorrt"],
         "trtllm": ["tensorrt_llm"],

@@ -32,7 +32,8 @@ def _cmd_run(args) -> int:
     from .runtime import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model, encoder=args.encoder, decoder=args.decoder,
-                                    device=args.device, dtype=args.dtype)
+                                    device=args.device, dtype=args.dtype, variant=args.variant,
+                                    think_suffix=not args.no_think_suffix)
     conv = _conversation(args.audio or [], args.prompt)
     kw = {name: getattr(args, name) for name in (*GENERATION_FLAGS, "do_sample", "stop")}
     if args.stream and not args.json:
@@ -60,7 +61,7 @@ def _cmd_build(args) -> int:
                            encoder_precision=args.encoder_precision, encoder_input=args.encoder_input,
                            limits=limits, calib_audio=args.calib_audio,
                            calib_size=args.calib_size, calib_max_tokens=args.calib_max_tokens,
-                           stages=tuple(args.stages.split(",")), force=args.force)
+                           stages=tuple(args.stages.split(",")), force=args.force, variant=args.variant)
     manifest = build_engine_dir(model=model, out=args.out, options=options)
     for name, entry in manifest.stages.items():
         if "missing" in entry:
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-max-tokens", type=int, default=1024)
     p.add_argument("--stages", default="encoder,llm", help="comma-separated: encoder,llm")
     p.add_argument("--force", action="store_true", help="rebuild stages even when unchanged")
+    p.add_argument("--variant", default="base", choices=("base", "think"),
+                   help="think: AF3-Think, the checkpoint's think/ LoRA + non-LoRA weights (a separate engine dir)")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("run", help="answer a prompt about audio files")
@@ -223,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--variant", default=None, choices=("base", "think"),
+                   help="think: AF3-Think weights of a checkpoint dir (default base); an engine dir runs what it was built as")
+    p.add_argument("--no-think-suffix", action="store_true",
+                   help="think variant: do not end the last user turn with its trained instruction")
     p.add_argument("--json", action="store_true", help='print {"text", "token_ids", "num_audio_tokens", "timings"}')
     p.set_defaults(func=_cmd_run)
     _add_triton(sub)

@@ -109,6 +109,21 @@ def normalize_conversation(conversation) -> list[dict]:
     return messages
 
 
+def append_to_last_user(messages: list[dict], suffix: str) -> list[dict]:
+    """Normalized messages with `suffix` ending the last user turn's text (after one space; no text:
+    the suffix alone), as AF3-Think's harnesses write `user_text + " " + suffix`. A turn that
+    already ends with it is left as is; "" changes nothing."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not suffix or not users:
+        return messages
+    msg = messages[users[-1]]
+    text = "".join(it["text"] for it in msg["content"] if it["type"] == "text")
+    if text.endswith(suffix):
+        return messages
+    extra = {"type": "text", "text": (" " if text else "") + suffix}
+    return messages[: users[-1]] + [{**msg, "content": msg["content"] + [extra]}] + messages[users[-1] + 1:]
+
+
 def render(messages: list[dict], sound_token: str = "<sound>", add_generation_prompt: bool = True) -> str:
     """AF3 chat template: ChatML turns, default system turn, one `<sound>` per audio before the text."""
     parts = []
@@ -126,8 +141,10 @@ def render(messages: list[dict], sound_token: str = "<sound>", add_generation_pr
 class PromptBuilder:
     """Turns conversations into `Prompt`s with one tokenizer (from the checkpoint or engine dir)."""
 
-    def __init__(self, tokenizer, audio_token_id: int, vocab_size: int, allow_urls: bool = False):
+    def __init__(self, tokenizer, audio_token_id: int, vocab_size: int, allow_urls: bool = False,
+                 user_suffix: str = ""):
         self.tokenizer = tokenizer
+        self.user_suffix = user_suffix  # appended to the last user turn (AF3-Think's instruction), "" = none
         self.audio_token_id = int(audio_token_id)
         self.vocab_size = int(vocab_size)
         self.allow_urls = allow_urls
@@ -142,7 +159,7 @@ class PromptBuilder:
 
     def build(self, conversation, add_generation_prompt: bool = True, audio_loader=None) -> Prompt:
         """Render, tokenize and expand one conversation; audios are decoded here (or by `audio_loader`)."""
-        messages = normalize_conversation(conversation)
+        messages = append_to_last_user(normalize_conversation(conversation), self.user_suffix)
         load = audio_loader or self.load_audio
         audios = [load(it) for m in messages for it in m["content"] if it["type"] == "audio"]
         text = render(messages, self.sound_token, add_generation_prompt)

@@ -3,8 +3,9 @@
 `make_tiny_checkpoint(DIR, seed)` writes config.json (model_type audioflamingo3, audio_config +
 text_config), model.safetensors with HF parameter names, generation_config.json, a byte-level BPE
 tokenizer.json (trained here with `tokenizers`, Qwen-style pre-tokenizer, AF3's special tokens),
-tokenizer_config.json, the AF3 chat templates and the feature-extractor/processor configs.
-Same seed -> byte-identical weights. It needs no AF3 classes of transformers.
+tokenizer_config.json, the AF3 chat templates, the feature-extractor/processor configs and think/
+(AF3-Think: a PEFT LoRA + non_lora_trainables.bin, `make_tiny_think`). Same seed -> byte-identical
+weights. It needs no AF3 classes of transformers.
 """
 
 from __future__ import annotations
@@ -226,9 +227,13 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        meta = json.loads((out / "config.json").read_text()).get("af3trt_tiny_seed")
-        if meta == seed:
+        found = json.loads((out / "config.json").read_text())
+        meta = found.get("af3trt_tiny_seed")
+        if meta == seed and found.get("af3trt_tiny_think") == tiny_think_key():
             return out
+        if meta == seed:
+            raise FileExistsError(f"{out} holds a tiny checkpoint of seed {seed} from another generator (think/ "
+                                  f"key {found.get('af3trt_tiny_think')}, expected {tiny_think_key()}): remove it")
         raise FileExistsError(f"{out} already holds a checkpoint (tiny seed {meta}); expected seed {seed} or an empty dir")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
@@ -240,6 +245,8 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         config["af3trt_tiny_seed"] = seed
         _processor_files(tmp)
         save_file(tiny_weights(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config["af3trt_tiny_think"] = tiny_think_key()
+        make_tiny_think(tmp / "think", config, seed)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if out.exists():
@@ -254,7 +261,7 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 def default_tiny_dir(seed: int = 0) -> Path:
     """Cache folder for `--model tiny` ($AF3TRT_CACHE or ~/.cache/af3trt)."""
     root = Path(os.environ.get("AF3TRT_CACHE", Path.home() / ".cache" / "af3trt"))
-    return root / f"tiny-seed{seed}"
+    return root / f"tiny-seed{seed}-think{tiny_think_key()[:8]}"
 
 
 def synthetic_audio(seconds: float, seed: int = 0, rate: int = 16_000) -> np.ndarray:
@@ -268,3 +275,82 @@ def synthetic_audio(seconds: float, seed: int = 0, rate: int = 16_000) -> np.nda
     phase = 2 * np.pi * np.cumsum(pitch) / rate
     voice = sum(np.sin(k * phase) / k for k in range(1, 6))
     return (envelope * (0.08 * voice + 0.03 * rng.standard_normal(n))).astype(np.float32)
+
+
+# -- AF3-Think: the think/ folder (PEFT LoRA + non-LoRA trainables), as the HF checkpoint ships it ---------
+
+TINY_THINK = dict(
+    version=1, r=8, lora_alpha=16, lora_std=0.1,
+    # PEFT's regex form of target_modules: every linear of the LLM's layers, not the audio tower's
+    target_modules=r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
+    # transformers' in-memory names (what `model.load_state_dict(..., strict=False)` takes): encoder,
+    # projector and LLM tensors; o_proj is LoRA-adapted as well (non-LoRA applies first)
+    non_lora=("model.audio_tower.layers.1.fc2.weight", "model.audio_tower.layer_norm.bias",
+              "model.multi_modal_projector.linear_2.weight", "model.multi_modal_projector.linear_2.bias",
+              "model.language_model.layers.1.self_attn.o_proj.weight", "model.language_model.norm.weight"),
+)
+THINK_LORA_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def tiny_think_key() -> str:
+    """Hash of what `make_tiny_think` generates: part of the tiny checkpoint's cache key."""
+    import hashlib
+
+    spec = {**TINY_THINK, "modules": THINK_LORA_MODULES}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tiny_adapter_config(r: int, lora_alpha: int, target_modules) -> dict:
+    """adapter_config.json as PEFT 0.21.2 writes it for a plain LoRA (`LoraConfig(...).save_pretrained`)."""
+    off = ("alora_invocation_tokens", "arrow_config", "auto_mapping", "base_model_name_or_path", "corda_config",
+           "eva_config", "exclude_modules", "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform",
+           "lora_ga_config", "megatron_config", "modules_to_save", "monteclora_config", "revision", "target_parameters",
+           "trainable_token_indices", "use_bdlora", "velora_config")
+    return {**{k: None for k in off}, "alpha_pattern": {}, "bias": "none", "ensure_weight_tying": False,
+            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "loftq_config": {},
+            "lora_alpha": lora_alpha, "lora_bias": False, "lora_dropout": 0.05, "megatron_core": "megatron.core",
+            "peft_type": "LORA", "peft_version": "0.21.2", "qalora_group_size": 16, "r": r, "rank_pattern": {},
+            "target_modules": target_modules, "task_type": "CAUSAL_LM", "use_dora": False, "use_qalora": False,
+            "use_rslora": False}
+
+
+def _umask_mode(path: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def make_tiny_think(out: Path, config: dict, seed: int = 0) -> Path:
+    """Write `out` (CKPT/think): adapter_config.json + adapter_model.safetensors (PEFT's key names for
+    AudioFlamingo3ForConditionalGeneration: `base_model.model.model.language_model.layers.N.<module>.
+    lora_{A,B}.weight`) and non_lora_trainables.bin (torch.save of {in-memory name: tensor}). Same seed,
+    same bytes; lora_B is random (not PEFT's zero init) so the adapter changes the answers."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from .checkpoint import hub_name
+
+    rng = np.random.default_rng([seed, 14])  # a stream of its own: the base weights stay as they were
+    t = config["text_config"]
+    r, std = TINY_THINK["r"], TINY_THINK["lora_std"]
+    base = tiny_weights(config, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    lora = {}
+    for n in range(t["num_hidden_layers"]):
+        for module in THINK_LORA_MODULES:
+            name = f"model.language_model.layers.{n}.{module}"
+            rows, cols = base[hub_name(name + ".weight")].shape
+            lora[f"base_model.model.{name}.lora_A.weight"] = (std * rng.standard_normal((r, cols))).astype(np.float32)
+            lora[f"base_model.model.{name}.lora_B.weight"] = (std * rng.standard_normal((rows, r))).astype(np.float32)
+    save_file(lora, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _umask_mode(out / "adapter_model.safetensors")  # safetensors writes 0600 whatever the umask
+    adapter = tiny_adapter_config(r, TINY_THINK["lora_alpha"], TINY_THINK["target_modules"])
+    (out / "adapter_config.json").write_text(json.dumps(adapter, indent=2, sort_keys=True))
+    non_lora = {}
+    for name in TINY_THINK["non_lora"]:
+        like = base[hub_name(name)]
+        scale = float(like.std()) or 0.05
+        non_lora[name] = torch.from_numpy((like.mean() + scale * rng.standard_normal(like.shape)).astype(np.float32))
+    torch.save(non_lora, out / "non_lora_trainables.bin")
+    return out

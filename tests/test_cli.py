@@ -23,7 +23,9 @@ def test_run_tiny_json(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(out) >= {"text", "token_ids", "num_audio_tokens", "timings"}
     assert out["num_audio_tokens"] == 144 and 1 <= len(out["token_ids"]) <= 8
-    assert (tmp_path / "tiny-seed0" / "config.json").is_file()
+    from af3trt.testing import default_tiny_dir
+
+    assert (tmp_path / default_tiny_dir().name / "config.json").is_file()  # the cache key names the folder
 
 
 def test_help_and_errors(tmp_path):

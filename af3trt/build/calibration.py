@@ -122,7 +122,8 @@ def _calibration_audios(audio_dir, count: int, seed: int) -> list[tuple[str, np.
 
 
 def llm_calibration_batches(checkpoint_dir, audio_dir=None, count: int = 16, max_tokens: int = 1024, *,
-                            text_only: bool = False, seed: int = 0, device: str | None = None) -> list[dict]:
+                            text_only: bool = False, seed: int = 0, device: str | None = None,
+                            variant: str = "base") -> list[dict]:
     """Audio-conditioned calibration batches for the decoder (ModelOpt's forward loop).
 
     Each batch is one prompt as the decoder sees it at inference: the chat template, the audio's
@@ -131,6 +132,7 @@ def llm_calibration_batches(checkpoint_dir, audio_dir=None, count: int = 16, max
     every other prompt, an assistant answer. Returns dicts {inputs_embeds (1, T, H) float32,
     attention_mask (1, T) int64}, T <= max_tokens (the audio is cut first so the text survives).
     `text_only=True` gives the same prompts without audio: what text-only calibration sees.
+    variant: the checkpoint's weights to calibrate ("think": its think/ weights, prompts with the suffix).
     """
     import torch
 
@@ -139,7 +141,8 @@ def llm_calibration_batches(checkpoint_dir, audio_dir=None, count: int = 16, max
 
     if count < 1 or max_tokens < 16:
         raise ValueError(f"expected count >= 1 and max_tokens >= 16, got {count}, {max_tokens}")
-    pipe = Pipeline.from_pretrained(checkpoint_dir, decoder="torch", device=device, dtype="float32", cache_bytes=0)
+    pipe = Pipeline.from_pretrained(checkpoint_dir, decoder="torch", device=device, dtype="float32", cache_bytes=0,
+                                    variant=variant)
     audios = _calibration_audios(audio_dir, count, seed)
     budget_s = max(1.0, (max_tokens - 96) / 25.0)  # 25 audio tokens per second; keep ~96 tokens for text
     batches = []

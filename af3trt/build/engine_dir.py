@@ -48,11 +48,14 @@ class BuildOptions:
     calib_max_tokens: int = 1024
     stages: tuple[str, ...] = STAGE_NAMES
     force: bool = False
+    variant: str = "base"  # af3trt.think.VARIANTS: "think" builds the checkpoint's AF3-Think weights
 
     def __post_init__(self):
+        from ..think import check_variant
         from .llm import EngineLimits
         from .precision import get_kv_cache, get_precision
 
+        check_variant(self.variant)
         get_precision(self.precision)
         get_kv_cache(self.kv_cache)
         if self.encoder_precision not in ENCODER_PLAN_PRECISIONS:
@@ -92,15 +95,18 @@ def _progress(total: int):
 
 
 def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOptions = BuildOptions()) -> Manifest:
-    """Build (or complete) the engine dir `out` from the AF3 checkpoint `model`. Returns the manifest."""
-    from ..checkpoint import Checkpoint
+    """Build (or complete) the engine dir `out` from the AF3 checkpoint `model` (its think/ weights for
+    variant "think": every stage, calibration included, runs on them). Returns the manifest."""
+    from ..think import open_checkpoint
 
-    ckpt = Checkpoint.open(model)
+    ckpt = open_checkpoint(model, options.variant)
     out = Path(out)
+    _check_same_variant(out, options)
     out.mkdir(parents=True, exist_ok=True)
     clean_partials(out)
-    fingerprint = ckpt.fingerprint()
+    fingerprint = ckpt.fingerprint()  # a think checkpoint's covers its think/ files: every stage key does
     manifest = _start_manifest(out, ckpt, fingerprint, options)
+    manifest.variant = _variant_record(ckpt)
     plan = [("tokenizer", _stage_tokenizer)]
     if "encoder" in options.stages:
         plan += [("encoder_onnx", _stage_encoder_onnx), ("encoder_plan", _stage_encoder_plan)]
@@ -147,6 +153,29 @@ def _start_manifest(out: Path, ckpt, fingerprint: str, options: BuildOptions) ->
     return manifest
 
 
+def _check_same_variant(out: Path, options: BuildOptions) -> None:
+    """Each variant is an engine dir of its own: building another one over it needs `force`."""
+    try:
+        built = Manifest.read(out).variant.get("name", "base")
+    except ManifestError:
+        return
+    if built != options.variant and not options.force:
+        raise FileExistsError(f"expected an engine dir of variant {options.variant!r} (or a new one) at {out}, got "
+                              f"one of variant {built!r}: build the {options.variant} model into another --out, or "
+                              f"pass --force to replace it")
+
+
+def _variant_record(ckpt) -> dict:
+    """manifest.variant: {"name": "base"}, or the think adapter's hash, suffix and what it changed."""
+    from ..think import variant_record
+
+    record = variant_record(ckpt)
+    if record["name"] != "base":
+        log.info("variant %s: adapter %s, %d LoRA modules merged, %d non-LoRA tensors applied",
+                 record["name"], record["adapter"], record["lora_modules"], record["non_lora"]["applied"])
+    return record
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -178,7 +207,7 @@ def _stage_tokenizer(ckpt, out: Path, options: BuildOptions, manifest: Manifest)
 def _stage_encoder_onnx(ckpt, out: Path, options: BuildOptions, manifest: Manifest) -> dict:
     from .encoder import export_onnx
 
-    res = export_onnx(checkpoint=ckpt.path, out_dir=out / "encoder", dtype="fp32",
+    res = export_onnx(checkpoint=ckpt, out_dir=out / "encoder", dtype="fp32",
                       max_windows=_plan_profile(options)[2], force=options.force, inputs=options.encoder_input)
     return {"path": str(res.onnx_path.relative_to(out)), "dtype": res.dtype, "external_data": res.external_data,
             "max_rel_error": res.max_rel_error, "inputs": options.encoder_input}
@@ -227,6 +256,8 @@ def rebuild_command(model: Path, out: Path, o: BuildOptions) -> str:
             "--max-text-tokens", str(lim.max_text_tokens), "--max-new-tokens", str(lim.max_new_tokens),
             "--calib-size", str(o.calib_size), "--calib-max-tokens", str(o.calib_max_tokens),
             "--stages", ",".join(o.stages)]
+    if o.variant != "base":
+        argv += ["--variant", o.variant]
     if o.calib_audio:
         argv += ["--calib-audio", str(o.calib_audio)]
     return shlex.join(argv)
@@ -240,8 +271,8 @@ def _stage_llm_checkpoint(ckpt, out: Path, options: BuildOptions, manifest: Mani
     batches = None
     if needs_calibration(get_precision(options.precision), get_kv_cache(options.kv_cache)):
         batches = llm_calibration_batches(ckpt.path, audio_dir=options.calib_audio, count=options.calib_size,
-                                          max_tokens=options.calib_max_tokens)
-    export_checkpoint(checkpoint_dir=ckpt.path, out_dir=out / "llm" / "checkpoint", precision=options.precision,
+                                          max_tokens=options.calib_max_tokens, variant=options.variant)
+    export_checkpoint(checkpoint_dir=ckpt, out_dir=out / "llm" / "checkpoint", precision=options.precision,
                       kv_cache=options.kv_cache, tp_size=options.tp_size, calib_batches=batches)
     return {"path": "llm/checkpoint", "precision": options.precision, "kv_cache": options.kv_cache,
             "tp_size": options.tp_size, "calibration": None if batches is None else

@@ -139,12 +139,12 @@ def build_qwen2(text: TextSpec, state: Mapping, dtype: str = "float32", device="
 
 
 def load_qwen2_from_af3(checkpoint_dir, dtype: str = "bfloat16", device="cpu"):
-    """AF3 checkpoint (`language_model.model.*`, `language_model.lm_head.weight`) -> Qwen2ForCausalLM."""
+    """AF3 checkpoint dir or `Checkpoint` (`language_model.model.*`, `language_model.lm_head.weight`) -> Qwen2ForCausalLM."""
     import torch
 
     from ..checkpoint import LM_PREFIX, Checkpoint
 
-    ckpt = Checkpoint.open(checkpoint_dir)
+    ckpt = checkpoint_dir if isinstance(checkpoint_dir, Checkpoint) else Checkpoint.open(checkpoint_dir)
     state = ckpt.load(LM_PREFIX, dtype=getattr(torch, dtype))
     return build_qwen2(ckpt.spec.text, state, dtype, device)
 
@@ -290,6 +290,7 @@ def export_checkpoint(*, checkpoint_dir, out_dir, precision, kv_cache="auto", tp
                       calib_batches: Iterable | None = None, dtype: str | None = None, device=None) -> Path:
     """AF3 checkpoint -> TensorRT-LLM checkpoint (`config.json` + `rank{r}.safetensors`) at `out_dir`.
 
+    checkpoint_dir: an AF3 checkpoint dir, or a `Checkpoint` (`af3trt.think.open_checkpoint` for a variant).
     precision: a name of `precision.PRECISIONS`; kv_cache: auto|fp8|int8; calib_batches: see
     `quantize_lm` (required whenever ModelOpt calibrates); dtype: unquantized tensors (bf16/fp16
     precisions fix it; default bfloat16); device: where calibration runs (default cuda if available).
@@ -300,7 +301,7 @@ def export_checkpoint(*, checkpoint_dir, out_dir, precision, kv_cache="auto", tp
 
     p, kv = get_precision(precision), get_kv_cache(kv_cache)
     dtype = resolve_dtype(p, dtype)
-    spec = ModelSpec.from_dir(checkpoint_dir)
+    spec = getattr(checkpoint_dir, "spec", None) or ModelSpec.from_dir(checkpoint_dir)  # a Checkpoint, or its dir
     _check_tp(spec.text, p, tp_size)
     if needs_calibration(p, kv) and calib_batches is None:
         raise ValueError(f"precision {p.name!r} with KV cache {kv.name!r} needs calib_batches, got None")

@@ -56,6 +56,7 @@ class Manifest:
     precision: dict
     versions: dict = field(default_factory=package_versions)
     stages: dict = field(default_factory=dict)
+    variant: dict = field(default_factory=lambda: {"name": "base"})  # af3trt.think.variant_record
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 

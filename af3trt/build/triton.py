@@ -51,7 +51,7 @@ from .triton_spec import (  # also the names callers import from here
     LLM_INPUTS, LLM_OUTPUTS, MARKER, ModelConfig, NUMPY_TO_TRITON, POSTPROCESSING, PREPROCESSING, PROMPT_TABLE,
     PostprocessingParams, PreprocessingParams, PromptTableParams, REQUEST_INPUTS, REQUEST_OUTPUTS,
     ServingLimits, Step, TABLE_INPUTS, TEMPLATES, TensorSpec, from_preprocessing, llm_inputs, param_pairs, tensor,
-    render_ensemble, render_model,
+    render_ensemble, render_model, variant_pairs,
 )
 
 
@@ -77,6 +77,7 @@ class EngineFacts:
     llm_engine: Path | None
     llm_checkpoint: Path | None
     limits: ServingLimits
+    variant: dict = field(default_factory=lambda: {"name": "base"})  # manifest.variant (af3trt.think)
 
 
 def _json(path: Path) -> dict:
@@ -174,8 +175,16 @@ def inspect_engine_dir(engine_dir: str | os.PathLike) -> EngineFacts:
         encoder_io=io, plan_max_windows=profile_max,
         llm_engine=llm_engine if (llm_engine / "config.json").is_file() else None,
         llm_checkpoint=root / "llm" / "checkpoint" if (root / "llm" / "checkpoint" / "config.json").is_file() else None,
-        limits=ServingLimits.from_engine_dir(root), **facts,
+        limits=ServingLimits.from_engine_dir(root), variant=_variant(root), **facts,
     )
+
+
+def _variant(root: Path) -> dict:
+    if not (root / "manifest.json").is_file():
+        return {"name": "base"}
+    from .manifest import Manifest
+
+    return Manifest.read(root).variant
 
 
 # ------------------------------------------------------------------------------- model configs
@@ -420,8 +429,11 @@ def render_repository(plan: Plan) -> dict[str, str]:
     """{model name: config.pbtxt text} for every model of the repository."""
     configs = [preprocessing_config(plan), encoder_config(plan), prompt_table_config(plan), llm_config(plan),
                postprocessing_config(plan), bls_config(plan)]
+    meta = variant_pairs(plan.facts.variant)  # on af3trt's python models and the ensemble
+    configs = [dataclasses.replace(c, parameters=c.parameters + meta) if c.backend == 'backend: "python"' else c
+               for c in configs]
     out = {c.name: render_model(c) for c in configs}
-    out[ENSEMBLE] = render_ensemble(ENSEMBLE, ensemble_inputs(plan), REQUEST_OUTPUTS, ensemble_steps(plan))
+    out[ENSEMBLE] = render_ensemble(ENSEMBLE, ensemble_inputs(plan), REQUEST_OUTPUTS, ensemble_steps(plan), meta)
     return out
 
 
@@ -460,6 +472,7 @@ def write_repository(engine_dir: str | os.PathLike, out_dir: str | os.PathLike, 
             (tmp / name / "config.pbtxt").write_text(text)
             _model_files(plan, name, tmp / name / "1")
         record = {"engine_dir": str(plan.facts.engine_dir), "limits": dataclasses.asdict(plan.limits),
-                  "encoder": plan.encoder, "options": {k: v for k, v in dataclasses.asdict(o).items() if k != "limits"}}
+                  "encoder": plan.encoder, "options": {k: v for k, v in dataclasses.asdict(o).items() if k != "limits"},
+                  "variant": plan.facts.variant}
         (tmp / MARKER).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
     return Repository(out, tuple(sorted(configs)), plan.limits, o, plan.encoder)

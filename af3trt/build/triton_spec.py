@@ -192,10 +192,25 @@ def param_pairs(obj) -> tuple[tuple[str, str], ...]:
                  for f in dataclasses.fields(obj))
 
 
+# Model metadata on every af3trt python model and the ensemble (config parameters, the model config API
+# shows them): the engine dir's variant ("base" | "think") and its adapter hash ("" for base).
+VARIANT_KEYS = ("variant", "variant_adapter")
+
+
+def variant_pairs(variant: dict) -> tuple[tuple[str, str], ...]:
+    """manifest.variant -> the metadata parameters."""
+    return (("variant", variant.get("name", "base")), ("variant_adapter", variant.get("adapter", "")))
+
+
+def model_variant(model_config: dict) -> str:
+    """The variant a python model serves (its `variant` parameter; "base" where there is none)."""
+    return ((model_config.get("parameters") or {}).get("variant") or {}).get("string_value", "base")
+
+
 def load_params(cls, model_config: dict):
     """Inverse of `param_pairs` for a python model's `args["model_config"]`; unknown keys are an error."""
     raw = {k: v["string_value"] for k, v in (model_config.get("parameters") or {}).items()
-           if k != "FORCE_CPU_ONLY_INPUT_TENSORS"}
+           if k != "FORCE_CPU_ONLY_INPUT_TENSORS" and k not in VARIANT_KEYS}
     names = {f.name: f for f in dataclasses.fields(cls)}
     if set(raw) != set(names):
         raise ValueError(f"{model_config.get('name')}: expected parameters {sorted(names)}, got {sorted(raw)}")
@@ -302,7 +317,7 @@ def render_model(cfg: ModelConfig) -> str:
     )
 
 
-def render_ensemble(name: str, inputs, outputs, steps: list[Step]) -> str:
+def render_ensemble(name: str, inputs, outputs, steps: list[Step], parameters: tuple = ()) -> str:
     template = string.Template((TEMPLATES / "ensemble.pbtxt").read_text())
     blocks = []
     for s in steps:
@@ -310,4 +325,5 @@ def render_ensemble(name: str, inputs, outputs, steps: list[Step]) -> str:
         maps += [_MAP.substitute(kind="output_map", key=k, value=v) for k, v in s.output_map]
         blocks.append(_STEP.substitute(model=s.model, maps="\n".join(maps)))
     return template.substitute(generator=GENERATOR, name=name, inputs=",\n".join(render_tensor(t, True) for t in inputs),
-                               outputs=",\n".join(render_tensor(t, False) for t in outputs), steps=",\n".join(blocks))
+                               outputs=",\n".join(render_tensor(t, False) for t in outputs), steps=",\n".join(blocks),
+                               parameters="\n".join(_PARAM.substitute(key=k, value=_quote(v)) for k, v in parameters))

@@ -77,13 +77,18 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, encoder: str = "auto", decoder: str = "auto",
                         device: str | None = None, dtype: str | torch.dtype | None = None,
-                        allow_urls: bool = False, cache_bytes: int = DEFAULT_BUDGET_BYTES) -> "Pipeline":
+                        allow_urls: bool = False, cache_bytes: int = DEFAULT_BUDGET_BYTES,
+                        variant: str | None = None, think_suffix: bool = True) -> "Pipeline":
         """path: an engine dir (manifest.json, from `af3trt build`), an AF3 checkpoint dir (HF layout),
         or "tiny" (generated into the cache on first use). encoder: auto|tensorrt|onnxruntime|torch;
-        decoder: auto|tensorrt_llm|torch ("auto" = the best available in the dir)."""
+        decoder: auto|tensorrt_llm|torch ("auto" = the best available in the dir). variant: "base" |
+        "think" (AF3-Think: the checkpoint's think/ LoRA + non-LoRA weights, `af3trt.think`); None =
+        "base" for a checkpoint dir, whatever an engine dir was built as (another value is an error).
+        think_suffix: the think variant ends the last user turn with its trained instruction
+        (`af3trt.think.THINK_SUFFIX`); False leaves prompts as given."""
         from ..build.manifest import MANIFEST
-        from ..checkpoint import Checkpoint
         from ..testing import default_tiny_dir, make_tiny_checkpoint
+        from ..think import THINK_SUFFIX, check_variant, open_checkpoint
         from .encoder import load_encoder
 
         if str(path) == "tiny":
@@ -91,25 +96,34 @@ class Pipeline:
         path = Path(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _dtype(dtype, device)
+        if variant is not None:
+            check_variant(variant)
         if (path / MANIFEST).is_file():
-            return cls._from_engine_dir(path, encoder, decoder, device, dtype, allow_urls, cache_bytes)
+            return cls._from_engine_dir(path, encoder, decoder, device, dtype, allow_urls, cache_bytes, variant,
+                                        think_suffix)
         _pick(encoder, ("torch",), "encoder (an AF3 checkpoint dir has only the torch weights)")
         dec_name = _pick(decoder, _torch_decoders(device), "decoder (an AF3 checkpoint dir has only the torch weights)")
-        ckpt = Checkpoint.open(path)
+        ckpt = open_checkpoint(path, variant or "base")
         enc = load_encoder("torch", ckpt, device, dtype)
         dec = _TORCH_DECODERS[dec_name]().from_checkpoint(ckpt, device, dtype)
+        suffix = THINK_SUFFIX if variant == "think" and think_suffix else ""
         builder = PromptBuilder.from_pretrained(path, ckpt.spec.audio_token_id, ckpt.spec.text.vocab_size,
-                                                allow_urls=allow_urls)
+                                                allow_urls=allow_urls, user_suffix=suffix)
         defaults = GenerationDefaults.from_dir(path, builder.tokenizer.eos_token_id)
         return cls(builder, enc, dec, ckpt.spec, defaults, device, cache_bytes=cache_bytes)
 
     @classmethod
-    def _from_engine_dir(cls, path: Path, encoder, decoder, device, dtype, allow_urls, cache_bytes) -> "Pipeline":
-        from ..build.manifest import Manifest
+    def _from_engine_dir(cls, path: Path, encoder, decoder, device, dtype, allow_urls, cache_bytes, variant=None,
+                         think_suffix=True) -> "Pipeline":
+        from ..build.manifest import Manifest, ManifestError
         from .encoder import available_encoders, load_encoder
 
         manifest = Manifest.read(path)
         check_engine_dir(manifest, path)
+        built = manifest.variant.get("name", "base")
+        if variant is not None and variant != built:
+            raise ManifestError(f"expected an engine dir of variant {variant!r}, got {built!r} in {path} "
+                                f"(build one with `af3trt build --variant {variant}`)")
         spec = ModelSpec.from_dir(path / "tokenizer")
         enc_name = _pick(encoder, tuple(available_encoders(path)), "encoder")
         if enc_name == "torch":
@@ -117,7 +131,8 @@ class Pipeline:
         else:
             enc = load_encoder(enc_name, path, device, dtype)
         builder = PromptBuilder.from_pretrained(path / "tokenizer", spec.audio_token_id, spec.text.vocab_size,
-                                                allow_urls=allow_urls)
+                                                allow_urls=allow_urls,
+                                                user_suffix=manifest.variant.get("suffix", "") if think_suffix else "")
         defaults = GenerationDefaults.from_dir(path / "tokenizer", builder.tokenizer.eos_token_id)
         dec = load_decoder(decoder, path, manifest, spec, device, dtype, defaults.eos_token_ids, builder.pad_token_id)
         return cls(builder, enc, dec, spec, defaults, device, limits=manifest.limits, cache_bytes=cache_bytes)
@@ -303,11 +318,11 @@ def check_engine_dir(manifest, path: Path) -> None:
 
 def _source_checkpoint(manifest):
     from ..build.manifest import ManifestError
-    from ..checkpoint import Checkpoint
+    from ..think import open_checkpoint
 
     src = manifest.checkpoint.get("path")
     try:
-        ckpt = Checkpoint.open(src)
+        ckpt = open_checkpoint(src, manifest.variant.get("name", "base"))
     except FileNotFoundError as exc:
         raise ManifestError(f"the torch encoder needs the source checkpoint {src}: {exc}") from exc
     if ckpt.fingerprint() != manifest.checkpoint.get("fingerprint"):

@@ -22,14 +22,18 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
 
-        from af3trt.build.triton_spec import EncoderParams, load_params
+        from af3trt.build.triton_spec import EncoderParams, load_params, model_variant
         from af3trt.runtime.encoder import load_encoder
+        from af3trt.think import open_checkpoint
 
-        self.p = load_params(EncoderParams, json.loads(args["model_config"]))
+        config = json.loads(args["model_config"])
+        self.p = load_params(EncoderParams, config)
         device = self.p.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.encoder = load_encoder(self.p.backend, self.p.path, device)
+        # torch reads the checkpoint's weights: those of the engine dir's variant (think/ applied for AF3-Think)
+        source = open_checkpoint(self.p.path, model_variant(config)) if self.p.backend == "torch" else self.p.path
+        self.encoder = load_encoder(self.p.backend, source, device)
 
     def execute(self, requests):
         responses = []

@@ -69,15 +69,19 @@ def _audio_files(request):
 
 class TritonPythonModel:
     def initialize(self, args):
-        from af3trt.build.triton_spec import PreprocessingParams, ServingLimits, load_params
+        from af3trt.build.triton_spec import PreprocessingParams, ServingLimits, load_params, model_variant
         from af3trt.prompt import PromptBuilder
+        from af3trt.think import THINK_SUFFIX
 
-        self.p = load_params(PreprocessingParams, json.loads(args["model_config"]))
+        config = json.loads(args["model_config"])
+        self.p = load_params(PreprocessingParams, config)
         self.limits = ServingLimits(**self.p.limits)
         from af3trt.runtime.generation import GenerationDefaults
 
         self.defaults = GenerationDefaults.from_dir(self.p.tokenizer_dir, self.p.end_id)
-        self.builder = PromptBuilder.from_pretrained(self.p.tokenizer_dir, self.p.audio_token_id, self.p.vocab_size)
+        suffix = THINK_SUFFIX if model_variant(config) == "think" else ""  # AF3-Think's trained instruction
+        self.builder = PromptBuilder.from_pretrained(self.p.tokenizer_dir, self.p.audio_token_id, self.p.vocab_size,
+                                                     user_suffix=suffix)
         stop = [i for i in self.p.stop_ids if i != self.p.end_id]
         self.stop_words = np.array([[stop, list(range(1, len(stop) + 1))]], np.int32) if stop else \
             np.array([[[0], [-1]]], np.int32)

@@ -24,16 +24,17 @@ def _error(message):
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
-def load_decoder(path, device, dtype):
-    """TorchDecoder on ENGINE_DIR/llm/checkpoint (TensorRT-LLM checkpoint) or an AF3 checkpoint dir."""
+def load_decoder(path, device, dtype, variant="base"):
+    """TorchDecoder on ENGINE_DIR/llm/checkpoint (TensorRT-LLM checkpoint) or an AF3 checkpoint dir (the
+    weights of `variant`: think/ applied for AF3-Think)."""
     from af3trt.runtime.decoder import TorchDecoder
 
     trtllm = Path(path) / "llm" / "checkpoint"
     if (trtllm / "config.json").is_file():
         return TorchDecoder.from_trtllm_checkpoint(trtllm, None, device, dtype)
-    from af3trt.checkpoint import Checkpoint
+    from af3trt.think import open_checkpoint
 
-    return TorchDecoder.from_checkpoint(Checkpoint.open(path), device, dtype)
+    return TorchDecoder.from_checkpoint(open_checkpoint(path, variant), device, dtype)
 
 
 def stop_ids(words):
@@ -55,7 +56,7 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
 
-        from af3trt.build.triton_spec import LLMParams, load_params
+        from af3trt.build.triton_spec import LLMParams, load_params, model_variant
 
         config = json.loads(args["model_config"])
         self.p = load_params(LLMParams, config)
@@ -63,7 +64,7 @@ class TritonPythonModel:
         device = self.p.device if self.p.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
                  "bfloat16": torch.bfloat16, "float16": torch.float16}[self.p.dtype]
-        self.decoder = load_decoder(self.p.path, device, dtype)
+        self.decoder = load_decoder(self.p.path, device, dtype, model_variant(config))
         self.vocab_size = self.decoder.spec.vocab_size
         self.hidden = self.decoder.spec.hidden_size
 
