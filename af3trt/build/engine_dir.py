@@ -19,6 +19,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import fileio
 from .manifest import Manifest, ManifestError, clean_partials, stage_key, staged_dir
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def _stage_tokenizer(ckpt, out: Path, options: BuildOptions, manifest: Manifest)
     with staged_dir(out / "tokenizer") as tmp:
         copied = [n for n in TOKENIZER_FILES if (ckpt.path / n).is_file()]
         for name in copied:
-            shutil.copy2(ckpt.path / name, tmp / name)
+            shutil.copyfile(ckpt.path / name, tmp / name)
     return {"path": "tokenizer", "files": copied}
 
 
@@ -256,7 +257,7 @@ def _stage_llm_engine(ckpt, out: Path, options: BuildOptions, manifest: Manifest
     script = out / "llm" / "build_engine.sh"
     script.write_text("#!/usr/bin/env bash\n# trtllm-build for this engine dir (TensorRT-LLM 1.2)\nset -euo pipefail\n"
                       + shlex.join(argv) + "\n")
-    script.chmod(0o755)
+    fileio.like_umask(script, executable=True)
     if not has_module("tensorrt_llm"):
         return {"path": "llm/engine", "missing": "tensorrt_llm is not installed here",
                 "command": rebuild_command(ckpt.path, out, options), "manual": f"bash {script}", "argv": argv}

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import fileio
 from ..spec import MAX_AUDIO_SECONDS, ModelSpec, TextSpec, audio_tokens_for_seconds, check_limit_fields
 from .precision import (
     KVCacheSpec, PrecisionSpec, get_kv_cache, get_precision, modelopt_quant_config, needs_calibration,
@@ -309,12 +309,13 @@ def export_checkpoint(*, checkpoint_dir, out_dir, precision, kv_cache="auto", tp
     quantize_lm(model, p, kv, calib_batches)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(fileio.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         export_tensorrt_llm_checkpoint(model, DECODER_TYPE, getattr(torch, dtype), export_dir=tmp,
                                        inference_tensor_parallel=tp_size)
         cfg = _postfix_config(tmp, spec.text, p, kv, dtype, tp_size)
         _verify_export(tmp, cfg, p, kv)
+        fileio.tree_like_umask(tmp)  # ModelOpt writes rank*.safetensors 0600 through safetensors
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,9 +13,10 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .. import fileio
 
 FORMAT = "af3trt-engine-dir"
 FORMAT_VERSION = 1
@@ -100,7 +101,7 @@ class Manifest:
 
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = fileio.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
@@ -116,12 +117,13 @@ def staged_dir(final: Path):
     """Yield a temporary folder beside `final`; on success replace `final` with it, else delete it."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    tmp = Path(fileio.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fileio.tree_like_umask(tmp)  # what third-party writers made 0600 (safetensors, ONNX data)
     old = final.with_name(f".{final.name}.old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -455,7 +455,6 @@ def write_repository(engine_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                               f"not replacing it")
     configs = render_repository(plan)
     with staged_dir(out) as tmp:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a containerized server may run as another user
         for name, text in configs.items():
             (tmp / name).mkdir()
             (tmp / name / "config.pbtxt").write_text(text)
