@@ -18,7 +18,7 @@ import sys
 def _cmd_tiny(args) -> int:
     from .testing import make_tiny_checkpoint
 
-    print(make_tiny_checkpoint(args.out, seed=args.seed))
+    print(make_tiny_checkpoint(args.out, seed=args.seed, vocab_size=args.vocab_size))
     return 0
 
 
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny", help="write the deterministic tiny random AF3 checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="LM vocab rows, at least the tokenizer's 556 ids (default: 640, a multiple of 64; an odd one "
+                        "such as 632 is what ModelOpt pads for int4_awq, like the real 151672)")
     p.set_defaults(func=_cmd_tiny)
 
     p = sub.add_parser("build", help="AF3 checkpoint -> engine dir (ONNX/TensorRT encoder, TensorRT-LLM decoder)")

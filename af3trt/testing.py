@@ -228,7 +228,7 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, vocab_size: 
     """Write the tiny random AF3 checkpoint into `out_dir` (atomically: temp dir, then rename).
 
     vocab_size: rows of the LM's embedding and lm_head (text_config.vocab_size), at least the
-    tokenizer's size (604 ids); None = the default (a multiple of 64). An odd one (e.g. 632 =
+    tokenizer's size (556 ids); None = the default (a multiple of 64). An odd one (e.g. 632 =
     64 * 9 + 56, like the real 151672 = 64 * 2369 + 56) is what ModelOpt pads for INT4 AWQ.
     """
     from safetensors.numpy import save_file

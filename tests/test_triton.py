@@ -124,7 +124,8 @@ def fake_engine_dir(tiny_dir, root, dtype="bfloat16"):
               "max_seq_len": 19096}
     Manifest(checkpoint={"path": str(tiny_dir)}, limits=limits, precision={"llm": "bf16"},
              model={"vocab_size": spec.text.vocab_size, "hidden_size": spec.text.hidden_size,
-                    "audio_token_id": spec.audio_token_id}).write(root)
+                    "audio_token_id": spec.audio_token_id},
+             stages={"llm_checkpoint": {"path": "llm/checkpoint", "vocab_size": spec.text.vocab_size}}).write(root)
     return root
 
 

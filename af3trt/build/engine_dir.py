@@ -11,6 +11,7 @@ command that finishes the build on a machine that has them.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import shlex
 import shutil
@@ -242,10 +243,12 @@ def _stage_llm_checkpoint(ckpt, out: Path, options: BuildOptions, manifest: Mani
     if needs_calibration(get_precision(options.precision), get_kv_cache(options.kv_cache)):
         batches = llm_calibration_batches(ckpt.path, audio_dir=options.calib_audio, count=options.calib_size,
                                           max_tokens=options.calib_max_tokens)
-    export_checkpoint(checkpoint_dir=ckpt.path, out_dir=out / "llm" / "checkpoint", precision=options.precision,
-                      kv_cache=options.kv_cache, tp_size=options.tp_size, calib_batches=batches)
+    path = export_checkpoint(checkpoint_dir=ckpt.path, out_dir=out / "llm" / "checkpoint",
+                             precision=options.precision, kv_cache=options.kv_cache, tp_size=options.tp_size,
+                             calib_batches=batches)
+    vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])  # padded for int4_awq
     return {"path": "llm/checkpoint", "precision": options.precision, "kv_cache": options.kv_cache,
-            "tp_size": options.tp_size, "calibration": None if batches is None else
+            "tp_size": options.tp_size, "vocab_size": vocab, "calibration": None if batches is None else
             {"audio_dir": options.calib_audio, "count": options.calib_size, "max_tokens": options.calib_max_tokens}}
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from .. import fileio
 from ..spec import MAX_AUDIO_SECONDS, ModelSpec, TextSpec, audio_tokens_for_seconds, check_limit_fields
 from .precision import (
-    KVCacheSpec, PrecisionSpec, get_kv_cache, get_precision, modelopt_quant_config, needs_calibration,
-    resolve_dtype, trtllm_quantization,
+    KVCacheSpec, PrecisionSpec, engine_vocab_size, get_kv_cache, get_precision, modelopt_quant_config,
+    needs_calibration, resolve_dtype, trtllm_quantization,
 )
 from .trtllm_checkpoint import GLOBAL_NAMES, LAYER_NAMES, LINEARS
 from .trtllm_flags import build_argv
@@ -230,7 +230,8 @@ def _postfix_config(path: Path, text: TextSpec, p: PrecisionSpec, kv: KVCacheSpe
         checks["exclude_modules"] = sorted(p.exclude_modules or ())
         got = {**got, "exclude_modules": sorted(got.get("exclude_modules") or ())}
     wrong = {k: (v, got.get(k)) for k, v in checks.items() if got.get(k) != v}
-    dims = {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_layers, "vocab_size": text.vocab_size,
+    dims = {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_layers,
+            "vocab_size": engine_vocab_size(text.vocab_size, p),
             "num_attention_heads": text.num_heads, "num_key_value_heads": text.num_kv_heads}
     wrong.update({k: (v, cfg.get(k)) for k, v in dims.items() if cfg.get(k) != v})
     if (cfg.get("mapping") or {}).get("tp_size") != tp_size:
@@ -272,6 +273,11 @@ def _verify_export(path: Path, cfg: dict, p: PrecisionSpec, kv: KVCacheSpec) -> 
     for r in range(tp):
         with safe_open(str(path / f"rank{r}.safetensors"), framework="pt") as f:
             missing = need - set(f.keys())
+            rows = {n: f.get_slice(n).get_shape()[0] for n in ("transformer.vocab_embedding.weight",)
+                    if n in f.keys()}
+        if tp == 1 and any(v != cfg["vocab_size"] for v in rows.values()):
+            raise RuntimeError(f"rank0.safetensors: expected {cfg['vocab_size']} vocab rows (config.json "
+                               f"vocab_size), got {rows}")
         if missing:
             raise RuntimeError(f"rank{r}.safetensors lacks {len(missing)} expected tensors, e.g. {sorted(missing)[:6]}")
 

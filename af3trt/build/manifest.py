@@ -86,6 +86,17 @@ class Manifest:
         entry = self.stages.get(name)
         return entry if entry and "missing" not in entry else None
 
+    def engine_vocab_size(self) -> int:
+        """vocab_size of the TensorRT-LLM checkpoint / engine (`stages.llm_checkpoint.vocab_size`): where
+        fake ids start. The model's own `model.vocab_size` or, for int4_awq, ModelOpt's padded one
+        (`af3trt.build.precision.engine_vocab_size`); ids at or above `model.vocab_size` are never
+        generated."""
+        entry = self.stage("llm_checkpoint")
+        if entry is None or entry.get("vocab_size") is None:
+            raise ManifestError("expected stage llm_checkpoint with its vocab_size in the manifest, found none: "
+                                "build the llm stage (af3trt build --stages llm)")
+        return int(entry["vocab_size"])
+
     def require(self, engine_dir: str | Path, *names: str) -> None:
         """Raise unless every named stage was built and its folder is present."""
         for name in names:

@@ -200,3 +200,22 @@ def modelopt_quant_config(precision: str | PrecisionSpec, kv_cache: str | KVCach
     if base is None:
         base = {"quant_cfg": _disable_all(fragment), "algorithm": "max"}
     return _with_kv(mtq, base, fragment)
+
+
+# ModelOpt's TensorRT-LLM export (modelopt/torch/export/model_config_export.py,
+# `torch_to_tensorrt_llm_checkpoint`, 0.37 and 0.47 alike) pads the vocab_embedding and lm_head of an
+# INT4 AWQ / W4A8 AWQ model with zero rows to a multiple of 64 (`postprocess.pad_embedding_lm_head`)
+# and writes the padded size as config.json `vocab_size`. trtllm-build takes that as the engine's
+# `pretrained_config.vocab_size`, and TensorRT-LLM's `PromptTuningEmbedding` reads every id >= it
+# from the prompt table: the padded size is where fake ids start. The ids a model may generate stay
+# below the model's vocab (`spec.text.vocab_size`); the rows between are zero and never used.
+VOCAB_PAD_MULTIPLE = 64
+VOCAB_PADDING_ALGOS = ("W4A16_AWQ", "W4A8_AWQ")
+
+
+def engine_vocab_size(vocab_size: int, precision: str | PrecisionSpec) -> int:
+    """vocab_size of the TensorRT-LLM checkpoint and engine for a model of `vocab_size` rows exported
+    at `precision` (151672 -> 151680 for int4_awq; unchanged otherwise). Fake ids start there."""
+    if get_precision(precision).quant_algo in VOCAB_PADDING_ALGOS:
+        return -(-int(vocab_size) // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+    return int(vocab_size)

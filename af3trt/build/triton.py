@@ -64,7 +64,7 @@ class EngineFacts:
 
     engine_dir: Path
     tokenizer_dir: Path
-    vocab_size: int
+    vocab_size: int  # where fake ids start: the LLM checkpoint's (maybe padded) vocab, the model's for a checkpoint dir
     hidden_size: int
     audio_token_id: int
     eos_token_ids: tuple[int, ...]
@@ -87,8 +87,10 @@ def _model_facts(root: Path, tokenizer_dir: Path) -> dict:
     if (root / "manifest.json").is_file():
         from .manifest import Manifest
 
-        m = Manifest.read(root).model
-        return {k: int(m[k]) for k in ("vocab_size", "hidden_size", "audio_token_id")}
+        manifest = Manifest.read(root)
+        m = manifest.model  # fake ids start at the LLM checkpoint's vocab_size (padded for int4_awq)
+        return {"vocab_size": manifest.engine_vocab_size(), "hidden_size": int(m["hidden_size"]),
+                "audio_token_id": int(m["audio_token_id"])}
     from ..spec import ModelSpec
 
     for d in (root, tokenizer_dir):
@@ -165,7 +167,8 @@ def inspect_engine_dir(engine_dir: str | os.PathLike) -> EngineFacts:
     if (llm_engine / "config.json").is_file():
         engine_vocab = int(_json(llm_engine / "config.json").get("pretrained_config", {}).get("vocab_size", 0))
         if engine_vocab and engine_vocab != facts["vocab_size"]:
-            raise ValueError(f"expected the engine's vocab_size {facts['vocab_size']} (model), got {engine_vocab} "
+            raise ValueError(f"expected the engine's vocab_size {facts['vocab_size']} (the manifest's "
+                             f"engine_vocab_size, where fake ids start), got {engine_vocab} "
                              f"in {llm_engine / 'config.json'}")
     return EngineFacts(
         engine_dir=root, tokenizer_dir=tokenizer_dir, eos_token_ids=eos, pad_id=pad, checkpoint_dir=checkpoint,

@@ -54,8 +54,11 @@ class Pipeline:
     requests of all threads at once (in-flight batching), the torch decoders one batch at a time."""
 
     def __init__(self, builder: PromptBuilder, encoder, decoder, spec: ModelSpec, eos_token_ids, device,
-                 limits: dict | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES):
+                 limits: dict | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
+                 fake_id_base: int | None = None):
         self.builder = builder
+        # where fake ids start: the decoder's embedding rows (ModelOpt pads them for int4_awq), else the model's vocab
+        self.fake_id_base = int(fake_id_base if fake_id_base is not None else spec.text.vocab_size)
         self.limits = dict(limits or {})
         self.cache = EmbeddingCache(cache_bytes)
         self.encoder_calls = 0
@@ -100,7 +103,7 @@ class Pipeline:
 
     @classmethod
     def _from_engine_dir(cls, path: Path, encoder, decoder, device, dtype, allow_urls, cache_bytes) -> "Pipeline":
-        from ..build.manifest import Manifest
+        from ..build.manifest import Manifest, ManifestError
         from .encoder import available_encoders, load_encoder
 
         manifest = Manifest.read(path)
@@ -111,11 +114,15 @@ class Pipeline:
             enc = load_encoder("torch", _source_checkpoint(manifest), device, dtype)
         else:
             enc = load_encoder(enc_name, path, device, dtype)
-        builder = PromptBuilder.from_pretrained(path / "tokenizer", spec.audio_token_id, spec.text.vocab_size,
-                                                allow_urls=allow_urls)
+        base = manifest.engine_vocab_size()
+        builder = PromptBuilder.from_pretrained(path / "tokenizer", spec.audio_token_id, base, allow_urls=allow_urls)
         eos = _eos_ids(path / "tokenizer", builder.tokenizer)
         dec = load_decoder(decoder, path, manifest, spec, device, dtype, eos, builder.pad_token_id)
-        return cls(builder, enc, dec, spec, eos, device, limits=manifest.limits, cache_bytes=cache_bytes)
+        if getattr(dec, "vocab_size", base) != base:
+            raise ManifestError(f"decoder {dec.name} of {path} has vocab_size {dec.vocab_size}, the manifest's "
+                                f"engine_vocab_size (where fake ids start) is {base}")
+        return cls(builder, enc, dec, spec, eos, device, limits=manifest.limits, cache_bytes=cache_bytes,
+                   fake_id_base=base)
 
     # -- stages ---------------------------------------------------------------------------------
     def prepare(self, conversations) -> list[Prompt]:
@@ -181,7 +188,7 @@ class Pipeline:
             self.check_limits(p, opts)
         embeddings, digests, timings = self.encode(prompts)
         spec = self.spec
-        reqs = [make_request(p, e, d, spec.audio_token_id, spec.text.vocab_size, opts, spec.text.hidden_size)
+        reqs = [make_request(p, e, d, spec.audio_token_id, self.fake_id_base, opts, spec.text.hidden_size)
                 for p, e, d in zip(prompts, embeddings, digests)]
         return reqs, timings
 
@@ -359,8 +366,9 @@ def load_decoder(name: str, path: Path, manifest, spec: ModelSpec, device, dtype
         stage = manifest.stages["llm_engine"]
         engine = path / stage["path"]
         check_engine(engine_config(engine), manifest.limits, stage.get("tensorrt_llm"),
-                     metadata.version("tensorrt_llm"), spec.text.vocab_size)
-        return TensorRTLLMDecoder(engine, end_id=eos[0], pad_id=pad_id, max_batch_size=manifest.limits.get("max_batch_size"))
+                     metadata.version("tensorrt_llm"), manifest.engine_vocab_size())
+        return TensorRTLLMDecoder(engine, end_id=eos[0], pad_id=pad_id, max_batch_size=manifest.limits.get("max_batch_size"),
+                                  valid_vocab=spec.text.vocab_size)
     return _TORCH_DECODERS[name]().from_trtllm_checkpoint(path / manifest.stages["llm_checkpoint"]["path"], spec,
                                                           device, dtype)
 

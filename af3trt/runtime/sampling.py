@@ -60,11 +60,17 @@ def select_next(logits: torch.Tensor, history: torch.Tensor, opts: GenerationOpt
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def decode_loop(logits: torch.Tensor, history: torch.Tensor, opts: GenerationOptions, generator, advance):
+def decode_loop(logits: torch.Tensor, history: torch.Tensor, opts: GenerationOptions, generator, advance,
+                valid_vocab: int | None = None):
     """The token loop every torch decoder shares: from the prefill's last logits (B, V), yield (B,)
-    next ids; `advance(next_ids, step)` runs one decode step and returns the next logits."""
+    next ids; `advance(next_ids, step)` runs one decode step and returns the next logits.
+
+    valid_vocab: the model's vocab when the lm_head has more rows (ModelOpt's zero padding for
+    INT4 AWQ, `af3trt.build.precision.engine_vocab_size`): ids >= it are never generated."""
     eos = torch.as_tensor(list(opts.eos_token_ids), device=logits.device, dtype=torch.long)
     for step in range(opts.max_new_tokens):
+        if valid_vocab is not None and valid_vocab < logits.shape[-1]:
+            logits[:, valid_vocab:] = float("-inf")
         if step < opts.min_new_tokens and eos.numel():
             logits[:, eos] = float("-inf")
         nxt = select_next(logits, history, opts, generator)

@@ -64,7 +64,8 @@ def make_request(prompt: Prompt, embeddings: list[torch.Tensor], digests: list[s
     return DecoderRequest(fake_ids(ids, audio_token_id, vocab_size), table, extra, options, list(prompt.audio_tokens))
 
 
-def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming: bool = False) -> dict:
+def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming: bool = False,
+                       valid_vocab: int | None = None, vocab_size: int | None = None) -> dict:
     """Keyword arguments of `tensorrt_llm.bindings.executor.Request` (TensorRT-LLM 1.2 bindings) for
     `req`, as plain Python/torch values; the TensorRT-LLM backend wraps `sampling_config`,
     `output_config` and `prompt_tuning_config` in their binding types. Fake ids start at vocab_size
@@ -76,6 +77,11 @@ def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming:
     stops before it); the other stop ids are single-token stop words, which do appear in the output.
     `input_token_extra_ids` (uint64 per prompt token, > 0 on an audio's fake ids) is what KV-cache
     block reuse with a prompt table requires: the executor rejects such a request without it.
+
+    valid_vocab < vocab_size (the engine's vocab, padded by ModelOpt for int4_awq): the padded ids
+    [valid_vocab, vocab_size) go in as single-token `bad_words`, so they are never generated. The
+    executor masks only what TensorRT-LLM pads for TP (vocabSizePadded above the engine's
+    vocab_size); to it the ModelOpt rows are ordinary ids whose zero lm_head rows score logit 0.
     """
     o = req.options
     sampling = {"beam_width": 1, "temperature": o.temperature if o.do_sample else None,
@@ -92,7 +98,10 @@ def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming:
         "sampling_config": sampling,
         "output_config": {"exclude_input_from_output": True},  # non-streaming results: new tokens only
         "prompt_tuning_config": None,
+        "bad_words": None,
     }
+    if valid_vocab is not None and vocab_size is not None and valid_vocab < vocab_size:
+        args["bad_words"] = [[i] for i in range(valid_vocab, vocab_size)]
     if req.table.shape[0]:
         args["prompt_tuning_config"] = {"embedding_table": req.table,
                                         "input_token_extra_ids": req.extra_ids.tolist()}

@@ -29,8 +29,10 @@ def load_decoder(path, device, dtype):
     from af3trt.runtime.decoder import TorchDecoder
 
     trtllm = Path(path) / "llm" / "checkpoint"
-    if (trtllm / "config.json").is_file():
-        return TorchDecoder.from_trtllm_checkpoint(trtllm, None, device, dtype)
+    if (trtllm / "config.json").is_file():  # the AF3 config: ids >= its vocab (int4_awq padding) never generated
+        from af3trt.spec import ModelSpec
+
+        return TorchDecoder.from_trtllm_checkpoint(trtllm, ModelSpec.from_dir(Path(path) / "tokenizer"), device, dtype)
     from af3trt.checkpoint import Checkpoint
 
     return TorchDecoder.from_checkpoint(Checkpoint.open(path), device, dtype)
