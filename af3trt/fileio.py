@@ -64,3 +64,57 @@ def tree_like_umask(root: str | os.PathLike) -> None:
         mode = path.stat().st_mode
         full = 0o777 if path.is_dir() or mode & 0o111 else 0o666
         os.chmod(path, full & ~mask)
+
+
+# --------------------------------------------------------------------------- content hashes
+
+_DIGEST_CHUNK = 8 << 20  # bytes read per update: large sequential reads, bounded memory
+_DIGESTS: dict[str, str] = {}
+_DIGEST_LOCK = threading.Lock()
+
+
+def _digest_cache_file() -> Path:
+    return Path(os.environ.get("AF3TRT_CACHE", Path.home() / ".cache" / "af3trt")) / "file-digests.json"
+
+
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 (hex) of the whole file, streamed. Cached by (real path, size, mtime, inode), in this
+    process and in $AF3TRT_CACHE/file-digests.json: a file changed in place gets a new mtime, so a
+    fresh hash; an unchanged 15 GB checkpoint is read once, not at every build."""
+    import hashlib
+    import json
+
+    path = Path(path)
+    key = _stat_key(path)
+    with _DIGEST_LOCK:
+        if not _DIGESTS:
+            try:
+                _DIGESTS.update(json.loads(_digest_cache_file().read_text()))
+            except (OSError, ValueError):
+                pass
+        if key in _DIGESTS:
+            return _DIGESTS[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_DIGEST_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if _stat_key(path) != key:  # written while we read it: do not cache a torn hash
+        return digest
+    with _DIGEST_LOCK:
+        _DIGESTS[key] = digest
+        cache = _digest_cache_file()
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = mkstemp(prefix=f".{cache.name}.", dir=cache.parent)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(_DIGESTS, fh)
+            os.replace(tmp, cache)
+        except OSError:  # a read-only cache only costs re-hashing next time
+            pass
+    return digest

@@ -10,6 +10,7 @@ command that finishes the build on a machine that has them.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -21,7 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import fileio
-from .manifest import Manifest, ManifestError, clean_partials, stage_key, staged_dir
+from .manifest import (Manifest, ManifestError, clean_partials, output_problems, output_record, stage_key,
+                       staged_dir)
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +112,22 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
         plan += [("llm_checkpoint", _stage_llm_checkpoint), ("llm_engine", _stage_llm_engine)]
     bar = _progress(len(plan))
     for name, run in plan:
-        key = stage_key(stage=name, checkpoint=fingerprint, options=_stage_flags(name, options))
+        key = _key(name, fingerprint, options, manifest.stages)
         entry = manifest.stages.pop(name, None)  # re-inserted below: the manifest lists stages in build order
-        if not options.force and entry and entry.get("key") == key and "missing" not in entry \
-                and (out / entry["path"]).exists():
+        problems = None
+        if not options.force and entry and entry.get("key") == key and "missing" not in entry:
+            problems = output_problems(out, entry)  # present and intact: sizes and full hashes
+            if problems:
+                log.warning("stage %s is not what was built (%s): rebuilding it", name, "; ".join(problems[:3]))
+        if problems == []:
             log.info("stage %s unchanged: skipped", name)
             manifest.stages[name] = entry
-        else:
-            manifest.stages[name] = {"key": key, "checkpoint": fingerprint, **run(ckpt, out, options, manifest)}
+        else:  # a damaged stage is redone from scratch: the stage functions skip nothing of their own
+            stage_options = dataclasses.replace(options, force=True) if problems else options
+            entry = {"key": key, "checkpoint": fingerprint, **run(ckpt, out, stage_options, manifest)}
+            if "missing" not in entry:
+                entry["outputs"] = output_record(out, _output_paths(name, entry))
+            manifest.stages[name] = entry
             manifest.write(out)
         if bar is not None:
             bar.set_postfix_str(name)
@@ -142,11 +152,46 @@ def _start_manifest(out: Path, ckpt, fingerprint: str, options: BuildOptions) ->
     manifest = Manifest(**record)
     if old is not None and old.checkpoint.get("fingerprint") == fingerprint:
         for name, entry in old.stages.items():  # keep what still matches these options, drop the rest
-            if entry.get("key") == stage_key(stage=name, checkpoint=fingerprint, options=_stage_flags(name, options)):
+            if entry.get("key") == _key(name, fingerprint, options, old.stages):
                 manifest.stages[name] = entry
             elif "missing" not in entry:
                 _remove(out / entry["path"])
     return manifest
+
+
+UPSTREAM = {"encoder_plan": "encoder_onnx", "llm_engine": "llm_checkpoint"}  # a stage built from another's outputs
+
+
+def _key(name: str, fingerprint: str, options: BuildOptions, stages: dict) -> str:
+    """A stage's key: what it reads. The checkpoint fingerprint covers every file of the checkpoint
+    (weights, tokenizer, templates, think/); its flags; the recorded outputs of the stage it is built
+    from (a rebuilt ONNX graph or TRT-LLM checkpoint means a new plan or engine)."""
+    up = stages.get(UPSTREAM.get(name, ""), {}).get("outputs")
+    return stage_key(stage=name, checkpoint=fingerprint, options=_stage_flags(name, options),
+                     upstream=stage_key(outputs=up) if up else None)
+
+
+def _output_paths(name: str, entry: dict) -> list[str]:
+    """Files and folders a stage writes (relative to the engine dir), recorded and verified."""
+    paths = [entry["path"]]
+    if name == "encoder_onnx" and entry.get("external_data"):
+        from ..runtime.encoder import ONNX_DATA_FILE
+
+        paths.append(str(Path(entry["path"]).parent / ONNX_DATA_FILE))
+    if entry.get("qdq_onnx"):
+        paths.append(entry["qdq_onnx"])
+    return paths
+
+
+def gpu_identity() -> dict | None:
+    """The GPU a build targets, in stage keys of GPU-specific artifacts (TensorRT plan, TRT-LLM engine):
+    name and compute capability of device 0; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
 
 
 def _remove(path: Path) -> None:
@@ -160,12 +205,14 @@ def _stage_flags(name: str, o: BuildOptions) -> dict:
     if name == "encoder_onnx":
         return {"max_windows": _plan_profile(o)[2], "inputs": o.encoder_input}
     if name == "encoder_plan":
-        return {"precision": o.encoder_precision, "limits": asdict(o.limits), "inputs": o.encoder_input}
+        return {"precision": o.encoder_precision, "limits": asdict(o.limits), "inputs": o.encoder_input,
+                "gpu": gpu_identity()}
     if name == "llm_checkpoint":
         return {"precision": o.precision, "kv_cache": o.kv_cache, "tp": o.tp_size, "calib_audio": o.calib_audio,
                 "calib_size": o.calib_size, "calib_max_tokens": o.calib_max_tokens}
     if name == "llm_engine":
-        return {"precision": o.precision, "kv_cache": o.kv_cache, "tp": o.tp_size, "limits": asdict(o.limits)}
+        return {"precision": o.precision, "kv_cache": o.kv_cache, "tp": o.tp_size, "limits": asdict(o.limits),
+                "gpu": gpu_identity()}
     return {}
 
 

@@ -108,6 +108,45 @@ class Manifest:
                                     f"Finish it with: {entry.get('command', '?')}")
             if not (Path(engine_dir) / entry["path"]).exists():
                 raise ManifestError(f"stage {name!r} lists {entry['path']} but {engine_dir} has no such path")
+            problems = output_problems(engine_dir, entry, hashes=False)  # sizes: cheap at every load
+            if problems:
+                raise ManifestError(f"stage {name!r} of {engine_dir} is not what was built: {'; '.join(problems[:4])}. "
+                                    f"Rebuild it with the same `af3trt build` (changed stages are redone)")
+
+
+def output_record(engine_dir: str | Path, paths) -> dict[str, dict]:
+    """{relative file: {"size", "sha256"}} of a stage's outputs: each of `paths` (relative to the
+    engine dir) is a file or a folder (every file under it)."""
+    root = Path(engine_dir)
+    record = {}
+    for rel in paths:
+        p = root / rel
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            record[f.relative_to(root).as_posix()] = {"size": f.stat().st_size, "sha256": fileio.file_digest(f)}
+    return record
+
+
+def output_problems(engine_dir: str | Path, entry: dict, hashes: bool = True) -> list[str]:
+    """What differs between a stage's recorded `outputs` and the files now: missing, other size,
+    other content (`hashes`; sizes only otherwise). [] = intact; a record without outputs is intact
+    only if its path exists."""
+    root = Path(engine_dir)
+    record = entry.get("outputs")
+    if record is None:
+        return [] if (root / entry["path"]).exists() else [f"{entry['path']}: missing"]
+    if not record:
+        return [f"{entry['path']}: no files recorded"]
+    out = []
+    for rel, want in record.items():
+        f = root / rel
+        if not f.is_file():
+            out.append(f"{rel}: missing")
+        elif f.stat().st_size != want["size"]:
+            out.append(f"{rel}: {f.stat().st_size} bytes, recorded {want['size']}")
+        elif hashes and fileio.file_digest(f) != want["sha256"]:
+            out.append(f"{rel}: content changed (sha256 differs from the record)")
+    return out
 
 
 def atomic_write_text(path: Path, text: str) -> None:
