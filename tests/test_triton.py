@@ -117,6 +117,7 @@ def fake_engine_dir(tiny_dir, root, dtype="bfloat16"):
                   plan={"profile": {"min": 1, "opt": 20, "max": 40}, "precision": "fp16",
                         "io": {"features": "FLOAT", "frames": "INT64", "embeddings": "HALF"}})
     (root / "llm" / "engine").mkdir(parents=True)
+    (root / "llm" / "checkpoint").mkdir()
     (root / "llm" / "engine" / "config.json").write_text(json.dumps(
         {"pretrained_config": {"vocab_size": spec.text.vocab_size, "dtype": dtype},
          "build_config": {"max_batch_size": 4}}))

@@ -81,7 +81,11 @@ def has_module(name: str) -> bool:
 
 
 def limits_record(limits) -> dict:
-    return {**asdict(limits), "max_audio_tokens": limits.audio_tokens_per_request, "max_input_len": limits.max_input_len,
+    """manifest.json `limits`: the EngineLimits and what they derive. max_audio_tokens = prompt-table
+    rows per request (max_prompt_embedding_table_size // max_batch_size); max_windows = encoder
+    windows one call may hold (the plan's profile maximum)."""
+    return {**asdict(limits), "max_audio_tokens": limits.audio_tokens_per_request,
+            "max_windows": _windows_profile(limits)[2], "max_input_len": limits.max_input_len,
             "max_seq_len": limits.max_seq_len, "max_prompt_embedding_table_size": limits.prompt_table_size,
             "max_num_tokens": limits.num_tokens}
 
@@ -235,10 +239,14 @@ def _stage_encoder_onnx(ckpt, out: Path, options: BuildOptions, manifest: Manife
 
 def _plan_profile(options: BuildOptions) -> tuple[int, int, int]:
     """(min, opt, max) encoder windows: up to 20 windows (10 min) for each of max_batch_size requests."""
+    return _windows_profile(options.limits)
+
+
+def _windows_profile(limits) -> tuple[int, int, int]:
     from ..spec import MAX_WINDOWS, WINDOW_SECONDS
 
-    per_request = min(MAX_WINDOWS, -(-int(options.limits.max_audio_seconds) // WINDOW_SECONDS))
-    hi = max(1, per_request * options.limits.max_batch_size)
+    per_request = min(MAX_WINDOWS, -(-int(limits.max_audio_seconds) // WINDOW_SECONDS))
+    hi = max(1, per_request * limits.max_batch_size)
     return 1, min(hi, per_request), hi
 
 

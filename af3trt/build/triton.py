@@ -88,6 +88,9 @@ def _model_facts(root: Path, tokenizer_dir: Path) -> dict:
         from .manifest import Manifest
 
         manifest = Manifest.read(root)
+        # as `af3trt run` does: an engine dir serves its own LLM weights, never the source checkpoint's
+        # in their place (an interrupted int4_awq build has no llm_checkpoint stage)
+        manifest.require(root, "llm_checkpoint")
         m = manifest.model  # fake ids start at the LLM checkpoint's vocab_size (padded for int4_awq)
         return {"vocab_size": manifest.engine_vocab_size(), "hidden_size": int(m["hidden_size"]),
                 "audio_token_id": int(m["audio_token_id"])}
@@ -347,7 +350,9 @@ def llm_config(plan: Plan) -> ModelConfig:
     f, o, mbs = plan.facts, plan.options, plan.limits.max_batch_size
     inputs = llm_inputs(plan.table_dtype)  # prompt_embedding_table as prompt_table emits it
     if o.llm_backend == "python":
-        params = LLMParams(path=plan.path(f.engine_dir if f.llm_checkpoint else f.checkpoint_dir), device=o.device,
+        is_engine_dir = (f.engine_dir / "manifest.json").is_file()  # then llm/checkpoint is required (above)
+        params = LLMParams(path=plan.path(f.engine_dir if f.llm_checkpoint or is_engine_dir else f.checkpoint_dir),
+                           device=o.device,
                            dtype="auto")
         return ModelConfig(LLM, 'backend: "python"', mbs, inputs, LLM_OUTPUTS, o.instances,
                            decoupled=o.streaming, parameters=param_pairs(params))

@@ -149,20 +149,23 @@ class ServingLimits:
     """Per-request limits the repository enforces (from ENGINE_DIR/manifest.json `limits` when present).
 
     max_batch_size: sequences in flight in the LLM; max_audio_seconds: audio per request (all of its
-    audios together); max_windows: 30 s encoder windows per request; max_input_len: prompt tokens
-    (audio rows + text); max_new_tokens: per request; max_seq_len: prompt + new tokens.
+    audios together); max_windows: 30 s encoder windows per request; max_audio_tokens: prompt-table
+    rows per request (the executor's max_prompt_embedding_table_size // max_batch_size); max_input_len:
+    prompt tokens (audio rows + text); max_new_tokens: per request; max_seq_len: prompt + new tokens.
+    Checked per request by `af3trt.spec.request_limit_error`, the Pipeline's rule.
     """
 
     max_batch_size: int = 8
     max_audio_seconds: float = float(MAX_AUDIO_SECONDS)
     max_windows: int = MAX_WINDOWS
+    max_audio_tokens: int = MAX_AUDIO_TOKENS
     max_input_len: int = MAX_AUDIO_TOKENS + 2048
     max_new_tokens: int = 2048
     max_seq_len: int = MAX_AUDIO_TOKENS + 2048 + 2048
 
     def __post_init__(self):
-        check_limit_fields("ServingLimits", self, ("max_batch_size", "max_windows", "max_input_len", "max_new_tokens",
-                                                   "max_seq_len"))
+        check_limit_fields("ServingLimits", self, ("max_batch_size", "max_windows", "max_audio_tokens", "max_input_len",
+                                                   "max_new_tokens", "max_seq_len"))
         if self.max_seq_len <= self.max_input_len:
             raise ValueError(f"ServingLimits: expected max_seq_len > max_input_len, got {self.max_seq_len} "
                              f"<= {self.max_input_len}")
@@ -176,8 +179,8 @@ class ServingLimits:
         from .manifest import Manifest
 
         lim = Manifest.read(engine_dir).limits
-        picked = {k: lim[k] for k in ("max_batch_size", "max_audio_seconds", "max_input_len", "max_new_tokens",
-                                      "max_seq_len") if lim.get(k) is not None}
+        picked = {k: lim[k] for k in ("max_batch_size", "max_audio_seconds", "max_windows", "max_audio_tokens",
+                                      "max_input_len", "max_new_tokens", "max_seq_len") if lim.get(k) is not None}
         if "max_audio_seconds" in picked:
             picked["max_audio_seconds"] = float(picked["max_audio_seconds"])
         return cls(**picked)

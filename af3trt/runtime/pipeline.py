@@ -194,18 +194,12 @@ class Pipeline:
 
     def check_limits(self, prompt: Prompt, opts: GenerationOptions) -> None:
         """Raise `PromptError` when a request exceeds the engine dir's limits (nothing runs)."""
-        lim = self.limits
-        if not lim:
-            return
-        checks = [
-            ("audio tokens", prompt.num_audio_tokens, lim.get("max_audio_tokens")),
-            ("prompt tokens", len(prompt.input_ids), lim.get("max_input_len")),
-            ("max_new_tokens", opts.max_new_tokens, lim.get("max_new_tokens")),
-            ("prompt + max_new_tokens", len(prompt.input_ids) + opts.max_new_tokens, lim.get("max_seq_len")),
-        ]
-        for what, got, limit in checks:
-            if limit is not None and got > limit:
-                raise PromptError(f"expected at most {limit} {what} (engine limit), got {got}")
+        from ..spec import request_limit_error
+
+        error = request_limit_error(self.limits, audio_tokens=prompt.num_audio_tokens,
+                                    prompt_tokens=len(prompt.input_ids), max_new_tokens=opts.max_new_tokens)
+        if error:
+            raise PromptError(error)
 
     # -- generation -----------------------------------------------------------------------------
     def options(self, **kw) -> GenerationOptions:
