@@ -60,7 +60,7 @@ def _cmd_build(args) -> int:
                            encoder_precision=args.encoder_precision, encoder_input=args.encoder_input,
                            limits=limits, calib_audio=args.calib_audio,
                            calib_size=args.calib_size, calib_max_tokens=args.calib_max_tokens,
-                           stages=tuple(args.stages.split(",")), force=args.force)
+                           stages=tuple(args.stages.split(",")), force=args.force, target_sm=args.target_sm)
     manifest = build_engine_dir(model=model, out=args.out, options=options)
     for name, entry in manifest.stages.items():
         if "missing" in entry:
@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-max-tokens", type=int, default=1024)
     p.add_argument("--stages", default="encoder,llm", help="comma-separated: encoder,llm")
     p.add_argument("--force", action="store_true", help="rebuild stages even when unchanged")
+    p.add_argument("--target-sm", type=int, default=None,
+                   help="GPU the engine is for when none is present at build, as major*10+minor (default 90: "
+                        "H100/H200); decides which KV-cache options trtllm-build keeps or refuses")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("run", help="answer a prompt about audio files")

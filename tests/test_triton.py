@@ -120,7 +120,7 @@ def fake_engine_dir(tiny_dir, root, dtype="bfloat16"):
     (root / "llm" / "checkpoint").mkdir()
     (root / "llm" / "engine" / "config.json").write_text(json.dumps(
         {"pretrained_config": {"vocab_size": spec.text.vocab_size, "dtype": dtype},
-         "build_config": {"max_batch_size": 4}}))
+         "build_config": {"max_batch_size": 4, "plugin_config": {"use_paged_context_fmha": True}}}))
     limits = {"max_batch_size": 4, "max_audio_seconds": 600.0, "max_input_len": 17048, "max_new_tokens": 2048,
               "max_seq_len": 19096}
     Manifest(checkpoint={"path": str(tiny_dir)}, limits=limits, precision={"llm": "bf16"},

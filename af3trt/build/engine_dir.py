@@ -52,6 +52,7 @@ class BuildOptions:
     calib_max_tokens: int = 1024
     stages: tuple[str, ...] = STAGE_NAMES
     force: bool = False
+    target_sm: int | None = None  # the GPU the engine is for when none is present (default 90); see engine_rules
 
     def __post_init__(self):
         from .llm import EngineLimits
@@ -107,8 +108,16 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_partials(out)
+    plugins = None
+    if "llm" in options.stages:  # refuse what trtllm-build refuses before anything (calibration) runs
+        from .engine_rules import check_build, target_gpu
+
+        target = target_gpu(options.target_sm)
+        plugins = (target, check_build(options.precision, options.kv_cache, target))
     fingerprint = ckpt.fingerprint()
     manifest = _start_manifest(out, ckpt, fingerprint, options)
+    if plugins is not None:  # what trtllm-build will make of the flags on that GPU (the engine's own, once built)
+        manifest.precision.update(target_gpu=plugins[0].record(), engine_plugins=plugins[1].record())
     plan = [("tokenizer", _stage_tokenizer)]
     if "encoder" in options.stages:
         plan += [("encoder_onnx", _stage_encoder_onnx), ("encoder_plan", _stage_encoder_plan)]
@@ -286,6 +295,8 @@ def rebuild_command(model: Path, out: Path, o: BuildOptions) -> str:
             "--stages", ",".join(o.stages)]
     if o.calib_audio:
         argv += ["--calib-audio", str(o.calib_audio)]
+    if o.target_sm is not None:  # on the machine that finishes the build, its GPU decides
+        argv += ["--target-sm", str(o.target_sm)]
     return shlex.join(argv)
 
 
@@ -327,4 +338,8 @@ def _stage_llm_engine(ckpt, out: Path, options: BuildOptions, manifest: Manifest
             raise RuntimeError(f"trtllm-build finished without writing config.json in {tmp}")
     from importlib import metadata
 
-    return {"path": "llm/engine", "argv": argv, "tensorrt_llm": metadata.version("tensorrt_llm")}
+    from .engine_rules import engine_plugins
+
+    config = json.loads((out / "llm" / "engine" / "config.json").read_text())
+    return {"path": "llm/engine", "argv": argv, "tensorrt_llm": metadata.version("tensorrt_llm"),
+            "plugin_config": engine_plugins(config)}  # effective, read back: trtllm-build may drop some

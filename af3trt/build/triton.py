@@ -199,7 +199,7 @@ class RepositoryOptions:
     max_batch_size: int | None = None
     instances: int = 1
     streaming: bool = True
-    kv_cache_reuse: bool = True
+    kv_cache_reuse: bool | None = None  # None: on where the engine has paged context FMHA (engine_rules)
     device: str = "auto"
     default_max_tokens: int = 256
     max_queue_delay_us: int = 0
@@ -360,15 +360,28 @@ def llm_config(plan: Plan) -> ModelConfig:
     # inflight_batcher_llm, model_instance_state.cc) reads them. tokenizer_dir, guided_decoding_backend
     # and xgrammar_tokenizer_info_path are read without a default: a config lacking them fails to load;
     # empty values mean no guided decoding.
+    reuse = _kv_cache_reuse(f.llm_engine, o.kv_cache_reuse)
     params = (("gpt_model_type", "inflight_fused_batching"), ("gpt_model_path", plan.path(f.llm_engine)),
               ("max_beam_width", "1"), ("batch_scheduler_policy", "guaranteed_no_evict"),
-              ("kv_cache_free_gpu_mem_fraction", "0.9"), ("enable_kv_cache_reuse", str(o.kv_cache_reuse).lower()),
+              ("kv_cache_free_gpu_mem_fraction", "0.9"), ("enable_kv_cache_reuse", str(reuse).lower()),
               ("exclude_input_in_output", "true"), ("enable_chunked_context", "false"),
               ("tokenizer_dir", ""), ("guided_decoding_backend", ""), ("xgrammar_tokenizer_info_path", ""),
               ("FORCE_CPU_ONLY_INPUT_TENSORS", "no"))
     return ModelConfig(LLM, 'backend: "tensorrtllm"', mbs, inputs, LLM_OUTPUTS, 1, "KIND_CPU",
                        decoupled=o.streaming, dynamic_batching=_dynamic_batching(o.max_queue_delay_us, mbs),
                        parameters=params)
+
+
+def _kv_cache_reuse(llm_engine: Path, requested: bool | None) -> bool:
+    """enable_kv_cache_reuse: only on an engine with paged context FMHA (its config.json says)."""
+    from .engine_rules import kv_reuse_allowed
+
+    allowed = kv_reuse_allowed(_json(llm_engine / "config.json"))
+    if requested and not allowed:
+        raise ValueError(f"expected kv_cache_reuse off or unset for {llm_engine}: its config.json says "
+                         f"use_paged_context_fmha false (trtllm-build drops it for an INT8 KV cache, or an FP8 KV "
+                         f"cache without FP8 weights/SM89), and KV-cache reuse needs it; got kv_cache_reuse=True")
+    return allowed if requested is None else bool(requested)
 
 
 def postprocessing_config(plan: Plan) -> ModelConfig:

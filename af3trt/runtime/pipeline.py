@@ -361,8 +361,11 @@ def load_decoder(name: str, path: Path, manifest, spec: ModelSpec, device, dtype
         engine = path / stage["path"]
         check_engine(engine_config(engine), manifest.limits, stage.get("tensorrt_llm"),
                      metadata.version("tensorrt_llm"), manifest.engine_vocab_size())
+        from ..build.engine_rules import kv_reuse_allowed
+
+        config = engine_config(engine)  # block reuse only where the engine kept paged context FMHA
         return TensorRTLLMDecoder(engine, end_id=eos[0], pad_id=pad_id, max_batch_size=manifest.limits.get("max_batch_size"),
-                                  valid_vocab=spec.text.vocab_size)
+                                  valid_vocab=spec.text.vocab_size, enable_block_reuse=kv_reuse_allowed(config))
     return _TORCH_DECODERS[name]().from_trtllm_checkpoint(path / manifest.stages["llm_checkpoint"]["path"], spec,
                                                           device, dtype)
 
