@@ -149,8 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="AF3 checkpoint -> engine dir (ONNX/TensorRT encoder, TensorRT-LLM decoder)")
     p.add_argument("--model", required=True, help="AF3 checkpoint dir (HF layout) or 'tiny'")
     p.add_argument("--out", required=True, help="engine dir to write")
-    p.add_argument("--precision", default="bf16", help="bf16|fp16|fp8|int8_wo|int8_sq|int4_awq")
-    p.add_argument("--kv-cache", default="auto", help="auto|fp8|int8")
+    from .build.precision import KV_CACHES, PRECISIONS  # the one registry: build, floors, labels, these choices
+
+    p.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
+                   help="decoder precision: " + "; ".join(f"{k}: {v.description}" for k, v in PRECISIONS.items()))
+    p.add_argument("--kv-cache", default="auto", choices=list(KV_CACHES),
+                   help="KV-cache format: " + "; ".join(f"{k}: {v.description}" for k, v in KV_CACHES.items()))
     p.add_argument("--tp-size", type=int, default=1)
     p.add_argument("--encoder-precision", default="fp16", help="TensorRT encoder plan: fp16|bf16|fp8|int8")
     p.add_argument("--encoder-input", default="features",

@@ -34,6 +34,7 @@ class PrecisionSpec:
         quantizes no weight (bf16/fp16, and int8_wo where trtllm-build quantizes).
     dtype: fixed dtype of the unquantized tensors (bf16, fp16); None = the caller chooses.
     group_size / has_zero_point / pre_quant_scale / exclude_modules: the rest of the block.
+    weight_bytes: bytes per quantized weight the engine reads (decode floors; scales negligible).
     """
 
     name: str
@@ -45,6 +46,7 @@ class PrecisionSpec:
     has_zero_point: bool = False
     pre_quant_scale: bool = False
     exclude_modules: tuple[str, ...] | None = None
+    weight_bytes: float = 2.0
 
     @property
     def exported_quant_algo(self) -> str | None:
@@ -66,6 +68,7 @@ class KVCacheSpec:
     kv_cache_quant_algo: str | None
     modelopt_cfg: str | None = None
     num_bits: int | None = None
+    bytes_per_value: float | None = None  # None: the model dtype's
 
 
 _LM_HEAD = ("lm_head",)  # what ModelOpt's TRT-LLM export excludes for Qwen2 (lm_head stays bf16/fp16)
@@ -74,19 +77,21 @@ PRECISIONS: Mapping[str, PrecisionSpec] = MappingProxyType({
     "bf16": PrecisionSpec("bf16", "bfloat16 weights and activations", None, None, dtype="bfloat16"),
     "fp16": PrecisionSpec("fp16", "float16 weights and activations", None, None, dtype="float16"),
     "fp8": PrecisionSpec("fp8", "W8A8 FP8 E4M3, per-tensor static scales (SM89+)", "FP8", "FP8_DEFAULT_CFG",
-                         exclude_modules=_LM_HEAD),
+                         exclude_modules=_LM_HEAD, weight_bytes=1.0),
     "int8_wo": PrecisionSpec("int8_wo", "W8A16 INT8 weight-only, per-channel (trtllm-build quantizes)",
-                             "W8A16", None),
+                             "W8A16", None, weight_bytes=1.0),
     "int8_sq": PrecisionSpec("int8_sq", "W8A8 INT8 SmoothQuant, per-channel weights, per-tensor activations",
-                             "W8A8_SQ_PER_CHANNEL", "INT8_SMOOTHQUANT_CFG", exclude_modules=_LM_HEAD),
+                             "W8A8_SQ_PER_CHANNEL", "INT8_SMOOTHQUANT_CFG", exclude_modules=_LM_HEAD, weight_bytes=1.0),
     "int4_awq": PrecisionSpec("int4_awq", "W4A16 INT4 AWQ, group 128, activation pre-quant scale",
-                              "W4A16_AWQ", "INT4_AWQ_CFG", pre_quant_scale=True, exclude_modules=_LM_HEAD),
+                              "W4A16_AWQ", "INT4_AWQ_CFG", pre_quant_scale=True, exclude_modules=_LM_HEAD,
+                              weight_bytes=0.5),
 })
 
 KV_CACHES: Mapping[str, KVCacheSpec] = MappingProxyType({
     "auto": KVCacheSpec("auto", "KV cache in the model dtype", None),
-    "fp8": KVCacheSpec("fp8", "FP8 E4M3 KV cache, per-tensor scales", "FP8", modelopt_cfg="FP8_KV_CFG"),
-    "int8": KVCacheSpec("int8", "INT8 KV cache, per-tensor scales", "INT8", num_bits=8),
+    "fp8": KVCacheSpec("fp8", "FP8 E4M3 KV cache, per-tensor scales", "FP8", modelopt_cfg="FP8_KV_CFG",
+                       bytes_per_value=1.0),
+    "int8": KVCacheSpec("int8", "INT8 KV cache, per-tensor scales", "INT8", num_bits=8, bytes_per_value=1.0),
 })
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -366,8 +365,10 @@ class FastTorchDecoder:
 
 
 def _percentiles(ms: list[float]) -> dict:
-    q = statistics.quantiles(ms, n=10) if len(ms) > 1 else ms * 9
-    return {"p50": statistics.median(ms), "p90": q[8], "mean": statistics.fmean(ms), "n": len(ms)}
+    from ..stats import summary
+
+    s = summary(ms)
+    return {k: s[k] for k in ("p50", "p90", "mean", "n")}
 
 
 def _time_ms(fn, iters: int, warmup: int, device: torch.device) -> list[float]:
