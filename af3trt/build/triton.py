@@ -367,9 +367,35 @@ def llm_config(plan: Plan) -> ModelConfig:
               ("exclude_input_in_output", "true"), ("enable_chunked_context", "false"),
               ("tokenizer_dir", ""), ("guided_decoding_backend", ""), ("xgrammar_tokenizer_info_path", ""),
               ("FORCE_CPU_ONLY_INPUT_TENSORS", "no"))
+    from ..serving.launch import engine_world_size
+
+    world = engine_world_size(_json(f.llm_engine / "config.json"))
+    if world > 1:  # leader mode under mpirun: rank r drives GPU r (af3trt.serving.launch)
+        params += (("gpu_device_ids", ",".join(str(r) for r in range(world))),)
     return ModelConfig(LLM, 'backend: "tensorrtllm"', mbs, inputs, LLM_OUTPUTS, 1, "KIND_CPU",
                        decoupled=o.streaming, dynamic_batching=_dynamic_batching(o.max_queue_delay_us, mbs),
                        parameters=params)
+
+
+def launch_spec(plan: Plan):
+    """How `af3trt serve` launches this repository (af3trt.serving.launch): the C++ LLM's world size
+    (tp*pp ranks under mpirun), GPU 0's CUDA memory pool for the largest prompt tables, and the
+    TensorRT-LLM release that built the engine (checked before loading)."""
+    from ..serving.launch import LaunchSpec, engine_world_size, pool_bytes
+
+    if plan.options.llm_backend != "tensorrtllm":
+        return LaunchSpec()
+    f = plan.facts
+    table_bytes = 4 if plan.table_dtype == "TYPE_FP32" else 2
+    built = None
+    if (f.engine_dir / "manifest.json").is_file():
+        from .manifest import Manifest
+
+        built = (Manifest.read(f.engine_dir).stages.get("llm_engine") or {}).get("tensorrt_llm")
+    return LaunchSpec(world_size=engine_world_size(_json(f.llm_engine / "config.json")),
+                      cuda_memory_pool_bytes=pool_bytes(plan.limits.max_audio_tokens, f.hidden_size, table_bytes,
+                                                        plan.limits.max_batch_size),
+                      tensorrt_llm=built, cpp_llm=True)
 
 
 def _kv_cache_reuse(llm_engine: Path, requested: bool | None) -> bool:
@@ -481,6 +507,7 @@ def write_repository(engine_dir: str | os.PathLike, out_dir: str | os.PathLike, 
             (tmp / name / "config.pbtxt").write_text(text)
             _model_files(plan, name, tmp / name / "1")
         record = {"engine_dir": str(plan.facts.engine_dir), "limits": dataclasses.asdict(plan.limits),
+                  "launch": launch_spec(plan).record(),
                   "encoder": plan.encoder, "options": {k: v for k, v in dataclasses.asdict(o).items() if k != "limits"}}
         (tmp / MARKER).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
     return Repository(out, tuple(sorted(configs)), plan.limits, o, plan.encoder)

@@ -355,10 +355,11 @@ def load_decoder(name: str, path: Path, manifest, spec: ModelSpec, device, dtype
 
     name = _pick(name, available_decoders(path, manifest), "decoder")
     if name == "tensorrt_llm":
-        from .trtllm import TensorRTLLMDecoder, check_engine, engine_config
+        from .trtllm import TensorRTLLMDecoder, check_engine, check_single_rank, engine_config
 
         stage = manifest.stages["llm_engine"]
         engine = path / stage["path"]
+        check_single_rank(engine_config(engine), engine)
         check_engine(engine_config(engine), manifest.limits, stage.get("tensorrt_llm"),
                      metadata.version("tensorrt_llm"), manifest.engine_vocab_size())
         from ..build.engine_rules import kv_reuse_allowed

@@ -74,6 +74,20 @@ def check_engine(config: dict, limits: dict, built_version: str | None, installe
                             f"where fake ids start), got {engine_vocab}")
 
 
+def check_single_rank(config: dict, engine_dir) -> None:
+    """The in-process decoder drives one rank: the executor in leader mode needs an MPI world of
+    tp*pp ranks (executorImpl.cpp: "MPI worldSize is expected to be equal to tp*pp*cp"). A TP/PP > 1
+    engine is served by Triton, one rank per GPU under mpirun (af3trt.serving.launch)."""
+    mapping = (config.get("pretrained_config") or {}).get("mapping") or {}
+    world = int(mapping.get("tp_size", 1)) * int(mapping.get("pp_size", 1))
+    if world > 1:
+        root = Path(engine_dir).parent.parent
+        raise ValueError(f"expected a single-rank engine for the in-process TensorRT-LLM decoder, got tp_size "
+                         f"{mapping.get('tp_size', 1)} x pp_size {mapping.get('pp_size', 1)} = {world} ranks in "
+                         f"{engine_dir}. Serve it with one rank per GPU: af3trt triton --engine-dir {root} --out REPO "
+                         f"&& af3trt serve --repo REPO (mpirun -n {world}), or use --decoder torch here")
+
+
 @dataclass(frozen=True)
 class Finished:
     """Last item but one of a request's response queue: why the executor ended it (FinishReason name:
@@ -96,9 +110,10 @@ class TensorRTLLMDecoder:
     def __init__(self, engine_dir: str | Path, end_id: int, pad_id: int, max_batch_size: int | None = None,
                  free_gpu_memory_fraction: float = 0.9, enable_block_reuse: bool = True,
                  table_device: str = "cuda", valid_vocab: int | None = None):
+        self.config = engine_config(engine_dir)
+        check_single_rank(self.config, engine_dir)
         tl = import_executor()
         self._tl = tl
-        self.config = engine_config(engine_dir)
         build, pretrained = self.config["build_config"], self.config["pretrained_config"]
         self.dtype = _DTYPES[pretrained["dtype"]]  # the executor rejects a prompt table of another dtype
         self.vocab_size = int(pretrained["vocab_size"])  # fake ids start here (padded for int4_awq)
