@@ -76,7 +76,8 @@ def _cmd_triton(args) -> int:
 
     repo = write_repository(args.engine_dir, args.out, llm_backend=args.llm_backend,
                             max_batch_size=args.max_batch_size, instances=args.instances, streaming=args.streaming,
-                            encoder_backend=args.encoder_backend, server_engine_dir=args.server_engine_dir)
+                            encoder_backend=args.encoder_backend, server_engine_dir=args.server_engine_dir,
+                            kv_cache_free_gpu_mem_fraction=args.kv_cache_fraction)
     print(repo.path)
     print(f"models: {', '.join(repo.models)} (llm: {args.llm_backend}, encoder: {repo.encoder})")
     return 0
@@ -115,6 +116,9 @@ def _add_triton(sub) -> None:
     p.add_argument("--no-streaming", dest="streaming", action="store_false", help="non-decoupled LLM model")
     p.add_argument("--server-engine-dir", default=None,
                    help="where the server sees the engine dir (e.g. a container mount); default: where it is now")
+    p.add_argument("--kv-cache-fraction", type=float, default=0.8,
+                   help="share of the GPU memory left free by the engine's weights that the KV cache takes; the rest "
+                        "stays for the encoder plan, the python models and the prompt-table memory pool")
     p.set_defaults(func=_cmd_triton)
 
 

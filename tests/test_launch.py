@@ -113,3 +113,17 @@ def test_in_process_decoder_refuses_tp2_with_the_command_that_works(tiny_dir, tm
 def test_marker_without_launch_record_means_one_server(tmp_path):
     (tmp_path / MARKER).write_text(json.dumps({"engine_dir": "x"}))
     assert read_launch(tmp_path) == LaunchSpec()
+
+
+def test_kv_cache_fraction_leaves_memory_for_the_other_models(tiny_dir, tmp_path):
+    engine = fake_engine_dir(tiny_dir, tmp_path / "engine")
+
+    def fraction(**kw):
+        repo = write_repository(engine, tmp_path / f"repo{len(kw)}{kw.get('kv_cache_free_gpu_mem_fraction')}",
+                                llm_backend="tensorrtllm", **kw)
+        params = parse_repository(repo.path)["tensorrt_llm"].parameters
+        return params["kv_cache_free_gpu_mem_fraction"].string_value
+
+    assert fraction() == "0.8" and fraction(kv_cache_free_gpu_mem_fraction=0.6) == "0.6"
+    with pytest.raises(ValueError, match=r"expected kv_cache_free_gpu_mem_fraction in \(0, 1\), got 1.2"):
+        fraction(kv_cache_free_gpu_mem_fraction=1.2)
