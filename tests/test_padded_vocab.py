@@ -13,6 +13,7 @@ from af3trt.build.llm import EngineLimits
 from af3trt.build.manifest import Manifest
 from af3trt.build.precision import PRECISIONS, engine_vocab_size
 from af3trt.runtime import Pipeline
+from af3trt.spec import ModelSpec
 from af3trt.testing import make_tiny_checkpoint, synthetic_audio
 
 from .test_prompt import CASES, audio_turn
@@ -138,20 +139,28 @@ def test_executor_bans_the_padded_ids():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("vocab", [None, ODD_VOCAB])
 @pytest.mark.parametrize("precision,kv_cache", [("bf16", "auto"), ("fp16", "auto"), ("fp8", "fp8"),
                                                 ("int8_wo", "auto"), ("int8_sq", "auto"), ("int4_awq", "auto")])
-def test_every_precision_at_an_odd_vocab(tiny632, tmp_path, precision, kv_cache):
+def test_every_precision_at_an_odd_vocab(tiny632, tiny_dir, tmp_path, precision, kv_cache, vocab):
+    """Export (the installed ModelOpt: 0.47 here, 0.37 in .ci/run's second env) and read back."""
+    ckpt = tiny632 if vocab else tiny_dir
+    model_vocab = ModelSpec.from_dir(ckpt).text.vocab_size
     out = tmp_path / precision
-    build_engine_dir(model=tiny632, out=out, options=BuildOptions(
+    build_engine_dir(model=ckpt, out=out, options=BuildOptions(
         precision=precision, kv_cache=kv_cache, stages=("llm",), calib_size=2, calib_max_tokens=128,
         limits=EngineLimits(max_batch_size=1, max_audio_seconds=30, max_new_tokens=16)))
     m = Manifest.read(out)
-    assert m.engine_vocab_size() == engine_vocab_size(ODD_VOCAB, precision)
+    cfg = json.loads((out / "llm" / "checkpoint" / "config.json").read_text())
+    print(precision, "vocab", model_vocab, "->", m.engine_vocab_size(), "quant", cfg["quantization"]["quant_algo"])
+    assert m.engine_vocab_size() == engine_vocab_size(model_vocab, precision)
     from af3trt.runtime.decoder import TorchDecoder
-    from af3trt.spec import ModelSpec
 
-    dec = TorchDecoder.from_trtllm_checkpoint(out / "llm" / "checkpoint", ModelSpec.from_dir(tiny632))
-    assert dec.valid_vocab == ODD_VOCAB and dec.vocab_size == m.engine_vocab_size()
+    dec = TorchDecoder.from_trtllm_checkpoint(out / "llm" / "checkpoint", ModelSpec.from_dir(ckpt))
+    assert dec.valid_vocab == model_vocab and dec.vocab_size == m.engine_vocab_size()
+    pipe = Pipeline.from_pretrained(out, device="cpu", dtype="float32")
+    tokens = pipe.generate([audio_turn(synthetic_audio(1.0, 2))], max_new_tokens=3)[0].token_ids
+    assert len(tokens) == 3 and max(tokens) < model_vocab
 
 
 def test_triton_repository_sends_fake_ids_from_the_padded_vocab(awq632, tmp_path):

@@ -208,7 +208,7 @@ def modelopt_quant_config(precision: str | PrecisionSpec, kv_cache: str | KVCach
 
 
 # ModelOpt's TensorRT-LLM export (modelopt/torch/export/model_config_export.py,
-# `torch_to_tensorrt_llm_checkpoint`, 0.37 and 0.47 alike) pads the vocab_embedding and lm_head of an
+# `torch_to_tensorrt_llm_checkpoint`; the same code in the 0.37.0 wheel and in 0.47.0) pads the vocab_embedding and lm_head of an
 # INT4 AWQ / W4A8 AWQ model with zero rows to a multiple of 64 (`postprocess.pad_embedding_lm_head`)
 # and writes the padded size as config.json `vocab_size`. trtllm-build takes that as the engine's
 # `pretrained_config.vocab_size`, and TensorRT-LLM's `PromptTuningEmbedding` reads every id >= it
