@@ -208,8 +208,9 @@ def modelopt_quant_config(precision: str | PrecisionSpec, kv_cache: str | KVCach
 
 
 # ModelOpt's TensorRT-LLM export (modelopt/torch/export/model_config_export.py,
-# `torch_to_tensorrt_llm_checkpoint`; the same code in the 0.37.0 wheel and in 0.47.0) pads the vocab_embedding and lm_head of an
-# INT4 AWQ / W4A8 AWQ model with zero rows to a multiple of 64 (`postprocess.pad_embedding_lm_head`)
+# `torch_to_tensorrt_llm_checkpoint`; the same code in the 0.37.0 wheel and in 0.47.0) pads the
+# vocab_embedding and lm_head of an INT4 AWQ / W4A8 AWQ model with zero rows to a multiple of 64
+# (`postprocess.pad_embedding_lm_head`)
 # and writes the padded size as config.json `vocab_size`. trtllm-build takes that as the engine's
 # `pretrained_config.vocab_size`, and TensorRT-LLM's `PromptTuningEmbedding` reads every id >= it
 # from the prompt table: the padded size is where fake ids start. The ids a model may generate stay
