@@ -9,6 +9,7 @@ modelopt / transformers are imported inside the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -292,6 +293,41 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+@contextlib.contextmanager
+def _qwen_config_without_tensorrt_llm():
+    """ModelOpt 0.37 (the TensorRT-LLM 1.2 containers' pin) builds a Qwen config.json only through
+    tensorrt_llm's QWenConfig; where tensorrt_llm is not installed (CI, a CPU build) its manual fallback
+    (`tensorrt_llm_utils.convert_to_tensorrt_llm_config`) raises NotImplementedError for decoder "qwen",
+    while that fallback's generic decoder-only branch ("gpt", "gemma", "llama": no extra field) is what
+    a Qwen2 config needs; ModelOpt 0.47's fallback handles qwen itself. Here, only on that error, the
+    config is built through the generic branch; `_postfix_config` then sets and checks every field
+    TensorRT-LLM's Qwen loader reads (architecture, qwen_type, rotary base, biases, quantization)."""
+    from modelopt.torch.export import model_config_export as mce
+
+    original = mce.convert_to_tensorrt_llm_config
+
+    def convert(model_config, *args, **kwargs):
+        try:
+            return original(model_config, *args, **kwargs)
+        except NotImplementedError:
+            first = model_config.layers[0]
+            if first.decoder_type != DECODER_TYPE:
+                raise
+            first.decoder_type = "llama"
+            try:
+                config = original(model_config, *args, **kwargs)
+            finally:
+                first.decoder_type = DECODER_TYPE
+            config["decoder"] = DECODER_TYPE
+            return config
+
+    mce.convert_to_tensorrt_llm_config = convert
+    try:
+        yield
+    finally:
+        mce.convert_to_tensorrt_llm_config = original
+
+
 def export_checkpoint(*, checkpoint_dir, out_dir, precision, kv_cache="auto", tp_size: int = 1,
                       calib_batches: Iterable | None = None, dtype: str | None = None, device=None) -> Path:
     """AF3 checkpoint -> TensorRT-LLM checkpoint (`config.json` + `rank{r}.safetensors`) at `out_dir`.
@@ -317,8 +353,9 @@ def export_checkpoint(*, checkpoint_dir, out_dir, precision, kv_cache="auto", tp
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(fileio.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        export_tensorrt_llm_checkpoint(model, DECODER_TYPE, getattr(torch, dtype), export_dir=tmp,
-                                       inference_tensor_parallel=tp_size)
+        with _qwen_config_without_tensorrt_llm():
+            export_tensorrt_llm_checkpoint(model, DECODER_TYPE, getattr(torch, dtype), export_dir=tmp,
+                                           inference_tensor_parallel=tp_size)
         cfg = _postfix_config(tmp, spec.text, p, kv, dtype, tp_size)
         _verify_export(tmp, cfg, p, kv)
         fileio.tree_like_umask(tmp)  # ModelOpt writes rank*.safetensors 0600 through safetensors
