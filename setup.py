@@ -37,7 +37,9 @@ setup(
     extras_require={
         "triton": ["tritonclient[all]>=2.40", "nvidia-pytriton>=0.5"],
         "bench": ["matplotlib>=3.7", "jiwer>=3"],
-        "kernels": ["triton==3.9.0"],
+        # the GEMV kernels use long-standing triton.language only (load/dot/trans/sum): any 3.5+ runs them,
+        # so the TensorRT-LLM 1.2.1 container's triton 3.5.1 is kept (.ci/trtllm-1.2-constraints.txt)
+        "kernels": ["triton>=3.5.1"],
         "dev": ["pytest>=8", "triton==3.9.0", "tritonclient[all]>=2.40", "nvidia-pytriton>=0.5", "matplotlib>=3.7", "jiwer>=3",
                 # the AF3-Think reference of tests/test_think.py (af3trt merges the adapter without it)
                 "peft==0.21.2",

@@ -59,19 +59,28 @@ class Checkpoint:
             raise KeyError(f"expected weights named {prefix}* in {self.path}, found none")
         return out
 
+    def input_files(self) -> list[Path]:
+        """Every file a build stage may read: all regular files under the checkpoint dir, recursively
+        (config.json, weights, tokenizer, chat template, processor configs, a think/ adapter), through
+        the symlinks of an HF snapshot; hidden names (.git, .cache) are left out."""
+        out = []
+        for p in sorted(self.path.rglob("*")):
+            rel = p.relative_to(self.path)
+            if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+                continue
+            out.append(p)
+        return out
+
     def fingerprint(self) -> str:
-        """Content hash of config.json and the weight files (sizes + first/last MiB), for manifests."""
+        """Content hash of every input file (`input_files`: names, sizes, full sha256 each), for
+        manifests. File hashes are cached by (size, mtime, inode), see `fileio.file_digest`."""
         import hashlib
 
-        h = hashlib.sha256((self.path / "config.json").read_bytes())
-        for file in self.weight_files():
-            size = file.stat().st_size
-            h.update(f"{file.name}:{size}".encode())
-            with open(file, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                if size > 2 << 20:
-                    fh.seek(-(1 << 20), 2)
-                    h.update(fh.read(1 << 20))
+        from .fileio import file_digest
+
+        h = hashlib.sha256()
+        for file in self.input_files():
+            h.update(f"{file.relative_to(self.path).as_posix()}:{file.stat().st_size}:{file_digest(file)}\n".encode())
         return h.hexdigest()[:16]
 
 

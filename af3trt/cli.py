@@ -19,7 +19,7 @@ import sys
 def _cmd_tiny(args) -> int:
     from .testing import make_tiny_checkpoint
 
-    print(make_tiny_checkpoint(args.out, seed=args.seed))
+    print(make_tiny_checkpoint(args.out, seed=args.seed, vocab_size=args.vocab_size))
     return 0
 
 
@@ -61,7 +61,8 @@ def _cmd_build(args) -> int:
                            encoder_precision=args.encoder_precision, encoder_input=args.encoder_input,
                            limits=limits, calib_audio=args.calib_audio,
                            calib_size=args.calib_size, calib_max_tokens=args.calib_max_tokens,
-                           stages=tuple(args.stages.split(",")), force=args.force, variant=args.variant)
+                           stages=tuple(args.stages.split(",")), force=args.force, variant=args.variant,
+                           target_sm=args.target_sm)
     manifest = build_engine_dir(model=model, out=args.out, options=options)
     for name, entry in manifest.stages.items():
         if "missing" in entry:
@@ -77,7 +78,8 @@ def _cmd_triton(args) -> int:
 
     repo = write_repository(args.engine_dir, args.out, llm_backend=args.llm_backend,
                             max_batch_size=args.max_batch_size, instances=args.instances, streaming=args.streaming,
-                            encoder_backend=args.encoder_backend, server_engine_dir=args.server_engine_dir)
+                            encoder_backend=args.encoder_backend, server_engine_dir=args.server_engine_dir,
+                            kv_cache_free_gpu_mem_fraction=args.kv_cache_fraction)
     print(repo.path)
     print(f"models: {', '.join(repo.models)} (llm: {args.llm_backend}, encoder: {repo.encoder})")
     return 0
@@ -116,6 +118,9 @@ def _add_triton(sub) -> None:
     p.add_argument("--no-streaming", dest="streaming", action="store_false", help="non-decoupled LLM model")
     p.add_argument("--server-engine-dir", default=None,
                    help="where the server sees the engine dir (e.g. a container mount); default: where it is now")
+    p.add_argument("--kv-cache-fraction", type=float, default=0.8,
+                   help="share of the GPU memory left free by the engine's weights that the KV cache takes; the rest "
+                        "stays for the encoder plan, the python models and the prompt-table memory pool")
     p.set_defaults(func=_cmd_triton)
 
 
@@ -191,13 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny", help="write the deterministic tiny random AF3 checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="LM vocab rows, at least the tokenizer's 556 ids (default: 640, a multiple of 64; an odd one "
+                        "such as 632 is what ModelOpt pads for int4_awq, like the real 151672)")
     p.set_defaults(func=_cmd_tiny)
 
     p = sub.add_parser("build", help="AF3 checkpoint -> engine dir (ONNX/TensorRT encoder, TensorRT-LLM decoder)")
     p.add_argument("--model", required=True, help="AF3 checkpoint dir (HF layout) or 'tiny'")
     p.add_argument("--out", required=True, help="engine dir to write")
-    p.add_argument("--precision", default="bf16", help="bf16|fp16|fp8|int8_wo|int8_sq|int4_awq")
-    p.add_argument("--kv-cache", default="auto", help="auto|fp8|int8")
+    from .build.precision import KV_CACHES, PRECISIONS  # the one registry: build, floors, labels, these choices
+
+    p.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
+                   help="decoder precision: " + "; ".join(f"{k}: {v.description}" for k, v in PRECISIONS.items()))
+    p.add_argument("--kv-cache", default="auto", choices=list(KV_CACHES),
+                   help="KV-cache format: " + "; ".join(f"{k}: {v.description}" for k, v in KV_CACHES.items()))
     p.add_argument("--tp-size", type=int, default=1)
     p.add_argument("--encoder-precision", default="fp16", help="TensorRT encoder plan: fp16|bf16|fp8|int8")
     p.add_argument("--encoder-input", default="features",
@@ -214,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild stages even when unchanged")
     p.add_argument("--variant", default="base", choices=("base", "think"),
                    help="think: AF3-Think, the checkpoint's think/ LoRA + non-LoRA weights (a separate engine dir)")
+    p.add_argument("--target-sm", type=int, default=None,
+                   help="GPU the engine is for when none is present at build, as major*10+minor (default 90: "
+                        "H100/H200); decides which KV-cache options trtllm-build keeps or refuses")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("run", help="answer a prompt about audio files")

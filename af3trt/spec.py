@@ -153,3 +153,25 @@ def check_limit_fields(owner: str, obj, int_fields: tuple[str, ...]) -> None:
     if not 0 < obj.max_audio_seconds <= MAX_AUDIO_SECONDS:
         raise ValueError(f"{owner}.max_audio_seconds: expected (0, {MAX_AUDIO_SECONDS}] s (longer audio is "
                          f"truncated), got {obj.max_audio_seconds!r}")
+
+
+def request_limit_error(limits, *, audio_tokens: int, prompt_tokens: int, max_new_tokens: int | None = None,
+                        windows: int | None = None) -> str | None:
+    """The one per-request limits rule, for the Pipeline and Triton's preprocessing alike: the first
+    limit a request exceeds, as "expected at most L what (engine limit), got G", or None.
+
+    limits: a mapping with any of max_audio_tokens (prompt-table rows one request may hold: the
+    executor allows max_prompt_embedding_table_size // max_batch_size, promptTuningBuffers.cpp),
+    max_windows (30 s encoder windows: the encoder's profile maximum), max_input_len, max_new_tokens,
+    max_seq_len. A limit that is absent or None is not checked.
+    """
+    checks = [("audio tokens", audio_tokens, limits.get("max_audio_tokens")),
+              ("30 s windows", windows, limits.get("max_windows")),
+              ("prompt tokens", prompt_tokens, limits.get("max_input_len")),
+              ("max_new_tokens", max_new_tokens, limits.get("max_new_tokens")),
+              ("prompt + max_new_tokens", None if max_new_tokens is None else prompt_tokens + max_new_tokens,
+               limits.get("max_seq_len"))]
+    for what, got, limit in checks:
+        if got is not None and limit is not None and got > limit:
+            return f"expected at most {limit} {what} (engine limit), got {got}"
+    return None

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from . import fileio
 from .spec import N_MELS
 
 TINY_AUDIO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
@@ -221,27 +221,43 @@ def tiny_weights(config: dict, seed: int = 0) -> dict[str, "np.ndarray"]:
     return w
 
 
-def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the tiny random AF3 checkpoint into `out_dir` (atomically: temp dir, then rename)."""
+def _default_vocab(tokens: int) -> int:
+    """The tiny model's default vocab: the tokenizer's size rounded up to 64, plus 64 spare rows
+    (like the real 151672 > 151670 tokens); a multiple of 64, so no export pads it."""
+    return -(-tokens // 64) * 64 + 64
+
+
+def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, vocab_size: int | None = None) -> Path:
+    """Write the tiny random AF3 checkpoint into `out_dir` (atomically: temp dir, then rename).
+
+    vocab_size: rows of the LM's embedding and lm_head (text_config.vocab_size), at least the
+    tokenizer's size (556 ids); None = the default (a multiple of 64). An odd one (e.g. 632 =
+    64 * 9 + 56, like the real 151672 = 64 * 2369 + 56) is what ModelOpt pads for INT4 AWQ.
+    """
     from safetensors.numpy import save_file
 
+    if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)):
+        raise ValueError(f"expected vocab_size None or an int, got {vocab_size!r}")
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        found = json.loads((out / "config.json").read_text())
-        meta = found.get("af3trt_tiny_seed")
-        if meta == seed and found.get("af3trt_tiny_think") == tiny_think_key():
+        cfg = json.loads((out / "config.json").read_text())
+        meta, have = cfg.get("af3trt_tiny_seed"), cfg.get("af3trt_tiny_vocab_size")
+        if meta == seed and have == vocab_size and cfg.get("af3trt_tiny_think") == tiny_think_key():
             return out
-        if meta == seed:
+        if meta == seed and have == vocab_size:
             raise FileExistsError(f"{out} holds a tiny checkpoint of seed {seed} from another generator (think/ "
-                                  f"key {found.get('af3trt_tiny_think')}, expected {tiny_think_key()}): remove it")
-        raise FileExistsError(f"{out} already holds a checkpoint (tiny seed {meta}); expected seed {seed} or an empty dir")
+                                  f"key {cfg.get('af3trt_tiny_think')}, expected {tiny_think_key()}): remove it")
+        raise FileExistsError(f"{out} already holds a checkpoint (tiny seed {meta}, vocab_size {have}); expected "
+                              f"seed {seed}, vocab_size {vocab_size}, or an empty dir")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    tmp = Path(fileio.mkdtemp(prefix=".tiny-", dir=out.parent))
     try:
         ids = _tokenizer_files(tmp)
-        bpe_total = max(ids.values()) + 1
-        vocab_size = -(-bpe_total // 64) * 64 + 64  # spare rows, like the real 151672 > 151670 tokens
-        config, generation = _configs(ids, vocab_size)
+        tokens = max(ids.values()) + 1
+        if vocab_size is not None and vocab_size < tokens:
+            raise ValueError(f"expected vocab_size >= {tokens} (the tiny tokenizer's ids), got {vocab_size}")
+        config, generation = _configs(ids, _default_vocab(tokens) if vocab_size is None else vocab_size)
+        config["af3trt_tiny_vocab_size"] = vocab_size
         config["af3trt_tiny_seed"] = seed
         _processor_files(tmp)
         save_file(tiny_weights(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -249,6 +265,7 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         make_tiny_think(tmp / "think", config, seed)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        fileio.tree_like_umask(tmp)  # safetensors writes model.safetensors 0600
         if out.exists():
             out.rmdir()  # only an empty dir may be replaced
         os.replace(tmp, out)
@@ -258,10 +275,11 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
-def default_tiny_dir(seed: int = 0) -> Path:
-    """Cache folder for `--model tiny` ($AF3TRT_CACHE or ~/.cache/af3trt)."""
+def default_tiny_dir(seed: int = 0, vocab_size: int | None = None) -> Path:
+    """Cache folder for `--model tiny` ($AF3TRT_CACHE or ~/.cache/af3trt), keyed by seed and vocab_size."""
     root = Path(os.environ.get("AF3TRT_CACHE", Path.home() / ".cache" / "af3trt"))
-    return root / f"tiny-seed{seed}-think{tiny_think_key()[:8]}"
+    vocab = "" if vocab_size is None else f"-vocab{vocab_size}"
+    return root / f"tiny-seed{seed}{vocab}-think{tiny_think_key()[:8]}"
 
 
 def synthetic_audio(seconds: float, seed: int = 0, rate: int = 16_000) -> np.ndarray:

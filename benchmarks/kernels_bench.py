@@ -113,8 +113,9 @@ def time_calls(calls, *, iters: int, reps: int, warmup: int, graph: bool) -> lis
 
 
 def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+    from af3trt.stats import percentile as one_definition
+
+    return one_definition(values, q)
 
 
 def copy_bandwidth(nbytes: int, reps: int) -> float:

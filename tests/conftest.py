@@ -7,8 +7,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_configure(config):
     for name, doc in [("gpu", "needs a CUDA GPU"), ("tensorrt", "needs the tensorrt module"),
-                      ("trtllm", "needs the tensorrt_llm module"), ("triton_server", "starts a real tritonserver")]:
+                      ("trtllm", "needs the tensorrt_llm module"), ("triton_server", "starts a real tritonserver"),
+                      ("slow", "heavy matrix (every precision at the odd vocab, ...): run with -m slow, as .ci/run does")]:
         config.addinivalue_line("markers", f"{name}: {doc}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests run only when -m names them (scripts/test.sh -m slow): the README's test command
+    stays within its time on 2 cores."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    slow = [i for i in items if i.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [i for i in items if not i.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")

@@ -728,3 +728,25 @@ def test_tensorrt_int8_plan_and_auto_backend(engine, int8_onnx, tmp_path):
         feats, frames), frames)
     print(f"int8 plan ({res.tensorrt_version}): cosine to fp32 min {lo:.4f} mean {mean:.4f}")
     assert trt_encoder.name == "tensorrt" and lo >= INT8_MIN_COSINE
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_encoder_checks_frames_and_runs_on_its_own_stream(engine, tmp_path):
+    """As the ONNX Runtime encoder: 0 or > 3000 valid frames are refused; the plan runs on the
+    encoder's own stream, never the caller's (issue 12, finding 8)."""
+    pytest.importorskip("tensorrt")
+    from af3trt.runtime.encoder import TensorRTEncoder
+
+    res = enc.build_plan(engine.onnx_path, tmp_path, precision="fp16", profile=(1, 2, 4))
+    trt_encoder = TensorRTEncoder(res.plan_path, "cuda")
+    feats, frames = windows(30.0, seed=1)
+    for bad in (0, 3001):
+        with pytest.raises(ValueError, match=r"expected 1..3000 valid frames per window"):
+            trt_encoder(feats, np.array([bad]))
+    assert trt_encoder._stream.cuda_stream != torch.cuda.current_stream().cuda_stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # results are ordered on the caller's stream
+        got = trt_encoder(feats, frames)
+        ref = trt_encoder(feats, frames)
+    side.synchronize()
+    assert torch.equal(got, ref)

@@ -273,7 +273,7 @@ def test_trtllm_engine_checks_name_what_differs():
     small = {**config, "build_config": {**limits, "max_input_len": 2048}}
     with pytest.raises(ManifestError, match=r"other limits .* max_input_len: engine 2048, manifest 17048"):
         check_engine(small, limits, "1.2.0", "1.2.0", 640)
-    with pytest.raises(ManifestError, match=r"expected an engine with vocab_size 641 \(the model's\), got 640"):
+    with pytest.raises(ManifestError, match=r"expected an engine with vocab_size 641 \(the manifest's engine_vocab_size, where fake ids start\), got 640"):
         check_engine(config, limits, "1.2.0", "1.2.0", 641)
 
 

@@ -117,14 +117,16 @@ def fake_engine_dir(tiny_dir, root, dtype="bfloat16"):
                   plan={"profile": {"min": 1, "opt": 20, "max": 40}, "precision": "fp16",
                         "io": {"features": "FLOAT", "frames": "INT64", "embeddings": "HALF"}})
     (root / "llm" / "engine").mkdir(parents=True)
+    (root / "llm" / "checkpoint").mkdir()
     (root / "llm" / "engine" / "config.json").write_text(json.dumps(
         {"pretrained_config": {"vocab_size": spec.text.vocab_size, "dtype": dtype},
-         "build_config": {"max_batch_size": 4}}))
+         "build_config": {"max_batch_size": 4, "plugin_config": {"use_paged_context_fmha": True}}}))
     limits = {"max_batch_size": 4, "max_audio_seconds": 600.0, "max_input_len": 17048, "max_new_tokens": 2048,
               "max_seq_len": 19096}
     Manifest(checkpoint={"path": str(tiny_dir)}, limits=limits, precision={"llm": "bf16"},
              model={"vocab_size": spec.text.vocab_size, "hidden_size": spec.text.hidden_size,
-                    "audio_token_id": spec.audio_token_id}).write(root)
+                    "audio_token_id": spec.audio_token_id},
+             stages={"llm_checkpoint": {"path": "llm/checkpoint", "vocab_size": spec.text.vocab_size}}).write(root)
     return root
 
 

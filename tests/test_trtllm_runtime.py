@@ -358,7 +358,7 @@ def test_every_generation_option_reaches_the_executor(tl, engine):
                           repetition_penalty=1.05, presence_penalty=0.5, frequency_penalty=0.25, min_new_tokens=1,
                           seed=9, bad_words=((5,), (40, 41)))])
         run(dec, [request(max_new_tokens=1, repetition_penalty=1.05, presence_penalty=0.5, min_p=0.05)])
-        sampled, greedy = Executor.instances[-1].requests[1:3]
+        sampled, greedy = (Executor.instances[-1].requests[i] for i in (1, 2))
         s = sampled.sampling_config
         assert (s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty, s.presence_penalty,
                 s.frequency_penalty, s.min_tokens, s.seed) == (0.6, 7, 0.85, 0.05, 1.05, 0.5, 0.25, 1, 9)

@@ -274,8 +274,7 @@ class TrtllmBackend(TorchBackend):
 
         self.pipe = Pipeline.from_pretrained(self.models.engine_dir, decoder="tensorrt_llm", device=self.models.device,
                                              cache_bytes=0)
-        p = Manifest.read(self.models.engine_dir).precision
-        self.precision = str(p.get("decoder") or p.get("name") or p) if isinstance(p, dict) else str(p)
+        self.precision, self.kv_precision = engine_labels(Manifest.read(self.models.engine_dir))
 
 
 # The af3trt repository's request (af3trt.build.triton.REQUEST_INPUTS of `af3` / `ensemble`) that
@@ -399,6 +398,15 @@ REFERENCE_BACKEND = "hf"
 # row: they hold their own weight copies and static KV caches, or compile.
 LATE_BACKENDS = ("torch-fast", "torch-fp8", "hf-compiled")
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def engine_labels(manifest) -> tuple[str, str]:
+    """(decoder precision, KV-cache format) of an engine dir, as registry names
+    (af3trt.build.precision.PRECISIONS / KV_CACHES): the labels of its rows and the keys of its floors."""
+    from ..build.precision import get_kv_cache, get_precision
+
+    p = manifest.precision
+    return get_precision(p["llm"]).name, get_kv_cache(p.get("kv_cache", "auto")).name
 
 
 def _precision_name(decoder) -> str:

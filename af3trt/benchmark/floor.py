@@ -21,10 +21,13 @@ import torch
 
 from ..spec import FRAMES_PER_WINDOW, TOKENS_PER_WINDOW, AudioSpec, ModelSpec, TextSpec, conv_frames
 
-# bytes per decoder weight by precision (weight-only view: scales are negligible)
-WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "fp8": 1.0, "int8": 1.0, "int8_sq": 1.0, "int4": 0.5,
-                "int4_awq": 0.5}
-KV_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "fp8": 1.0, "int8": 1.0}
+from ..build.precision import KV_CACHES, PRECISIONS
+
+# bytes per decoder weight: the build's precision registry (af3trt.build.precision.PRECISIONS, the
+# names `af3trt build --precision` takes and benchmark rows carry), plus fp32 for CPU torch rows
+WEIGHT_BYTES = {"fp32": 4.0, **{name: spec.weight_bytes for name, spec in PRECISIONS.items()}}
+KV_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0,
+            **{name: spec.bytes_per_value for name, spec in KV_CACHES.items() if spec.bytes_per_value}}
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ def model_summary(spec: ModelSpec, hw: dict | None = None) -> dict:
     a = spec.audio
     enc_layer = 4 * a.hidden_size * a.hidden_size + 2 * a.hidden_size * a.intermediate_size
     out = {"lm_params": lm, "encoder_matmul_params": a.num_layers * enc_layer,
-           "decode_weight_gb": {p: decode_weight_bytes(spec.text, p) / 1e9 for p in ("bf16", "fp8", "int4")},
+           "decode_weight_gb": {p: decode_weight_bytes(spec.text, p) / 1e9 for p in ("bf16", "fp8", "int4_awq")},
            "kv_kib_per_token_bf16": kv_bytes_per_token(spec.text) / 1024}
     if hw:
         bandwidth = hw["copy_gbps"] * 1e9

@@ -136,9 +136,10 @@ def _resolve(cfg: LatencyConfig) -> tuple[str, torch.dtype]:
 def _percentiles(values: list[float | None], scale: float = 1.0) -> dict | None:
     if not values or any(v is None for v in values):
         return None
-    arr = np.asarray(values, dtype=np.float64) * scale
-    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
-            "min": float(arr.min()), "max": float(arr.max())}
+    from ..stats import summary
+
+    s = summary(values, scale)
+    return {k: s[k] for k in ("p50", "p90", "min", "max")}
 
 
 def windows_for(seconds: float) -> int:
@@ -170,13 +171,13 @@ def summarize(calls: list[Call], *, seconds: float, batch: int, new_tokens: int)
 def _floor_block(spec: ModelSpec, hw: dict | None, row: dict, precision: str) -> dict | None:
     if not hw:
         return None
+    kv = row.get("kv_precision", "auto")
+    kv = precision if kv == "auto" and precision in ("bf16", "fp16", "fp32") else ("bf16" if kv == "auto" else kv)
     try:
         f = floors(spec, hw, batch=row["batch"], prompt_tokens=row["prompt_tokens"], new_tokens=row["new_tokens"],
-                   windows=row["batch"] * windows_for(row["audio_seconds"]), precision=precision)
-    except ValueError:
-        f = floors(spec, hw, batch=row["batch"], prompt_tokens=row["prompt_tokens"], new_tokens=row["new_tokens"],
-                   windows=row["batch"] * windows_for(row["audio_seconds"]))
-        f["note"] = f"precision {precision!r} has no byte size: bf16 weight bytes used"
+                   windows=row["batch"] * windows_for(row["audio_seconds"]), precision=precision, kv_precision=kv)
+    except ValueError as exc:  # no floor rather than another precision's
+        return {"note": f"no floor: {exc}"}
 
     def pct(floor_ms, stage):
         got = stage["p50"] if stage else None
@@ -215,7 +216,8 @@ def measure_row(backend, convs, row: dict, cfg: LatencyConfig, device: str) -> d
     if not all(c.new_tokens == cfg.new_tokens for c in calls):
         row["tpot_ms"], row["throughput"]["decode_tokens_per_s"] = None, None
         row["notes"].append("output length not enforced by this backend: per-token figures omitted")
-    row.update(status="ok", warmup_s=warm, peak_memory_gb=_peak_gb(device), precision=backend.precision)
+    row.update(status="ok", warmup_s=warm, peak_memory_gb=_peak_gb(device), precision=backend.precision,
+               kv_precision=getattr(backend, "kv_precision", "auto"))
     return row
 
 

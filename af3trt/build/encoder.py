@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import fileio
 from ..kernels.logmel import LogMelSTFT
 from ..runtime.encoder import (CONFIG_FILE, INPUT_KINDS, IO, ONNX_DATA_FILE, ONNX_FILE, AudioEncoder, EncoderIO,
                                OnnxRuntimeEncoder, TorchEncoder, valid_rows)
@@ -120,7 +119,6 @@ def update_config(folder: Path, **sections) -> Path:
     data = read_config(folder) if path.is_file() else {"format": CONFIG_FORMAT, "format_version": CONFIG_VERSION}
     data.update(sections)
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
-    os.chmod(path, 0o644)
     return path
 
 
@@ -200,7 +198,7 @@ def _export_graph(module: nn.Module, path: Path, opset: int, external: bool, io:
     """torch.onnx.export (TorchScript exporter), then re-save with all weights in one external file if asked."""
     import onnx
 
-    raw = Path(tempfile.mkdtemp(prefix=".raw-", dir=path.parent)) / path.name
+    raw = Path(fileio.mkdtemp(prefix=".raw-", dir=path.parent)) / path.name
     example = (torch.zeros(io.signal_shape(2)), torch.tensor([FRAMES_PER_WINDOW, FRAMES_PER_WINDOW // 3]))
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -219,7 +217,7 @@ def _export_graph(module: nn.Module, path: Path, opset: int, external: bool, io:
     else:
         onnx.save_model(model, str(path))
     for name in (path.name, *([ONNX_DATA_FILE] if external else [])):
-        os.chmod(path.parent / name, 0o644)  # onnx writes the data file 0600
+        fileio.like_umask(path.parent / name)  # onnx may write the data file 0600
     onnx.checker.check_model(str(path))
 
 
@@ -322,7 +320,6 @@ def export_onnx(*, checkpoint, out_dir, dtype: str = "fp32", opset: int = 17, ve
     external = external_data if external_data is not None else (
         sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES)
     with staged_dir(final) as tmp:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the engine dir is read by other users (Triton)
         _export_graph(module, tmp / ONNX_FILE, opset, external, io)
         check = None
         if verify:

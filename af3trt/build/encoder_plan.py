@@ -20,7 +20,6 @@ import hashlib
 import os
 import shlex
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from types import MappingProxyType
 
 import torch
 
+from .. import fileio
 from ..runtime.encoder import CONFIG_FILE, IO, PLAN_FILE, EncoderIO, import_tensorrt
 from ..spec import MAX_WINDOWS
 from .encoder import FRONT_END_SCOPE, external_data_files, lookup, matching_section, read_config, update_config
@@ -239,11 +239,10 @@ def _keep_front_end_fp32(trt, network, config, strongly_typed: bool, src: Path) 
 
 
 def _atomic_write_bytes(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = fileio.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -16,6 +15,7 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
+from .. import fileio
 from ..runtime.encoder import CONFIG_FILE, IO, OnnxRuntimeEncoder
 from .encoder import (DEFAULT_CALIBRATION_WINDOWS, _verification_batches, cosine_similarity, external_data_files,
                       lookup, read_config, update_config)
@@ -128,17 +128,18 @@ def quantize_onnx(onnx_path, out_path=None, precision: str = "int8", calibration
     eps = list(calibration_eps) if calibration_eps else (["cuda:0", "cpu"] if _ort_cuda() else ["cpu"])
     budget = spec.min_cosine if min_cosine is None else min_cosine
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = Path(fileio.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         extra = external_data_files(src)
         for name in [src.name, *extra]:  # ModelOpt writes beside its input: work on a copy
-            shutil.copy2(src.parent / name, tmp / name)
+            shutil.copyfile(src.parent / name, tmp / name)
         _modelopt_quantize(tmp / src.name, tmp / out.name, spec, cal, calibration_method, high_precision_dtype,
                            eps, external=bool(extra))
         cos = _quantized_cosine(src, tmp / out.name) if verify else (None, None)
         if verify and not cos[0] >= budget:
             raise QuantizationError(f"{precision} Q/DQ graph strays from {src}: min per-row cosine {cos[0]:.4f} "
                                     f"(mean {cos[1]:.4f}), expected >= {budget}")
+        fileio.tree_like_umask(tmp)
         for name in external_data_files(tmp / out.name):
             os.replace(tmp / name, out.parent / name)
         os.replace(tmp / out.name, out)

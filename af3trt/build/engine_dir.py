@@ -10,7 +10,9 @@ command that finishes the build on a machine that has them.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import logging
 import shlex
 import shutil
@@ -19,7 +21,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .manifest import Manifest, ManifestError, clean_partials, stage_key, staged_dir
+from .. import fileio
+from .manifest import (Manifest, ManifestError, clean_partials, output_problems, output_record, stage_key,
+                       staged_dir)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ class BuildOptions:
     stages: tuple[str, ...] = STAGE_NAMES
     force: bool = False
     variant: str = "base"  # af3trt.think.VARIANTS: "think" builds the checkpoint's AF3-Think weights
+    target_sm: int | None = None  # the GPU the engine is for when none is present (default 90); see engine_rules
 
     def __post_init__(self):
         from ..think import check_variant
@@ -80,7 +85,11 @@ def has_module(name: str) -> bool:
 
 
 def limits_record(limits) -> dict:
-    return {**asdict(limits), "max_audio_tokens": limits.audio_tokens_per_request, "max_input_len": limits.max_input_len,
+    """manifest.json `limits`: the EngineLimits and what they derive. max_audio_tokens = prompt-table
+    rows per request (max_prompt_embedding_table_size // max_batch_size); max_windows = encoder
+    windows one call may hold (the plan's profile maximum)."""
+    return {**asdict(limits), "max_audio_tokens": limits.audio_tokens_per_request,
+            "max_windows": _windows_profile(limits)[2], "max_input_len": limits.max_input_len,
             "max_seq_len": limits.max_seq_len, "max_prompt_embedding_table_size": limits.prompt_table_size,
             "max_num_tokens": limits.num_tokens}
 
@@ -104,9 +113,17 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
     _check_same_variant(out, options)
     out.mkdir(parents=True, exist_ok=True)
     clean_partials(out)
+    plugins = None
+    if "llm" in options.stages:  # refuse what trtllm-build refuses before anything (calibration) runs
+        from .engine_rules import check_build, target_gpu
+
+        target = target_gpu(options.target_sm)
+        plugins = (target, check_build(options.precision, options.kv_cache, target))
     fingerprint = ckpt.fingerprint()  # a think checkpoint's covers its think/ files: every stage key does
     manifest = _start_manifest(out, ckpt, fingerprint, options)
     manifest.variant = _variant_record(ckpt)
+    if plugins is not None:  # what trtllm-build will make of the flags on that GPU (the engine's own, once built)
+        manifest.precision.update(target_gpu=plugins[0].record(), engine_plugins=plugins[1].record())
     plan = [("tokenizer", _stage_tokenizer)]
     if "encoder" in options.stages:
         plan += [("encoder_onnx", _stage_encoder_onnx), ("encoder_plan", _stage_encoder_plan)]
@@ -114,14 +131,22 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
         plan += [("llm_checkpoint", _stage_llm_checkpoint), ("llm_engine", _stage_llm_engine)]
     bar = _progress(len(plan))
     for name, run in plan:
-        key = stage_key(stage=name, checkpoint=fingerprint, options=_stage_flags(name, options))
+        key = _key(name, fingerprint, options, manifest.stages)
         entry = manifest.stages.pop(name, None)  # re-inserted below: the manifest lists stages in build order
-        if not options.force and entry and entry.get("key") == key and "missing" not in entry \
-                and (out / entry["path"]).exists():
+        problems = None
+        if not options.force and entry and entry.get("key") == key and "missing" not in entry:
+            problems = output_problems(out, entry)  # present and intact: sizes and full hashes
+            if problems:
+                log.warning("stage %s is not what was built (%s): rebuilding it", name, "; ".join(problems[:3]))
+        if problems == []:
             log.info("stage %s unchanged: skipped", name)
             manifest.stages[name] = entry
-        else:
-            manifest.stages[name] = {"key": key, "checkpoint": fingerprint, **run(ckpt, out, options, manifest)}
+        else:  # a damaged stage is redone from scratch: the stage functions skip nothing of their own
+            stage_options = dataclasses.replace(options, force=True) if problems else options
+            entry = {"key": key, "checkpoint": fingerprint, **run(ckpt, out, stage_options, manifest)}
+            if "missing" not in entry:
+                entry["outputs"] = output_record(out, _output_paths(name, entry))
+            manifest.stages[name] = entry
             manifest.write(out)
         if bar is not None:
             bar.set_postfix_str(name)
@@ -146,7 +171,7 @@ def _start_manifest(out: Path, ckpt, fingerprint: str, options: BuildOptions) ->
     manifest = Manifest(**record)
     if old is not None and old.checkpoint.get("fingerprint") == fingerprint:
         for name, entry in old.stages.items():  # keep what still matches these options, drop the rest
-            if entry.get("key") == stage_key(stage=name, checkpoint=fingerprint, options=_stage_flags(name, options)):
+            if entry.get("key") == _key(name, fingerprint, options, old.stages):
                 manifest.stages[name] = entry
             elif "missing" not in entry:
                 _remove(out / entry["path"])
@@ -176,6 +201,41 @@ def _variant_record(ckpt) -> dict:
     return record
 
 
+UPSTREAM = {"encoder_plan": "encoder_onnx", "llm_engine": "llm_checkpoint"}  # a stage built from another's outputs
+
+
+def _key(name: str, fingerprint: str, options: BuildOptions, stages: dict) -> str:
+    """A stage's key: what it reads. The checkpoint fingerprint covers every file of the checkpoint
+    (weights, tokenizer, templates, think/); its flags; the recorded outputs of the stage it is built
+    from (a rebuilt ONNX graph or TRT-LLM checkpoint means a new plan or engine)."""
+    up = stages.get(UPSTREAM.get(name, ""), {}).get("outputs")
+    return stage_key(stage=name, checkpoint=fingerprint, options=_stage_flags(name, options),
+                     upstream=stage_key(outputs=up) if up else None)
+
+
+def _output_paths(name: str, entry: dict) -> list[str]:
+    """Files and folders a stage writes (relative to the engine dir), recorded and verified."""
+    paths = [entry["path"]]
+    if name == "encoder_onnx" and entry.get("external_data"):
+        from ..runtime.encoder import ONNX_DATA_FILE
+
+        paths.append(str(Path(entry["path"]).parent / ONNX_DATA_FILE))
+    if entry.get("qdq_onnx"):
+        paths.append(entry["qdq_onnx"])
+    return paths
+
+
+def gpu_identity() -> dict | None:
+    """The GPU a build targets, in stage keys of GPU-specific artifacts (TensorRT plan, TRT-LLM engine):
+    name and compute capability of device 0; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -187,12 +247,14 @@ def _stage_flags(name: str, o: BuildOptions) -> dict:
     if name == "encoder_onnx":
         return {"max_windows": _plan_profile(o)[2], "inputs": o.encoder_input}
     if name == "encoder_plan":
-        return {"precision": o.encoder_precision, "limits": asdict(o.limits), "inputs": o.encoder_input}
+        return {"precision": o.encoder_precision, "limits": asdict(o.limits), "inputs": o.encoder_input,
+                "gpu": gpu_identity()}
     if name == "llm_checkpoint":
         return {"precision": o.precision, "kv_cache": o.kv_cache, "tp": o.tp_size, "calib_audio": o.calib_audio,
                 "calib_size": o.calib_size, "calib_max_tokens": o.calib_max_tokens}
     if name == "llm_engine":
-        return {"precision": o.precision, "kv_cache": o.kv_cache, "tp": o.tp_size, "limits": asdict(o.limits)}
+        return {"precision": o.precision, "kv_cache": o.kv_cache, "tp": o.tp_size, "limits": asdict(o.limits),
+                "gpu": gpu_identity()}
     return {}
 
 
@@ -200,7 +262,7 @@ def _stage_tokenizer(ckpt, out: Path, options: BuildOptions, manifest: Manifest)
     with staged_dir(out / "tokenizer") as tmp:
         copied = [n for n in TOKENIZER_FILES if (ckpt.path / n).is_file()]
         for name in copied:
-            shutil.copy2(ckpt.path / name, tmp / name)
+            shutil.copyfile(ckpt.path / name, tmp / name)
     return {"path": "tokenizer", "files": copied}
 
 
@@ -215,10 +277,14 @@ def _stage_encoder_onnx(ckpt, out: Path, options: BuildOptions, manifest: Manife
 
 def _plan_profile(options: BuildOptions) -> tuple[int, int, int]:
     """(min, opt, max) encoder windows: up to 20 windows (10 min) for each of max_batch_size requests."""
+    return _windows_profile(options.limits)
+
+
+def _windows_profile(limits) -> tuple[int, int, int]:
     from ..spec import MAX_WINDOWS, WINDOW_SECONDS
 
-    per_request = min(MAX_WINDOWS, -(-int(options.limits.max_audio_seconds) // WINDOW_SECONDS))
-    hi = max(1, per_request * options.limits.max_batch_size)
+    per_request = min(MAX_WINDOWS, -(-int(limits.max_audio_seconds) // WINDOW_SECONDS))
+    hi = max(1, per_request * limits.max_batch_size)
     return 1, min(hi, per_request), hi
 
 
@@ -260,6 +326,8 @@ def rebuild_command(model: Path, out: Path, o: BuildOptions) -> str:
         argv += ["--variant", o.variant]
     if o.calib_audio:
         argv += ["--calib-audio", str(o.calib_audio)]
+    if o.target_sm is not None:  # on the machine that finishes the build, its GPU decides
+        argv += ["--target-sm", str(o.target_sm)]
     return shlex.join(argv)
 
 
@@ -272,10 +340,11 @@ def _stage_llm_checkpoint(ckpt, out: Path, options: BuildOptions, manifest: Mani
     if needs_calibration(get_precision(options.precision), get_kv_cache(options.kv_cache)):
         batches = llm_calibration_batches(ckpt.path, audio_dir=options.calib_audio, count=options.calib_size,
                                           max_tokens=options.calib_max_tokens, variant=options.variant)
-    export_checkpoint(checkpoint_dir=ckpt, out_dir=out / "llm" / "checkpoint", precision=options.precision,
-                      kv_cache=options.kv_cache, tp_size=options.tp_size, calib_batches=batches)
+    path = export_checkpoint(checkpoint_dir=ckpt, out_dir=out / "llm" / "checkpoint", precision=options.precision,
+                             kv_cache=options.kv_cache, tp_size=options.tp_size, calib_batches=batches)
+    vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])  # padded for int4_awq
     return {"path": "llm/checkpoint", "precision": options.precision, "kv_cache": options.kv_cache,
-            "tp_size": options.tp_size, "calibration": None if batches is None else
+            "tp_size": options.tp_size, "vocab_size": vocab, "calibration": None if batches is None else
             {"audio_dir": options.calib_audio, "count": options.calib_size, "max_tokens": options.calib_max_tokens}}
 
 
@@ -287,7 +356,7 @@ def _stage_llm_engine(ckpt, out: Path, options: BuildOptions, manifest: Manifest
     script = out / "llm" / "build_engine.sh"
     script.write_text("#!/usr/bin/env bash\n# trtllm-build for this engine dir (TensorRT-LLM 1.2)\nset -euo pipefail\n"
                       + shlex.join(argv) + "\n")
-    script.chmod(0o755)
+    fileio.like_umask(script, executable=True)
     if not has_module("tensorrt_llm"):
         return {"path": "llm/engine", "missing": "tensorrt_llm is not installed here",
                 "command": rebuild_command(ckpt.path, out, options), "manual": f"bash {script}", "argv": argv}
@@ -299,4 +368,8 @@ def _stage_llm_engine(ckpt, out: Path, options: BuildOptions, manifest: Manifest
             raise RuntimeError(f"trtllm-build finished without writing config.json in {tmp}")
     from importlib import metadata
 
-    return {"path": "llm/engine", "argv": argv, "tensorrt_llm": metadata.version("tensorrt_llm")}
+    from .engine_rules import engine_plugins
+
+    config = json.loads((out / "llm" / "engine" / "config.json").read_text())
+    return {"path": "llm/engine", "argv": argv, "tensorrt_llm": metadata.version("tensorrt_llm"),
+            "plugin_config": engine_plugins(config)}  # effective, read back: trtllm-build may drop some

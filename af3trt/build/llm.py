@@ -9,18 +9,19 @@ modelopt / transformers are imported inside the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import fileio
 from ..spec import MAX_AUDIO_SECONDS, ModelSpec, TextSpec, audio_tokens_for_seconds, check_limit_fields
 from .precision import (
-    KVCacheSpec, PrecisionSpec, get_kv_cache, get_precision, modelopt_quant_config, needs_calibration,
-    resolve_dtype, trtllm_quantization,
+    KVCacheSpec, PrecisionSpec, engine_vocab_size, get_kv_cache, get_precision, modelopt_quant_config,
+    needs_calibration, resolve_dtype, trtllm_quantization,
 )
 from .trtllm_checkpoint import GLOBAL_NAMES, LAYER_NAMES, LINEARS
 from .trtllm_flags import build_argv
@@ -230,7 +231,8 @@ def _postfix_config(path: Path, text: TextSpec, p: PrecisionSpec, kv: KVCacheSpe
         checks["exclude_modules"] = sorted(p.exclude_modules or ())
         got = {**got, "exclude_modules": sorted(got.get("exclude_modules") or ())}
     wrong = {k: (v, got.get(k)) for k, v in checks.items() if got.get(k) != v}
-    dims = {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_layers, "vocab_size": text.vocab_size,
+    dims = {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_layers,
+            "vocab_size": engine_vocab_size(text.vocab_size, p),
             "num_attention_heads": text.num_heads, "num_key_value_heads": text.num_kv_heads}
     wrong.update({k: (v, cfg.get(k)) for k, v in dims.items() if cfg.get(k) != v})
     if (cfg.get("mapping") or {}).get("tp_size") != tp_size:
@@ -272,6 +274,11 @@ def _verify_export(path: Path, cfg: dict, p: PrecisionSpec, kv: KVCacheSpec) -> 
     for r in range(tp):
         with safe_open(str(path / f"rank{r}.safetensors"), framework="pt") as f:
             missing = need - set(f.keys())
+            rows = {n: f.get_slice(n).get_shape()[0] for n in ("transformer.vocab_embedding.weight",)
+                    if n in f.keys()}
+        if tp == 1 and any(v != cfg["vocab_size"] for v in rows.values()):
+            raise RuntimeError(f"rank0.safetensors: expected {cfg['vocab_size']} vocab rows (config.json "
+                               f"vocab_size), got {rows}")
         if missing:
             raise RuntimeError(f"rank{r}.safetensors lacks {len(missing)} expected tensors, e.g. {sorted(missing)[:6]}")
 
@@ -284,6 +291,41 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def _qwen_config_without_tensorrt_llm():
+    """ModelOpt 0.37 (the TensorRT-LLM 1.2 containers' pin) builds a Qwen config.json only through
+    tensorrt_llm's QWenConfig; where tensorrt_llm is not installed (CI, a CPU build) its manual fallback
+    (`tensorrt_llm_utils.convert_to_tensorrt_llm_config`) raises NotImplementedError for decoder "qwen",
+    while that fallback's generic decoder-only branch ("gpt", "gemma", "llama": no extra field) is what
+    a Qwen2 config needs; ModelOpt 0.47's fallback handles qwen itself. Here, only on that error, the
+    config is built through the generic branch; `_postfix_config` then sets and checks every field
+    TensorRT-LLM's Qwen loader reads (architecture, qwen_type, rotary base, biases, quantization)."""
+    from modelopt.torch.export import model_config_export as mce
+
+    original = mce.convert_to_tensorrt_llm_config
+
+    def convert(model_config, *args, **kwargs):
+        try:
+            return original(model_config, *args, **kwargs)
+        except NotImplementedError:
+            first = model_config.layers[0]
+            if first.decoder_type != DECODER_TYPE:
+                raise
+            first.decoder_type = "llama"
+            try:
+                config = original(model_config, *args, **kwargs)
+            finally:
+                first.decoder_type = DECODER_TYPE
+            config["decoder"] = DECODER_TYPE
+            return config
+
+    mce.convert_to_tensorrt_llm_config = convert
+    try:
+        yield
+    finally:
+        mce.convert_to_tensorrt_llm_config = original
 
 
 def export_checkpoint(*, checkpoint_dir, out_dir, precision, kv_cache="auto", tp_size: int = 1,
@@ -310,12 +352,14 @@ def export_checkpoint(*, checkpoint_dir, out_dir, precision, kv_cache="auto", tp
     quantize_lm(model, p, kv, calib_batches)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(fileio.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        export_tensorrt_llm_checkpoint(model, DECODER_TYPE, getattr(torch, dtype), export_dir=tmp,
-                                       inference_tensor_parallel=tp_size)
+        with _qwen_config_without_tensorrt_llm():
+            export_tensorrt_llm_checkpoint(model, DECODER_TYPE, getattr(torch, dtype), export_dir=tmp,
+                                           inference_tensor_parallel=tp_size)
         cfg = _postfix_config(tmp, spec.text, p, kv, dtype, tp_size)
         _verify_export(tmp, cfg, p, kv)
+        fileio.tree_like_umask(tmp)  # ModelOpt writes rank*.safetensors 0600 through safetensors
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

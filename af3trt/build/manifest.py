@@ -13,9 +13,10 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .. import fileio
 
 FORMAT = "af3trt-engine-dir"
 FORMAT_VERSION = 1
@@ -86,6 +87,17 @@ class Manifest:
         entry = self.stages.get(name)
         return entry if entry and "missing" not in entry else None
 
+    def engine_vocab_size(self) -> int:
+        """vocab_size of the TensorRT-LLM checkpoint / engine (`stages.llm_checkpoint.vocab_size`): where
+        fake ids start. The model's own `model.vocab_size` or, for int4_awq, ModelOpt's padded one
+        (`af3trt.build.precision.engine_vocab_size`); ids at or above `model.vocab_size` are never
+        generated."""
+        entry = self.stage("llm_checkpoint")
+        if entry is None or entry.get("vocab_size") is None:
+            raise ManifestError("expected stage llm_checkpoint with its vocab_size in the manifest, found none: "
+                                "build the llm stage (af3trt build --stages llm)")
+        return int(entry["vocab_size"])
+
     def require(self, engine_dir: str | Path, *names: str) -> None:
         """Raise unless every named stage was built and its folder is present."""
         for name in names:
@@ -97,11 +109,50 @@ class Manifest:
                                     f"Finish it with: {entry.get('command', '?')}")
             if not (Path(engine_dir) / entry["path"]).exists():
                 raise ManifestError(f"stage {name!r} lists {entry['path']} but {engine_dir} has no such path")
+            problems = output_problems(engine_dir, entry, hashes=False)  # sizes: cheap at every load
+            if problems:
+                raise ManifestError(f"stage {name!r} of {engine_dir} is not what was built: {'; '.join(problems[:4])}. "
+                                    f"Rebuild it with the same `af3trt build` (changed stages are redone)")
+
+
+def output_record(engine_dir: str | Path, paths) -> dict[str, dict]:
+    """{relative file: {"size", "sha256"}} of a stage's outputs: each of `paths` (relative to the
+    engine dir) is a file or a folder (every file under it)."""
+    root = Path(engine_dir)
+    record = {}
+    for rel in paths:
+        p = root / rel
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            record[f.relative_to(root).as_posix()] = {"size": f.stat().st_size, "sha256": fileio.file_digest(f)}
+    return record
+
+
+def output_problems(engine_dir: str | Path, entry: dict, hashes: bool = True) -> list[str]:
+    """What differs between a stage's recorded `outputs` and the files now: missing, other size,
+    other content (`hashes`; sizes only otherwise). [] = intact; a record without outputs is intact
+    only if its path exists."""
+    root = Path(engine_dir)
+    record = entry.get("outputs")
+    if record is None:
+        return [] if (root / entry["path"]).exists() else [f"{entry['path']}: missing"]
+    if not record:
+        return [f"{entry['path']}: no files recorded"]
+    out = []
+    for rel, want in record.items():
+        f = root / rel
+        if not f.is_file():
+            out.append(f"{rel}: missing")
+        elif f.stat().st_size != want["size"]:
+            out.append(f"{rel}: {f.stat().st_size} bytes, recorded {want['size']}")
+        elif hashes and fileio.file_digest(f) != want["sha256"]:
+            out.append(f"{rel}: content changed (sha256 differs from the record)")
+    return out
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = fileio.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
@@ -117,12 +168,13 @@ def staged_dir(final: Path):
     """Yield a temporary folder beside `final`; on success replace `final` with it, else delete it."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    tmp = Path(fileio.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fileio.tree_like_umask(tmp)  # what third-party writers made 0600 (safetensors, ONNX data)
     old = final.with_name(f".{final.name}.old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -34,6 +34,7 @@ class PrecisionSpec:
         quantizes no weight (bf16/fp16, and int8_wo where trtllm-build quantizes).
     dtype: fixed dtype of the unquantized tensors (bf16, fp16); None = the caller chooses.
     group_size / has_zero_point / pre_quant_scale / exclude_modules: the rest of the block.
+    weight_bytes: bytes per quantized weight the engine reads (decode floors; scales negligible).
     """
 
     name: str
@@ -45,6 +46,7 @@ class PrecisionSpec:
     has_zero_point: bool = False
     pre_quant_scale: bool = False
     exclude_modules: tuple[str, ...] | None = None
+    weight_bytes: float = 2.0
 
     @property
     def exported_quant_algo(self) -> str | None:
@@ -66,6 +68,7 @@ class KVCacheSpec:
     kv_cache_quant_algo: str | None
     modelopt_cfg: str | None = None
     num_bits: int | None = None
+    bytes_per_value: float | None = None  # None: the model dtype's
 
 
 _LM_HEAD = ("lm_head",)  # what ModelOpt's TRT-LLM export excludes for Qwen2 (lm_head stays bf16/fp16)
@@ -74,19 +77,21 @@ PRECISIONS: Mapping[str, PrecisionSpec] = MappingProxyType({
     "bf16": PrecisionSpec("bf16", "bfloat16 weights and activations", None, None, dtype="bfloat16"),
     "fp16": PrecisionSpec("fp16", "float16 weights and activations", None, None, dtype="float16"),
     "fp8": PrecisionSpec("fp8", "W8A8 FP8 E4M3, per-tensor static scales (SM89+)", "FP8", "FP8_DEFAULT_CFG",
-                         exclude_modules=_LM_HEAD),
+                         exclude_modules=_LM_HEAD, weight_bytes=1.0),
     "int8_wo": PrecisionSpec("int8_wo", "W8A16 INT8 weight-only, per-channel (trtllm-build quantizes)",
-                             "W8A16", None),
+                             "W8A16", None, weight_bytes=1.0),
     "int8_sq": PrecisionSpec("int8_sq", "W8A8 INT8 SmoothQuant, per-channel weights, per-tensor activations",
-                             "W8A8_SQ_PER_CHANNEL", "INT8_SMOOTHQUANT_CFG", exclude_modules=_LM_HEAD),
+                             "W8A8_SQ_PER_CHANNEL", "INT8_SMOOTHQUANT_CFG", exclude_modules=_LM_HEAD, weight_bytes=1.0),
     "int4_awq": PrecisionSpec("int4_awq", "W4A16 INT4 AWQ, group 128, activation pre-quant scale",
-                              "W4A16_AWQ", "INT4_AWQ_CFG", pre_quant_scale=True, exclude_modules=_LM_HEAD),
+                              "W4A16_AWQ", "INT4_AWQ_CFG", pre_quant_scale=True, exclude_modules=_LM_HEAD,
+                              weight_bytes=0.5),
 })
 
 KV_CACHES: Mapping[str, KVCacheSpec] = MappingProxyType({
     "auto": KVCacheSpec("auto", "KV cache in the model dtype", None),
-    "fp8": KVCacheSpec("fp8", "FP8 E4M3 KV cache, per-tensor scales", "FP8", modelopt_cfg="FP8_KV_CFG"),
-    "int8": KVCacheSpec("int8", "INT8 KV cache, per-tensor scales", "INT8", num_bits=8),
+    "fp8": KVCacheSpec("fp8", "FP8 E4M3 KV cache, per-tensor scales", "FP8", modelopt_cfg="FP8_KV_CFG",
+                       bytes_per_value=1.0),
+    "int8": KVCacheSpec("int8", "INT8 KV cache, per-tensor scales", "INT8", num_bits=8, bytes_per_value=1.0),
 })
 
 
@@ -200,3 +205,23 @@ def modelopt_quant_config(precision: str | PrecisionSpec, kv_cache: str | KVCach
     if base is None:
         base = {"quant_cfg": _disable_all(fragment), "algorithm": "max"}
     return _with_kv(mtq, base, fragment)
+
+
+# ModelOpt's TensorRT-LLM export (modelopt/torch/export/model_config_export.py,
+# `torch_to_tensorrt_llm_checkpoint`; the same code in the 0.37.0 wheel and in 0.47.0) pads the
+# vocab_embedding and lm_head of an INT4 AWQ / W4A8 AWQ model with zero rows to a multiple of 64
+# (`postprocess.pad_embedding_lm_head`)
+# and writes the padded size as config.json `vocab_size`. trtllm-build takes that as the engine's
+# `pretrained_config.vocab_size`, and TensorRT-LLM's `PromptTuningEmbedding` reads every id >= it
+# from the prompt table: the padded size is where fake ids start. The ids a model may generate stay
+# below the model's vocab (`spec.text.vocab_size`); the rows between are zero and never used.
+VOCAB_PAD_MULTIPLE = 64
+VOCAB_PADDING_ALGOS = ("W4A16_AWQ", "W4A8_AWQ")
+
+
+def engine_vocab_size(vocab_size: int, precision: str | PrecisionSpec) -> int:
+    """vocab_size of the TensorRT-LLM checkpoint and engine for a model of `vocab_size` rows exported
+    at `precision` (151672 -> 151680 for int4_awq; unchanged otherwise). Fake ids start there."""
+    if get_precision(precision).quant_algo in VOCAB_PADDING_ALGOS:
+        return -(-int(vocab_size) // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+    return int(vocab_size)

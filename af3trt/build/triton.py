@@ -64,7 +64,8 @@ class EngineFacts:
 
     engine_dir: Path
     tokenizer_dir: Path
-    vocab_size: int
+    vocab_size: int  # where fake ids start: the LLM checkpoint's (maybe padded) vocab, the model's for a checkpoint dir
+    valid_vocab: int  # the model's vocab: ids from here to vocab_size (ModelOpt's padding) are never generated
     hidden_size: int
     audio_token_id: int
     eos_token_ids: tuple[int, ...]
@@ -88,15 +89,20 @@ def _model_facts(root: Path, tokenizer_dir: Path) -> dict:
     if (root / "manifest.json").is_file():
         from .manifest import Manifest
 
-        m = Manifest.read(root).model
-        return {k: int(m[k]) for k in ("vocab_size", "hidden_size", "audio_token_id")}
+        manifest = Manifest.read(root)
+        # as `af3trt run` does: an engine dir serves its own LLM weights, never the source checkpoint's
+        # in their place (an interrupted int4_awq build has no llm_checkpoint stage)
+        manifest.require(root, "llm_checkpoint")
+        m = manifest.model  # fake ids start at the LLM checkpoint's vocab_size (padded for int4_awq)
+        return {"vocab_size": manifest.engine_vocab_size(), "valid_vocab": int(m["vocab_size"]),
+                "hidden_size": int(m["hidden_size"]), "audio_token_id": int(m["audio_token_id"])}
     from ..spec import ModelSpec
 
     for d in (root, tokenizer_dir):
         if (d / "config.json").is_file():
             spec = ModelSpec.from_dir(d)
-            return {"vocab_size": spec.text.vocab_size, "hidden_size": spec.text.hidden_size,
-                    "audio_token_id": spec.audio_token_id}
+            return {"vocab_size": spec.text.vocab_size, "valid_vocab": spec.text.vocab_size,
+                    "hidden_size": spec.text.hidden_size, "audio_token_id": spec.audio_token_id}
     raise FileNotFoundError(f"expected manifest.json (engine dir) or an AF3 config.json in {root}, found neither")
 
 
@@ -166,7 +172,8 @@ def inspect_engine_dir(engine_dir: str | os.PathLike) -> EngineFacts:
     if (llm_engine / "config.json").is_file():
         engine_vocab = int(_json(llm_engine / "config.json").get("pretrained_config", {}).get("vocab_size", 0))
         if engine_vocab and engine_vocab != facts["vocab_size"]:
-            raise ValueError(f"expected the engine's vocab_size {facts['vocab_size']} (model), got {engine_vocab} "
+            raise ValueError(f"expected the engine's vocab_size {facts['vocab_size']} (the manifest's "
+                             f"engine_vocab_size, where fake ids start), got {engine_vocab} "
                              f"in {llm_engine / 'config.json'}")
     return EngineFacts(
         engine_dir=root, tokenizer_dir=tokenizer_dir, eos_token_ids=eos, pad_id=pad, checkpoint_dir=checkpoint,
@@ -202,7 +209,12 @@ class RepositoryOptions:
     max_batch_size: int | None = None
     instances: int = 1
     streaming: bool = True
-    kv_cache_reuse: bool = True
+    kv_cache_reuse: bool | None = None  # None: on where the engine has paged context FMHA (engine_rules)
+    # share of the GPU memory free once the engine's weights are loaded that the KV cache takes. Triton
+    # loads the models side by side: 0.8 leaves a fifth (about 25 GB on an H200 beside the 15 GB bf16
+    # engine) to the encoder plan (weights + activations of up to max_windows windows), the python
+    # models' CUDA contexts and the CUDA memory pool of the prompt tables. TensorRT-LLM's own default 0.9.
+    kv_cache_free_gpu_mem_fraction: float = 0.8
     device: str = "auto"
     max_queue_delay_us: int = 0
     limits: ServingLimits | None = None
@@ -219,6 +231,9 @@ class RepositoryOptions:
                 raise ValueError(f"expected {name} an int >= 1, got {getattr(self, name)!r}")
         if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
             raise ValueError(f"expected max_batch_size None or an int >= 1, got {self.max_batch_size!r}")
+        if not 0 < self.kv_cache_free_gpu_mem_fraction < 1:
+            raise ValueError(f"expected kv_cache_free_gpu_mem_fraction in (0, 1), got "
+                             f"{self.kv_cache_free_gpu_mem_fraction!r}")
 
 
 @dataclass(frozen=True)
@@ -302,7 +317,8 @@ def preprocessing_config(plan: Plan) -> ModelConfig:
     outputs = (features, frames, tensor("rows", "int32", -1)) + tuple(
         from_preprocessing(t) for t in LLM_INPUTS if t.name not in TABLE_INPUTS)
     params = PreprocessingParams(
-        tokenizer_dir=plan.path(f.tokenizer_dir), vocab_size=f.vocab_size, audio_token_id=f.audio_token_id,
+        tokenizer_dir=plan.path(f.tokenizer_dir), vocab_size=f.vocab_size, valid_vocab=f.valid_vocab,
+        audio_token_id=f.audio_token_id,
         end_id=f.eos_token_ids[0], pad_id=f.pad_id, stop_ids=list(f.eos_token_ids[1:]),
         limits=dataclasses.asdict(plan.limits),
         features=io.features, frames=io.frames, features_dtype=_numpy_dtype(io.features_dtype),
@@ -352,23 +368,64 @@ def llm_config(plan: Plan) -> ModelConfig:
     f, o, mbs = plan.facts, plan.options, plan.limits.max_batch_size
     inputs = llm_inputs(plan.table_dtype)  # prompt_embedding_table as prompt_table emits it
     if o.llm_backend == "python":
-        params = LLMParams(path=plan.path(f.engine_dir if f.llm_checkpoint else f.checkpoint_dir), device=o.device,
-                           dtype="auto", audio_token_id=f.audio_token_id)
+        is_engine_dir = (f.engine_dir / "manifest.json").is_file()  # then llm/checkpoint is required (above)
+        params = LLMParams(path=plan.path(f.engine_dir if f.llm_checkpoint or is_engine_dir else f.checkpoint_dir),
+                           device=o.device, dtype="auto", audio_token_id=f.audio_token_id)
         return ModelConfig(LLM, 'backend: "python"', mbs, inputs, LLM_OUTPUTS, o.instances,
                            decoupled=o.streaming, parameters=param_pairs(params))
     # Parameter names and values as the tensorrtllm backend (TensorRT-LLM 1.2 triton_backend/
     # inflight_batcher_llm, model_instance_state.cc) reads them. tokenizer_dir, guided_decoding_backend
     # and xgrammar_tokenizer_info_path are read without a default: a config lacking them fails to load;
     # empty values mean no guided decoding.
+    reuse = _kv_cache_reuse(f.llm_engine, o.kv_cache_reuse)
     params = (("gpt_model_type", "inflight_fused_batching"), ("gpt_model_path", plan.path(f.llm_engine)),
               ("max_beam_width", "1"), ("batch_scheduler_policy", "guaranteed_no_evict"),
-              ("kv_cache_free_gpu_mem_fraction", "0.9"), ("enable_kv_cache_reuse", str(o.kv_cache_reuse).lower()),
+              ("kv_cache_free_gpu_mem_fraction", str(o.kv_cache_free_gpu_mem_fraction)),
+              ("enable_kv_cache_reuse", str(reuse).lower()),
               ("exclude_input_in_output", "true"), ("enable_chunked_context", "false"),
               ("tokenizer_dir", ""), ("guided_decoding_backend", ""), ("xgrammar_tokenizer_info_path", ""),
               ("FORCE_CPU_ONLY_INPUT_TENSORS", "no"))
+    from ..serving.launch import engine_world_size
+
+    world = engine_world_size(_json(f.llm_engine / "config.json"))
+    if world > 1:  # leader mode under mpirun: rank r drives GPU r (af3trt.serving.launch)
+        params += (("gpu_device_ids", ",".join(str(r) for r in range(world))),)
     return ModelConfig(LLM, 'backend: "tensorrtllm"', mbs, inputs, LLM_OUTPUTS, 1, "KIND_CPU",
                        decoupled=o.streaming, dynamic_batching=_dynamic_batching(o.max_queue_delay_us, mbs),
                        parameters=params)
+
+
+def launch_spec(plan: Plan):
+    """How `af3trt serve` launches this repository (af3trt.serving.launch): the C++ LLM's world size
+    (tp*pp ranks under mpirun), GPU 0's CUDA memory pool for the largest prompt tables, and the
+    TensorRT-LLM release that built the engine (checked before loading)."""
+    from ..serving.launch import LaunchSpec, engine_world_size, pool_bytes
+
+    if plan.options.llm_backend != "tensorrtllm":
+        return LaunchSpec()
+    f = plan.facts
+    table_bytes = 4 if plan.table_dtype == "TYPE_FP32" else 2
+    built = None
+    if (f.engine_dir / "manifest.json").is_file():
+        from .manifest import Manifest
+
+        built = (Manifest.read(f.engine_dir).stages.get("llm_engine") or {}).get("tensorrt_llm")
+    return LaunchSpec(world_size=engine_world_size(_json(f.llm_engine / "config.json")),
+                      cuda_memory_pool_bytes=pool_bytes(plan.limits.max_audio_tokens, f.hidden_size, table_bytes,
+                                                        plan.limits.max_batch_size),
+                      tensorrt_llm=built, cpp_llm=True)
+
+
+def _kv_cache_reuse(llm_engine: Path, requested: bool | None) -> bool:
+    """enable_kv_cache_reuse: only on an engine with paged context FMHA (its config.json says)."""
+    from .engine_rules import kv_reuse_allowed
+
+    allowed = kv_reuse_allowed(_json(llm_engine / "config.json"))
+    if requested and not allowed:
+        raise ValueError(f"expected kv_cache_reuse off or unset for {llm_engine}: its config.json says "
+                         f"use_paged_context_fmha false (trtllm-build drops it for an INT8 KV cache, or an FP8 KV "
+                         f"cache without FP8 weights/SM89), and KV-cache reuse needs it; got kv_cache_reuse=True")
+    return allowed if requested is None else bool(requested)
 
 
 def postprocessing_config(plan: Plan) -> ModelConfig:
@@ -466,12 +523,12 @@ def write_repository(engine_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                               f"not replacing it")
     configs = render_repository(plan)
     with staged_dir(out) as tmp:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a containerized server may run as another user
         for name, text in configs.items():
             (tmp / name).mkdir()
             (tmp / name / "config.pbtxt").write_text(text)
             _model_files(plan, name, tmp / name / "1")
         record = {"engine_dir": str(plan.facts.engine_dir), "limits": dataclasses.asdict(plan.limits),
+                  "launch": launch_spec(plan).record(),
                   "encoder": plan.encoder, "options": {k: v for k, v in dataclasses.asdict(o).items() if k != "limits"},
                   "variant": plan.facts.variant}
         (tmp / MARKER).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))

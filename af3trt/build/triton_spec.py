@@ -70,7 +70,7 @@ REQUEST_OUTPUTS = (tensor("TEXT", "bytes", -1),)
 
 # The TensorRT-LLM C++ backend's tensors this repository uses: names, dtypes and dims as in TensorRT-LLM
 # 1.2 triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt (input_ids is optional
-# there; this repository always sends it). The python LLM backend declares exactly these.
+# there; this repository always sends it). bad_words_list has stop_words_list's layout. The python LLM backend declares exactly these.
 # Preprocessing emits the per-request ones under the same names. How the C++ backend reads them
 # (inflight_batcher_llm/src/utils.cc): scalars by their exact dtype; stop_words_list [2, K] = ids row +
 # cumulative end offsets, -1 padded; prompt_embedding_table [rows, H] must be in the ENGINE's dtype
@@ -82,7 +82,8 @@ REQUEST_OUTPUTS = (tensor("TEXT", "bytes", -1),)
 LLM_INPUTS = (
     tensor("input_ids", "int32", -1, ragged=True), _scalar("input_lengths", "int32", optional=False),
     _scalar("request_output_len", "int32", optional=False), _scalar("end_id", "int32"), _scalar("pad_id", "int32"),
-    tensor("stop_words_list", "int32", 2, -1, optional=True, ragged=True), _scalar("runtime_top_k", "int32"),
+    tensor("stop_words_list", "int32", 2, -1, optional=True, ragged=True),
+    tensor("bad_words_list", "int32", 2, -1, optional=True, ragged=True), _scalar("runtime_top_k", "int32"),
     _scalar("runtime_top_p", "float32"), _scalar("temperature", "float32"), _scalar("repetition_penalty", "float32"),
     _scalar("min_tokens", "int32"), _scalar("seed", "uint64"), _scalar("streaming", "bool"),
     tensor("prompt_embedding_table", "float16", -1, -1, optional=True, ragged=True),
@@ -101,6 +102,32 @@ def llm_inputs(table_dtype: str) -> tuple[TensorSpec, ...]:
                          f"got {table_dtype!r}")
     return tuple(dataclasses.replace(t, dtype=table_dtype) if t.name == "prompt_embedding_table" else t
                  for t in LLM_INPUTS)
+
+
+def word_list(words) -> "np.ndarray":
+    """Token-id sequences -> TensorRT-LLM's [1, 2, K] int32 word list: row 0 the ids one after another,
+    row 1 each word's end offset, -1 padded (an empty list: [[[0], [-1]]])."""
+    import numpy as np
+
+    ids = [int(t) for w in words for t in w]
+    if not ids:
+        return np.array([[[0], [-1]]], np.int32)
+    ends = np.cumsum([len(w) for w in words]).tolist()
+    return np.array([[ids, ends + [-1] * (len(ids) - len(ends))]], np.int32)
+
+
+def words_of(word_list) -> list[tuple[int, ...]]:
+    """Inverse of `word_list` for a [.., 2, K] array (None: no words)."""
+    if word_list is None:
+        return []
+    ids, offsets = word_list.reshape(2, -1)
+    out, start = [], 0
+    for end in offsets:
+        if end < 0:
+            break
+        out.append(tuple(int(t) for t in ids[start:int(end)]))
+        start = int(end)
+    return out
 
 
 def from_preprocessing(spec: TensorSpec) -> TensorSpec:
@@ -149,20 +176,23 @@ class ServingLimits:
     """Per-request limits the repository enforces (from ENGINE_DIR/manifest.json `limits` when present).
 
     max_batch_size: sequences in flight in the LLM; max_audio_seconds: audio per request (all of its
-    audios together); max_windows: 30 s encoder windows per request; max_input_len: prompt tokens
-    (audio rows + text); max_new_tokens: per request; max_seq_len: prompt + new tokens.
+    audios together); max_windows: 30 s encoder windows per request; max_audio_tokens: prompt-table
+    rows per request (the executor's max_prompt_embedding_table_size // max_batch_size); max_input_len:
+    prompt tokens (audio rows + text); max_new_tokens: per request; max_seq_len: prompt + new tokens.
+    Checked per request by `af3trt.spec.request_limit_error`, the Pipeline's rule.
     """
 
     max_batch_size: int = 8
     max_audio_seconds: float = float(MAX_AUDIO_SECONDS)
     max_windows: int = MAX_WINDOWS
+    max_audio_tokens: int = MAX_AUDIO_TOKENS
     max_input_len: int = MAX_AUDIO_TOKENS + 2048
     max_new_tokens: int = 2048
     max_seq_len: int = MAX_AUDIO_TOKENS + 2048 + 2048
 
     def __post_init__(self):
-        check_limit_fields("ServingLimits", self, ("max_batch_size", "max_windows", "max_input_len", "max_new_tokens",
-                                                   "max_seq_len"))
+        check_limit_fields("ServingLimits", self, ("max_batch_size", "max_windows", "max_audio_tokens", "max_input_len",
+                                                   "max_new_tokens", "max_seq_len"))
         if self.max_seq_len <= self.max_input_len:
             raise ValueError(f"ServingLimits: expected max_seq_len > max_input_len, got {self.max_seq_len} "
                              f"<= {self.max_input_len}")
@@ -176,8 +206,8 @@ class ServingLimits:
         from .manifest import Manifest
 
         lim = Manifest.read(engine_dir).limits
-        picked = {k: lim[k] for k in ("max_batch_size", "max_audio_seconds", "max_input_len", "max_new_tokens",
-                                      "max_seq_len") if lim.get(k) is not None}
+        picked = {k: lim[k] for k in ("max_batch_size", "max_audio_seconds", "max_windows", "max_audio_tokens",
+                                      "max_input_len", "max_new_tokens", "max_seq_len") if lim.get(k) is not None}
         if "max_audio_seconds" in picked:
             picked["max_audio_seconds"] = float(picked["max_audio_seconds"])
         return cls(**picked)
@@ -221,6 +251,7 @@ def load_params(cls, model_config: dict):
 class PreprocessingParams:
     tokenizer_dir: str
     vocab_size: int
+    valid_vocab: int  # the model's vocab: [valid_vocab, vocab_size) padded ids go to the LLM as bad words
     audio_token_id: int
     end_id: int
     pad_id: int

@@ -139,6 +139,33 @@ class Qwen2Decoder(nn.Module):
                 for _ in range(t.num_layers)]
 
 
+def check_valid_vocab(valid_vocab: int | None, rows: int) -> int:
+    """The ids a decoder may generate: `valid_vocab` (the model's vocab) <= its `rows` (None = all)."""
+    if valid_vocab is None:
+        return rows
+    if not 0 < valid_vocab <= rows:
+        raise ValueError(f"expected a valid vocab in (0, {rows}] (the lm_head's rows), got {valid_vocab}")
+    return int(valid_vocab)
+
+
+def check_trtllm_text(text: TextSpec, spec, ckpt_dir) -> None:
+    """A TensorRT-LLM checkpoint's TextSpec against the AF3 config's: same dims, and a vocab of at
+    least the model's (more only where the export padded it, `precision.engine_vocab_size`)."""
+    if spec is None:
+        return
+    want = spec.text
+    for field in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        if getattr(text, field) != getattr(want, field):
+            raise ValueError(f"TensorRT-LLM checkpoint {ckpt_dir}: {field} {getattr(text, field)}, "
+                             f"the AF3 config says {getattr(want, field)}")
+    from ..build.precision import VOCAB_PAD_MULTIPLE
+
+    padded = -(-want.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+    if text.vocab_size not in (want.vocab_size, padded):
+        raise ValueError(f"TensorRT-LLM checkpoint {ckpt_dir}: vocab_size {text.vocab_size}, expected the AF3 "
+                         f"config's {want.vocab_size} or it padded to a multiple of {VOCAB_PAD_MULTIPLE} ({padded})")
+
+
 def attention_bias(key_mask: torch.Tensor, queries: int, start: int, dtype) -> torch.Tensor | None:
     """(B, 1, queries, start+queries) additive mask: causal within the step and padding keys masked.
 
@@ -160,12 +187,13 @@ class TorchDecoder:
 
     name = "torch"
 
-    def __init__(self, module: Qwen2Decoder, device="cpu"):
+    def __init__(self, module: Qwen2Decoder, device="cpu", valid_vocab: int | None = None):
         self.module = module.to(device).eval()
         self.device = torch.device(device)
         self.dtype = next(module.parameters()).dtype
         self.spec = module.t
-        self.vocab_limit: int | None = None  # the model's vocabulary where the lm_head is padded past it
+        self.vocab_size = module.t.vocab_size  # embedding rows: fake ids start here
+        self.valid_vocab = check_valid_vocab(valid_vocab, self.vocab_size)
 
     @classmethod
     def from_checkpoint(cls, ckpt, device="cpu", dtype=torch.float32) -> "TorchDecoder":
@@ -181,14 +209,9 @@ class TorchDecoder:
 
         cfg, state = load_trtllm_checkpoint(ckpt_dir)
         text = text_spec(cfg)
-        if spec is not None:
-            want = spec.text
-            for field in ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-                if getattr(text, field) != getattr(want, field):
-                    raise ValueError(f"TensorRT-LLM checkpoint {ckpt_dir}: {field} {getattr(text, field)}, "
-                                     f"the AF3 config says {getattr(want, field)}")
+        check_trtllm_text(text, spec, ckpt_dir)
         module = Qwen2Decoder(text).load_hf_state_dict(state)
-        return cls(module.to(dtype), device)
+        return cls(module.to(dtype), device, valid_vocab=spec.text.vocab_size if spec is not None else None)
 
     @torch.inference_mode()
     def steps(self, requests, generator=None, stats=None):
@@ -229,4 +252,4 @@ class TorchDecoder:
             return self.module(x, last, cache, n + step, bias)
 
         yield from decode_loop(logits, [r.prompt_ids for r in requests], opts, generator, advance,
-                               vocab_size=self.vocab_limit, stats=stats)
+                               valid_vocab=self.valid_vocab, stats=stats)

@@ -8,7 +8,7 @@ window's valid count (`valid_rows`) are padding, a `name`, and `takes`: what `in
 (log-mel windows) or "audio" (zero-padded 16 kHz windows; the graph computes the log-mel itself):
 - `TorchEncoder` ("torch"): this module, on the checkpoint's weights;
 - `OnnxRuntimeEncoder` ("onnxruntime"): ENGINE_DIR/encoder/encoder.onnx (af3trt.build.encoder);
-- `TensorRTEncoder` ("tensorrt"): ENGINE_DIR/encoder/encoder.plan, on the current CUDA stream.
+- `TensorRTEncoder` ("tensorrt"): ENGINE_DIR/encoder/encoder.plan, on its own CUDA stream (ordered with the caller's).
 `load_encoder(name, path)` picks one; `available_encoders(path)` lists them best first.
 """
 
@@ -332,7 +332,9 @@ def _trt_aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 class TensorRTEncoder:
-    """Encoder backend on a TensorRT plan (`encoder.plan`), run on the current torch CUDA stream.
+    """Encoder backend on a TensorRT plan (`encoder.plan`), run on its own CUDA stream (TensorRT's
+    NvInferRuntime.h warns that enqueueing on the default stream costs extra synchronization), ordered
+    after the caller's current stream and before it again: callers see stream-ordered results.
 
     __call__(inputs, frames (W,)) -> (W, 750, H) CUDA tensor (the plan's output dtype unless `dtype`
     is given); inputs: (W,128,3000) features or, for a plan that takes audio (`takes`, from the
@@ -371,6 +373,7 @@ class TensorRTEncoder:
         self.dtype = dtype
         self.path = path
         self._lock = threading.Lock()
+        self._stream = torch.cuda.Stream(self.device)
 
     def _run(self, signal: torch.Tensor, frames: torch.Tensor, stream: int) -> torch.Tensor:
         ctx, io = self.context, self.io
@@ -390,21 +393,34 @@ class TensorRTEncoder:
 
     def __call__(self, inputs, frames) -> torch.Tensor:
         io = self.io
+        io.check_frames(np.asarray(torch.as_tensor(frames).cpu()))  # as the ONNX Runtime encoder: 1..3000 each
         signal = torch.as_tensor(inputs).to(self.device, self._dtypes[io.signal]).contiguous()
         frames = torch.as_tensor(frames).to(self.device, self._dtypes[io.frames]).contiguous()
         w = io.check_batch(signal.shape, frames.shape)
-        outs = []
         with self._lock, torch.cuda.device(self.device):
-            stream = torch.cuda.current_stream(self.device).cuda_stream
-            for i in range(0, w, self.max_windows):
-                f, n = signal[i : i + self.max_windows], frames[i : i + self.max_windows]
-                real = f.shape[0]
-                if real < self.min_windows:  # a profile with min > 1: pad with copies of the last window
-                    f = torch.cat([f, f[-1:].expand(self.min_windows - real, *f.shape[1:])]).contiguous()
-                    n = torch.cat([n, n[-1:].expand(self.min_windows - real)]).contiguous()
-                outs.append(self._run(f, n, stream)[:real])
+            caller = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(caller)  # inputs were written on the caller's stream
+            for t in (signal, frames):
+                t.record_stream(self._stream)  # not reused by the allocator before the plan read them
+            with torch.cuda.stream(self._stream):
+                outs = self._chunks(signal, frames, w, self._stream.cuda_stream)
+            caller.wait_stream(self._stream)
+            for t in outs:
+                t.record_stream(caller)
         out = torch.cat(outs) if outs else torch.zeros((0, TOKENS_PER_WINDOW, self.hidden), device=self.device)
         return out.to(self.dtype) if self.dtype is not None else out
+
+    def _chunks(self, signal, frames, w: int, stream: int) -> list[torch.Tensor]:
+        """Windows in chunks of the plan's profile maximum, on `stream` (the current one here)."""
+        outs = []
+        for i in range(0, w, self.max_windows):
+            f, n = signal[i : i + self.max_windows], frames[i : i + self.max_windows]
+            real = f.shape[0]
+            if real < self.min_windows:  # a profile with min > 1: pad with copies of the last window
+                f = torch.cat([f, f[-1:].expand(self.min_windows - real, *f.shape[1:])]).contiguous()
+                n = torch.cat([n, n[-1:].expand(self.min_windows - real)]).contiguous()
+            outs.append(self._run(f, n, stream)[:real])
+        return outs
 
 
 def encoder_dir(path) -> Path:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import json
-import statistics
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -110,10 +109,14 @@ class FastTorchDecoder:
     prefill_mask_bytes = 256 << 20
 
     def __init__(self, weights: FastWeights, device=None, *, max_batch: int = 8, max_seq: int = 4096,
-                 use_graphs: bool | None = None, kernels: bool | None = None, fp8_activations: bool | None = None):
+                 use_graphs: bool | None = None, kernels: bool | None = None, fp8_activations: bool | None = None,
+                 valid_vocab: int | None = None):
+        from .decoder import check_valid_vocab
+
         self.w = weights
         self.spec = weights.text
-        self.vocab_limit: int | None = None  # the model's vocabulary where the lm_head is padded past it
+        self.vocab_size = weights.text.vocab_size  # embedding rows: fake ids start here
+        self.valid_vocab = check_valid_vocab(valid_vocab, self.vocab_size)
         self.dtype = weights.dtype
         self.device = torch.device(device) if device is not None else weights.embed.device
         if self.device != weights.embed.device and not (self.device.type == "cuda" == weights.embed.device.type):
@@ -162,15 +165,15 @@ class FastTorchDecoder:
         is_fp8 = (cfg.get("quantization") or {}).get("quant_algo") == "FP8"
         if fp8 is None:
             fp8 = is_fp8
+        if spec is not None:
+            kw.setdefault("valid_vocab", spec.text.vocab_size)
         if not fp8:
             module = TorchDecoder.from_trtllm_checkpoint(ckpt_dir, spec, "cpu", dtype).module
             return cls(fast_weights(module.t, module.state_dict(), None, device, dtype), device, **kw)
+        from .decoder import check_trtllm_text
+
         ck = load_fp8_trtllm_checkpoint(ckpt_dir)
-        if spec is not None:
-            for f in ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-                if getattr(ck.text, f) != getattr(spec.text, f):
-                    raise ValueError(f"TensorRT-LLM checkpoint {ckpt_dir}: {f} {getattr(ck.text, f)}, "
-                                     f"the AF3 config says {getattr(spec.text, f)}")
+        check_trtllm_text(ck.text, spec, ckpt_dir)
         return cls(fast_weights(ck.text, ck.weights, ck.scales, device, dtype), device, **kw)
 
     # -- building blocks ------------------------------------------------------------------------
@@ -353,15 +356,17 @@ class FastTorchDecoder:
         yields (B,) int64 next ids per step on the device, the first after the prefill."""
         logits = self.prefill(requests)
         yield from decode_loop(logits, [r.prompt_ids for r in requests], requests[0].options, generator,
-                               lambda nxt, step: self.decode(nxt), vocab_size=self.vocab_limit, stats=stats)
+                               lambda nxt, step: self.decode(nxt), valid_vocab=self.valid_vocab, stats=stats)
 
 
 # --------------------------------------------------------------------------- benchmark
 
 
 def _percentiles(ms: list[float]) -> dict:
-    q = statistics.quantiles(ms, n=10) if len(ms) > 1 else ms * 9
-    return {"p50": statistics.median(ms), "p90": q[8], "mean": statistics.fmean(ms), "n": len(ms)}
+    from ..stats import summary
+
+    s = summary(ms)
+    return {k: s[k] for k in ("p50", "p90", "mean", "n")}
 
 
 def _time_ms(fn, iters: int, warmup: int, device: torch.device) -> list[float]:

@@ -434,14 +434,16 @@ class LoopStats:
 
 
 def decode_loop(logits: torch.Tensor, prompts: Sequence[Sequence[int]], opts: GenerationOptions, generator, advance,
-                vocab_size: int | None = None, stats: LoopStats | None = None) -> Iterator[torch.Tensor]:
+                valid_vocab: int | None = None, stats: LoopStats | None = None) -> Iterator[torch.Tensor]:
     """The token loop of every torch decoder. logits (B, V) float32 of the prefill's last position;
     prompts: each row's prompt ids as HF sees them (`<sound>` at audio rows, no padding);
-    `advance(next_ids, step)` runs one decode step and returns the next (B, V) logits. Yields (B,)
-    int64 ids on the logits' device, never reading them on the host."""
+    `advance(next_ids, step)` runs one decode step and returns the next (B, V) logits; valid_vocab:
+    the model's vocabulary where the lm_head has more rows (ModelOpt's padding for INT4 AWQ,
+    `af3trt.build.precision.engine_vocab_size`): ids >= it are never generated. Yields (B,) int64
+    ids on the logits' device, never reading them on the host."""
     import time
 
-    chain = processors_for(opts, vocab_size)
+    chain = processors_for(opts, valid_vocab)
     state = token_state(chain, prompts, logits.shape[-1], logits.device)
     for step in range(opts.max_new_tokens):
         for proc in chain:

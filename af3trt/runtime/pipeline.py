@@ -57,8 +57,11 @@ class Pipeline:
     requests of all threads at once (in-flight batching), the torch decoders one batch at a time."""
 
     def __init__(self, builder: PromptBuilder, encoder, decoder, spec: ModelSpec, defaults: GenerationDefaults, device,
-                 limits: dict | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES):
+                 limits: dict | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
+                 fake_id_base: int | None = None):
         self.builder = builder
+        # where fake ids start: the decoder's embedding rows (ModelOpt pads them for int4_awq), else the model's vocab
+        self.fake_id_base = int(fake_id_base if fake_id_base is not None else spec.text.vocab_size)
         self.limits = dict(limits or {})
         self.cache = EmbeddingCache(cache_bytes)
         self.encoder_calls = 0
@@ -130,12 +133,16 @@ class Pipeline:
             enc = load_encoder("torch", _source_checkpoint(manifest), device, dtype)
         else:
             enc = load_encoder(enc_name, path, device, dtype)
-        builder = PromptBuilder.from_pretrained(path / "tokenizer", spec.audio_token_id, spec.text.vocab_size,
-                                                allow_urls=allow_urls,
+        base = manifest.engine_vocab_size()
+        builder = PromptBuilder.from_pretrained(path / "tokenizer", spec.audio_token_id, base, allow_urls=allow_urls,
                                                 user_suffix=manifest.variant.get("suffix", "") if think_suffix else "")
         defaults = GenerationDefaults.from_dir(path / "tokenizer", builder.tokenizer.eos_token_id)
         dec = load_decoder(decoder, path, manifest, spec, device, dtype, defaults.eos_token_ids, builder.pad_token_id)
-        return cls(builder, enc, dec, spec, defaults, device, limits=manifest.limits, cache_bytes=cache_bytes)
+        if getattr(dec, "vocab_size", base) != base:
+            raise ManifestError(f"decoder {dec.name} of {path} has vocab_size {dec.vocab_size}, the manifest's "
+                                f"engine_vocab_size (where fake ids start) is {base}")
+        return cls(builder, enc, dec, spec, defaults, device, limits=manifest.limits, cache_bytes=cache_bytes,
+                   fake_id_base=base)
 
     # -- stages ---------------------------------------------------------------------------------
     def prepare(self, conversations) -> list[Prompt]:
@@ -201,24 +208,18 @@ class Pipeline:
             self.check_limits(p, opts)
         embeddings, digests, timings = self.encode(prompts)
         spec = self.spec
-        reqs = [make_request(p, e, d, spec.audio_token_id, spec.text.vocab_size, opts, spec.text.hidden_size)
+        reqs = [make_request(p, e, d, spec.audio_token_id, self.fake_id_base, opts, spec.text.hidden_size)
                 for p, e, d in zip(prompts, embeddings, digests)]
         return reqs, timings
 
     def check_limits(self, prompt: Prompt, opts: GenerationOptions) -> None:
         """Raise `PromptError` when a request exceeds the engine dir's limits (nothing runs)."""
-        lim = self.limits
-        if not lim:
-            return
-        checks = [
-            ("audio tokens", prompt.num_audio_tokens, lim.get("max_audio_tokens")),
-            ("prompt tokens", len(prompt.input_ids), lim.get("max_input_len")),
-            ("max_new_tokens", opts.max_new_tokens, lim.get("max_new_tokens")),
-            ("prompt + max_new_tokens", len(prompt.input_ids) + opts.max_new_tokens, lim.get("max_seq_len")),
-        ]
-        for what, got, limit in checks:
-            if limit is not None and got > limit:
-                raise PromptError(f"expected at most {limit} {what} (engine limit), got {got}")
+        from ..spec import request_limit_error
+
+        error = request_limit_error(self.limits, audio_tokens=prompt.num_audio_tokens,
+                                    prompt_tokens=len(prompt.input_ids), max_new_tokens=opts.max_new_tokens)
+        if error:
+            raise PromptError(error)
 
     # -- generation -----------------------------------------------------------------------------
     def options(self, **options) -> GenerationOptions:
@@ -366,13 +367,18 @@ def load_decoder(name: str, path: Path, manifest, spec: ModelSpec, device, dtype
 
     name = _pick(name, available_decoders(path, manifest), "decoder")
     if name == "tensorrt_llm":
-        from .trtllm import TensorRTLLMDecoder, check_engine, engine_config
+        from .trtllm import TensorRTLLMDecoder, check_engine, check_single_rank, engine_config
 
         stage = manifest.stages["llm_engine"]
         engine = path / stage["path"]
+        check_single_rank(engine_config(engine), engine)
         check_engine(engine_config(engine), manifest.limits, stage.get("tensorrt_llm"),
-                     metadata.version("tensorrt_llm"), spec.text.vocab_size)
-        return TensorRTLLMDecoder(engine, end_id=eos[0], pad_id=pad_id, max_batch_size=manifest.limits.get("max_batch_size"))
+                     metadata.version("tensorrt_llm"), manifest.engine_vocab_size())
+        from ..build.engine_rules import kv_reuse_allowed
+
+        config = engine_config(engine)  # block reuse only where the engine kept paged context FMHA
+        return TensorRTLLMDecoder(engine, end_id=eos[0], pad_id=pad_id, max_batch_size=manifest.limits.get("max_batch_size"),
+                                  valid_vocab=spec.text.vocab_size, enable_block_reuse=kv_reuse_allowed(config))
     return _TORCH_DECODERS[name]().from_trtllm_checkpoint(path / manifest.stages["llm_checkpoint"]["path"], spec,
                                                           device, dtype)
 

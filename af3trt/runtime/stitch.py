@@ -98,7 +98,8 @@ def trtllm_sampling(o: GenerationOptions) -> dict:
             "min_tokens": o.min_new_tokens or None, "seed": o.seed}
 
 
-def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming: bool = False) -> dict:
+def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming: bool = False,
+                       valid_vocab: int | None = None, vocab_size: int | None = None) -> dict:
     """Keyword arguments of `tensorrt_llm.bindings.executor.Request` (TensorRT-LLM 1.2 bindings) for
     `req`, as plain Python/torch values; the TensorRT-LLM backend wraps `sampling_config`,
     `output_config` and `prompt_tuning_config` in their binding types. Fake ids start at vocab_size
@@ -110,6 +111,11 @@ def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming:
     text holds one. `input_token_extra_ids` (uint64 per prompt token, > 0 on an audio's fake ids) is
     what KV-cache block reuse with a prompt table requires: the executor rejects such a request
     without it.
+
+    valid_vocab < vocab_size (the engine's vocab, padded by ModelOpt for int4_awq): the padded ids
+    [valid_vocab, vocab_size) go in as single-token `bad_words` too, so they are never generated. The
+    executor masks only what TensorRT-LLM pads for TP (vocabSizePadded above the engine's
+    vocab_size); to it the ModelOpt rows are ordinary ids whose zero lm_head rows score logit 0.
     """
     o = req.options
     args = {
@@ -124,6 +130,8 @@ def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming:
         "output_config": {"exclude_input_from_output": True},  # non-streaming results: new tokens only
         "prompt_tuning_config": None,
     }
+    if valid_vocab is not None and vocab_size is not None and valid_vocab < vocab_size:
+        args["bad_words"] = (args["bad_words"] or []) + [[i] for i in range(valid_vocab, vocab_size)]
     if req.table.shape[0]:
         args["prompt_tuning_config"] = {"embedding_table": req.table,
                                         "input_token_extra_ids": req.extra_ids.tolist()}

@@ -70,7 +70,22 @@ def check_engine(config: dict, limits: dict, built_version: str | None, installe
         raise ManifestError("llm/engine was built for other limits than the manifest's: " + "; ".join(differs))
     engine_vocab = config.get("pretrained_config", {}).get("vocab_size")
     if vocab_size is not None and engine_vocab != vocab_size:
-        raise ManifestError(f"expected an engine with vocab_size {vocab_size} (the model's), got {engine_vocab}")
+        raise ManifestError(f"expected an engine with vocab_size {vocab_size} (the manifest's engine_vocab_size, "
+                            f"where fake ids start), got {engine_vocab}")
+
+
+def check_single_rank(config: dict, engine_dir) -> None:
+    """The in-process decoder drives one rank: the executor in leader mode needs an MPI world of
+    tp*pp ranks (executorImpl.cpp: "MPI worldSize is expected to be equal to tp*pp*cp"). A TP/PP > 1
+    engine is served by Triton, one rank per GPU under mpirun (af3trt.serving.launch)."""
+    mapping = (config.get("pretrained_config") or {}).get("mapping") or {}
+    world = int(mapping.get("tp_size", 1)) * int(mapping.get("pp_size", 1))
+    if world > 1:
+        root = Path(engine_dir).parent.parent
+        raise ValueError(f"expected a single-rank engine for the in-process TensorRT-LLM decoder, got tp_size "
+                         f"{mapping.get('tp_size', 1)} x pp_size {mapping.get('pp_size', 1)} = {world} ranks in "
+                         f"{engine_dir}. Serve it with one rank per GPU: af3trt triton --engine-dir {root} --out REPO "
+                         f"&& af3trt serve --repo REPO (mpirun -n {world}), or use --decoder torch here")
 
 
 @dataclass(frozen=True)
@@ -94,13 +109,17 @@ class TensorRTLLMDecoder:
 
     def __init__(self, engine_dir: str | Path, end_id: int, pad_id: int, max_batch_size: int | None = None,
                  free_gpu_memory_fraction: float = 0.9, enable_block_reuse: bool = True,
-                 table_device: str = "cuda"):
+                 table_device: str = "cuda", valid_vocab: int | None = None):
+        self.config = engine_config(engine_dir)
+        check_single_rank(self.config, engine_dir)
         tl = import_executor()
         self._tl = tl
-        self.config = engine_config(engine_dir)
         build, pretrained = self.config["build_config"], self.config["pretrained_config"]
         self.dtype = _DTYPES[pretrained["dtype"]]  # the executor rejects a prompt table of another dtype
-        self.vocab_size = int(pretrained["vocab_size"])
+        self.vocab_size = int(pretrained["vocab_size"])  # fake ids start here (padded for int4_awq)
+        self.valid_vocab = int(valid_vocab or self.vocab_size)
+        if not 0 < self.valid_vocab <= self.vocab_size:
+            raise ValueError(f"expected valid_vocab in (0, {self.vocab_size}] (the engine's vocab_size), got {valid_vocab}")
         self.max_batch_size = int(max_batch_size or build["max_batch_size"])
         self.end_id, self.pad_id = int(end_id), int(pad_id)
         self.table_device = table_device  # the executor copies a host table to the GPU itself
@@ -115,7 +134,8 @@ class TensorRTLLMDecoder:
 
     def _request(self, req: DecoderRequest, streaming: bool):
         tl = self._tl
-        args = executor_arguments(req, self.end_id, self.pad_id, streaming)
+        args = executor_arguments(req, self.end_id, self.pad_id, streaming, valid_vocab=self.valid_vocab,
+                                  vocab_size=self.vocab_size)
         sampling = {k: v for k, v in args["sampling_config"].items() if v is not None}
         if sampling.get("top_k") != 1 and "seed" not in sampling:
             sampling["seed"] = secrets.randbits(63)  # the executor's default seed is 0 for every request

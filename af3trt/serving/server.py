@@ -269,9 +269,16 @@ def serve(repo: str | os.PathLike, *, host: str = DEFAULT_HOST, http_port: int =
           extra_args: tuple[str, ...] = ()) -> int:
     """`af3trt serve`: run tritonserver in the foreground (its log on this terminal) until Ctrl-C or
     SIGTERM, then shut it down cleanly. Returns the server's exit code."""
+    from .launch import check_server_trtllm, installed_trtllm, launch_argv, read_launch
+
     repo = _check_repo(repo)
     binary = find_tritonserver()
-    argv = server_args(binary, repo, host, http_port, grpc_port, metrics_port, tuple(extra_args))
+    spec = read_launch(repo)  # TP/PP > 1: one rank per GPU under mpirun; GPU 0's memory pool
+    check_server_trtllm(spec, installed_trtllm())
+    if spec.world_size > 1 and shutil.which("mpirun") is None:
+        raise TritonServerError(f"expected mpirun on PATH for the engine's {spec.world_size} ranks (the NGC Triton "
+                                f"TensorRT-LLM containers ship it), found none")
+    argv = launch_argv(server_args(binary, repo, host, http_port, grpc_port, metrics_port, tuple(extra_args)), spec)
     proc = subprocess.Popen(argv, env=server_env(binary), start_new_session=True)
     server = TritonServer(proc, repo, host, http_port, grpc_port, metrics_port, None, binary)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # stop outside the handler, like Ctrl-C

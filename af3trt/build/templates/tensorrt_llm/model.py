@@ -30,8 +30,10 @@ def load_decoder(path, device, dtype, variant="base"):
     from af3trt.runtime.decoder import TorchDecoder
 
     trtllm = Path(path) / "llm" / "checkpoint"
-    if (trtllm / "config.json").is_file():
-        return TorchDecoder.from_trtllm_checkpoint(trtllm, None, device, dtype)
+    if (trtllm / "config.json").is_file():  # the AF3 config: ids >= its vocab (int4_awq padding) never generated
+        from af3trt.spec import ModelSpec
+
+        return TorchDecoder.from_trtllm_checkpoint(trtllm, ModelSpec.from_dir(Path(path) / "tokenizer"), device, dtype)
     from af3trt.think import open_checkpoint
 
     return TorchDecoder.from_checkpoint(open_checkpoint(path, variant), device, dtype)
@@ -39,17 +41,9 @@ def load_decoder(path, device, dtype, variant="base"):
 
 def stop_ids(words):
     """Single-token stop words of a [1, 2, K] TensorRT-LLM word list (ids row, end-offsets row)."""
-    if words is None:
-        return []
-    ids, offsets = words.reshape(2, -1)
-    out, start = [], 0
-    for end in offsets:
-        if end < 0:
-            break
-        if end - start == 1:
-            out.append(int(ids[start]))
-        start = int(end)
-    return out
+    from af3trt.build.triton_spec import words_of
+
+    return [w[0] for w in words_of(words) if len(w) == 1]
 
 
 class TritonPythonModel:
@@ -101,6 +95,7 @@ class TritonPythonModel:
         """The request's tensors -> (DecoderRequest, streaming, seed, end_id)."""
         import torch
 
+        from af3trt.build.triton_spec import words_of
         from af3trt.runtime.generation import GenerationOptions
         from af3trt.runtime.stitch import DecoderRequest, hf_prompt_ids
 
@@ -121,7 +116,7 @@ class TritonPythonModel:
             max_new_tokens=int(one("request_output_len", 0)), min_new_tokens=int(one("min_tokens", 0)),
             do_sample=not greedy, temperature=float(one("temperature", 1.0)), top_p=top_p if 0 < top_p <= 1 else 1.0,
             top_k=top_k if top_k > 1 else 0, repetition_penalty=float(one("repetition_penalty", 1.0)),
-            eos_token_ids=eos)
+            bad_words=tuple(words_of(get("bad_words_list"))), eos_token_ids=eos)
         table = get("prompt_embedding_table")
         table = np.zeros((0, self.hidden), np.float32) if table is None else table.reshape(-1, table.shape[-1])
         table = table[: int(one("prompt_vocab_size", table.shape[0]))]
