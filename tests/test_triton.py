@@ -11,8 +11,10 @@ import importlib.util
 import io
 import json
 import shutil
+import subprocess
 import sys
 import threading
+import time
 import types
 
 import numpy as np
@@ -513,6 +515,56 @@ def test_benchmark_triton_backend(server, model):
     row = summarize([call], seconds=2.0, batch=2, new_tokens=8)  # per-token figures as for the other backends
     assert row["tpot_ms"]["p50"] == pytest.approx(call.decode / 7 * 1e3)
     assert row["throughput"]["decode_tokens_per_s"] == pytest.approx(2 * 7 / call.decode)
+
+
+LONG = dict(max_tokens=500, min_tokens=500)  # a fixed-length answer, long enough to abandon midway
+
+
+def _timed(work):
+    start = time.monotonic()
+    out = work()
+    return out, time.monotonic() - start
+
+
+@pytest.mark.triton_server
+def test_closed_stream_frees_the_server(client):
+    """Closing `Af3Client.stream()` after 3 pieces cancels its gRPC stream and, through `af3`, the LLM
+    request: closing returns at once and the next request is not held behind the abandoned answer."""
+    pieces, full = _timed(lambda: list(client.stream("hello", **LONG)))
+    assert len(pieces) > 3
+    stream = client.stream("hello", **LONG)
+    assert len([next(stream) for _ in range(3)]) == 3
+    _, close = _timed(stream.close)
+    answer, after = _timed(lambda: client.infer("hello", max_tokens=4))
+    print(f"whole answer {full:.2f} s; close {close:.2f} s; next request {after:.2f} s")
+    assert answer and close < full / 3 and after < full / 3
+
+
+CLIENT = """
+import sys
+from af3trt.serving.client import Af3Client
+stream = Af3Client(grpc_url=sys.argv[1]).stream("hello", max_tokens=500, min_tokens=500)
+for i, _ in enumerate(stream):
+    if i == 2:
+        print("3 pieces", flush=True)
+        sys.stdin.readline()  # killed here
+"""
+
+
+@pytest.mark.triton_server
+def test_killed_client_frees_the_server(client, server):
+    """A client killed mid-stream leaves no request running: the next one is not held behind it."""
+    _, full = _timed(lambda: client.infer("hello", **LONG))
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, server.grpc_url], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "3 pieces"
+    finally:
+        proc.kill()
+        proc.wait(30)
+    answer, after = _timed(lambda: client.infer("hello", max_tokens=4))
+    print(f"whole answer {full:.2f} s; next request after the kill {after:.2f} s")
+    assert answer and after < full / 3
 
 
 def _wav(seconds):

@@ -129,12 +129,16 @@ class Af3Client:
         return "".join(self.stream_inputs(self.inputs(prompt, audio, stream=False, **params), model=model))
 
     def stream_inputs(self, inputs, *, model: str | None = None) -> Iterator[str]:
-        """Send prepared InferInputs on a gRPC stream; yield TEXT pieces until the final response."""
+        """Send prepared InferInputs on a gRPC stream; yield TEXT pieces until the final response.
+
+        Closing the iterator early (`close()`, `break` out of a for loop, garbage collection) cancels
+        the gRPC stream, and with it the request on the server."""
         import tritonclient.grpc as grpcclient
 
         results: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.grpc_url)
         client.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=self.timeout_s)
+        finished = False
         try:
             client.async_stream_infer(model or self.model, inputs, request_id=uuid.uuid4().hex,
                                       enable_empty_final_response=True)
@@ -151,7 +155,8 @@ class Af3Client:
                         yield piece.decode("utf-8") if isinstance(piece, bytes) else str(piece)
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
+                    finished = True
                     return
-        finally:
-            client.stop_stream()
+        finally:  # closed early (or failed): cancel the request on the server rather than wait for its end
+            client.stop_stream(cancel_requests=not finished)
             client.close()
