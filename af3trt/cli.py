@@ -86,11 +86,15 @@ def _cmd_serve(args) -> int:
     from .serving.server import TritonServerError, serve
 
     try:
-        return serve(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+        code = serve(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                      metrics_port=args.metrics_port)
     except TritonServerError as exc:
         print(f"af3trt serve: error: {exc}", file=sys.stderr)
         return 2
+    if code != 0:
+        print(f"af3trt serve: error: tritonserver exited with code {code} (its log is above)", file=sys.stderr)
+        return code if code > 0 else 1
+    return 0
 
 
 def _cmd_bench(rest: list[str]) -> int:

@@ -10,6 +10,7 @@ in-process Pipeline on the same engine dir (`engine_pipe`).
 import importlib.util
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -515,6 +516,31 @@ def test_benchmark_triton_backend(server, model):
     row = summarize([call], seconds=2.0, batch=2, new_tokens=8)  # per-token figures as for the other backends
     assert row["tpot_ms"]["p50"] == pytest.approx(call.decode / 7 * 1e3)
     assert row["throughput"]["decode_tokens_per_s"] == pytest.approx(2 * 7 / call.decode)
+
+
+@pytest.mark.triton_server
+def test_serve_refuses_taken_ports(server, cpu_repo):
+    """A second `af3trt serve` on the ports of a running server exits non-zero with one clear line, and
+    never says ready; readiness counts only from a process that holds the ports itself."""
+    from af3trt.serving.server import TritonServer, TritonServerError, free_port, owns_port
+
+    proc = subprocess.run([sys.executable, "-m", "af3trt.cli", "serve", "--repo", str(cpu_repo.path),
+                           "--http-port", str(server.http_port), "--grpc-port", str(server.grpc_port),
+                           "--metrics-port", str(free_port())], capture_output=True, text=True, timeout=120)
+    print(proc.stdout, proc.stderr)
+    assert proc.returncode == 2 and "ready" not in proc.stdout
+    assert f"af3trt serve: error: expected free ports for tritonserver, got HTTP {server.http_url} " in proc.stderr
+    assert f"gRPC {server.grpc_url} " in proc.stderr and "Traceback" not in proc.stderr
+    assert owns_port(server.process.pid, server.http_port) and owns_port(server.process.pid, server.grpc_port)
+    assert owns_port(server.process.pid, free_port()) is False and owns_port(os.getpid(), server.http_port) is False
+    impostor = subprocess.Popen(["sleep", "60"])  # alive, "ready" through the fixture's ports, owns none
+    try:
+        with pytest.raises(TritonServerError, match=rf"expected this tritonserver \(pid {impostor.pid}\) listening on "
+                                                    rf"HTTP {server.http_url}, got another process answering there"):
+            TritonServer(impostor, cpu_repo.path, server.host, server.http_port, server.grpc_port, None).wait_ready(30)
+    finally:
+        impostor.kill()
+        impostor.wait()
 
 
 LONG = dict(max_tokens=500, min_tokens=500)  # a fixed-length answer, long enough to abandon midway
