@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
 
 def _cmd_tiny(args) -> int:
@@ -196,14 +197,23 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from .audio import AudioError
-    from .prompt import PromptError
+    from . import __version__
+    from .errors import UserError
 
     try:
         return _cmd_bench(rest) if args.command == "bench" else args.func(args)
-    except (AudioError, PromptError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
+    except UserError as exc:  # the user's to fix: one line
         print(f"af3trt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = "; rerun the same command to resume (finished stages are kept)" if args.command == "build" else ""
+        print(f"\naf3trt {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
+    except Exception:  # ours to fix: the whole traceback
+        traceback.print_exc()
+        print(f"af3trt {args.command}: internal error: this is a bug in af3trt {__version__}; please report it "
+              f"with the traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

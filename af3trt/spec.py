@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import MissingInputError, OptionError
+
 SAMPLE_RATE = 16_000  # Hz, what the Whisper front end expects
 WINDOW_SECONDS = 30  # seconds per encoder window (Whisper chunk length)
 WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE  # 480,000 samples in a 30 s window
@@ -140,7 +142,7 @@ class ModelSpec:
     def from_dir(cls, path: str | Path) -> "ModelSpec":
         path = Path(path) / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"expected an AF3 checkpoint with config.json at {path}, found none")
+            raise MissingInputError(f"expected an AF3 checkpoint with config.json at {path}, found none")
         return cls.from_config(json.loads(path.read_text()))
 
 
@@ -149,7 +151,7 @@ def check_limit_fields(owner: str, obj, int_fields: tuple[str, ...]) -> None:
     for name in int_fields:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{owner}.{name}: expected an int >= 1, got {value!r}")
+            raise OptionError(f"{owner}.{name}: expected an int >= 1, got {value!r}")
     if not 0 < obj.max_audio_seconds <= MAX_AUDIO_SECONDS:
-        raise ValueError(f"{owner}.max_audio_seconds: expected (0, {MAX_AUDIO_SECONDS}] s (longer audio is "
+        raise OptionError(f"{owner}.max_audio_seconds: expected (0, {MAX_AUDIO_SECONDS}] s (longer audio is "
                          f"truncated), got {obj.max_audio_seconds!r}")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .errors import ExistingOutputError, temp_dir_beside
 from .spec import N_MELS
 
 TINY_AUDIO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
@@ -227,9 +227,8 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         meta = json.loads((out / "config.json").read_text()).get("af3trt_tiny_seed")
         if meta == seed:
             return out
-        raise FileExistsError(f"{out} already holds a checkpoint (tiny seed {meta}); expected seed {seed} or an empty dir")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+        raise ExistingOutputError(f"{out} already holds a checkpoint (tiny seed {meta}); expected seed {seed} or an empty dir")
+    tmp = temp_dir_beside(out, ".tiny-")
     try:
         ids = _tokenizer_files(tmp)
         bpe_total = max(ids.values()) + 1

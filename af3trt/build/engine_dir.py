@@ -19,6 +19,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import OptionError
 from .manifest import Manifest, ManifestError, clean_partials, stage_key, staged_dir
 
 log = logging.getLogger(__name__)
@@ -56,20 +57,33 @@ class BuildOptions:
         get_precision(self.precision)
         get_kv_cache(self.kv_cache)
         if self.encoder_precision not in ENCODER_PLAN_PRECISIONS:
-            raise ValueError(f"expected encoder precision in {ENCODER_PLAN_PRECISIONS}, got {self.encoder_precision!r}")
+            raise OptionError(f"expected encoder precision in {ENCODER_PLAN_PRECISIONS}, got {self.encoder_precision!r}")
         if self.encoder_input not in ENCODER_INPUTS:
-            raise ValueError(f"expected encoder input in {ENCODER_INPUTS}, got {self.encoder_input!r}")
+            raise OptionError(f"expected encoder input in {ENCODER_INPUTS}, got {self.encoder_input!r}")
         if self.encoder_input == "audio" and self.encoder_precision in ("fp8", "int8"):
-            raise ValueError(f"expected encoder precision fp16 or bf16 with encoder input 'audio' (Q/DQ calibration "
+            raise OptionError(f"expected encoder precision fp16 or bf16 with encoder input 'audio' (Q/DQ calibration "
                              f"feeds log-mel windows), got {self.encoder_precision!r}")
         unknown = set(self.stages) - set(STAGE_NAMES)
         if unknown or not self.stages:
-            raise ValueError(f"expected stages from {STAGE_NAMES}, got {self.stages!r}")
+            raise OptionError(f"expected stages from {STAGE_NAMES}, got {self.stages!r}")
         if self.limits is None:
             object.__setattr__(self, "limits", EngineLimits())
         for name in ("calib_size", "calib_max_tokens", "tp_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
+                raise OptionError(f"expected {name} >= 1, got {getattr(self, name)}")
+
+
+def check_options(options: BuildOptions, spec) -> None:
+    """What can be checked before any stage runs, against the checkpoint's ModelSpec: tensor-parallel
+    size (and INT4 AWQ group widths), the calibration folder. A bad option fails here, in seconds."""
+    from .calibration import audio_files
+    from .llm import _check_tp
+    from .precision import get_precision
+
+    if "llm" in options.stages:
+        _check_tp(spec.text, get_precision(options.precision), options.tp_size)
+    if options.calib_audio is not None:
+        audio_files(options.calib_audio)
 
 
 def has_module(name: str) -> bool:
@@ -96,6 +110,7 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
     from ..checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(model)
+    check_options(options, ckpt.spec)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_partials(out)
@@ -107,21 +122,23 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
     if "llm" in options.stages:
         plan += [("llm_checkpoint", _stage_llm_checkpoint), ("llm_engine", _stage_llm_engine)]
     bar = _progress(len(plan))
-    for name, run in plan:
-        key = stage_key(stage=name, checkpoint=fingerprint, options=_stage_flags(name, options))
-        entry = manifest.stages.pop(name, None)  # re-inserted below: the manifest lists stages in build order
-        if not options.force and entry and entry.get("key") == key and "missing" not in entry \
-                and (out / entry["path"]).exists():
-            log.info("stage %s unchanged: skipped", name)
-            manifest.stages[name] = entry
-        else:
-            manifest.stages[name] = {"key": key, "checkpoint": fingerprint, **run(ckpt, out, options, manifest)}
-            manifest.write(out)
+    try:
+        for name, run in plan:
+            key = stage_key(stage=name, checkpoint=fingerprint, options=_stage_flags(name, options))
+            entry = manifest.stages.pop(name, None)  # re-inserted below: the manifest lists stages in build order
+            if not options.force and entry and entry.get("key") == key and "missing" not in entry \
+                    and (out / entry["path"]).exists():
+                log.info("stage %s unchanged: skipped", name)
+                manifest.stages[name] = entry
+            else:
+                manifest.stages[name] = {"key": key, "checkpoint": fingerprint, **run(ckpt, out, options, manifest)}
+                manifest.write(out)
+            if bar is not None:
+                bar.set_postfix_str(name)
+                bar.update()
+    finally:  # also on Ctrl-C: the bar's last line comes before the CLI's "interrupted"
         if bar is not None:
-            bar.set_postfix_str(name)
-            bar.update()
-    if bar is not None:
-        bar.close()
+            bar.close()
     manifest.write(out)
     return manifest
 

@@ -14,6 +14,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import OptionError
 from ..spec import MAX_AUDIO_SECONDS, MAX_AUDIO_TOKENS, MAX_WINDOWS, check_limit_fields
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -164,7 +165,7 @@ class ServingLimits:
         check_limit_fields("ServingLimits", self, ("max_batch_size", "max_windows", "max_input_len", "max_new_tokens",
                                                    "max_seq_len"))
         if self.max_seq_len <= self.max_input_len:
-            raise ValueError(f"ServingLimits: expected max_seq_len > max_input_len, got {self.max_seq_len} "
+            raise OptionError(f"ServingLimits: expected max_seq_len > max_input_len, got {self.max_seq_len} "
                              f"<= {self.max_input_len}")
 
     @classmethod

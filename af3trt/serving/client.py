@@ -26,6 +26,8 @@ from typing import Iterator
 
 import numpy as np
 
+from ..errors import OptionError
+
 DEFAULT_MODEL = "af3"
 # keyword -> (input name, numpy dtype, Triton dtype)
 PARAMS = {
@@ -51,7 +53,7 @@ def audio_bytes(audio) -> list[bytes]:
         return [bytes(audio)]
     if isinstance(audio, (str, os.PathLike)):
         if "://" in str(audio):
-            raise ValueError(f"expected audio bytes, a local file or an array, got a URL {audio!r}")
+            raise OptionError(f"expected audio bytes, a local file or an array, got a URL {audio!r}")
         return [Path(audio).read_bytes()]
     if isinstance(audio, np.ndarray):
         import soundfile as sf

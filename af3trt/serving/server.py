@@ -30,13 +30,15 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import MissingInputError, UserError
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_STARTUP_TIMEOUT_S = 300.0  # python models import torch/transformers; a slow CPU takes a while
 STOP_TIMEOUT_S = 30.0
 CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
 
 
-class TritonServerError(RuntimeError):
+class TritonServerError(UserError, RuntimeError):
     """tritonserver could not be found, did not become ready, or exited."""
 
 
@@ -294,7 +296,7 @@ def server_args(binary: TritonBinary, repo: Path, host: str, http_port: int, grp
 def _check_repo(repo: str | os.PathLike) -> Path:
     repo = Path(repo).resolve()
     if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
-        raise FileNotFoundError(f"expected a Triton model repository (folders with config.pbtxt) at {repo}, found none")
+        raise MissingInputError(f"expected a Triton model repository (folders with config.pbtxt) at {repo}, found none")
     return repo
 
 

@@ -20,11 +20,13 @@ import warnings
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from af3trt.errors import UserError
+
 OPTIONAL = {"MAX_TOKENS": None, "MIN_TOKENS": 0, "DO_SAMPLE": False, "TEMPERATURE": 1.0, "TOP_P": 1.0,
             "TOP_K": 0, "REPETITION_PENALTY": 1.0, "SEED": None, "STREAM": False, "STRIP_PREFIX": False}
 
 
-class RequestError(ValueError):
+class RequestError(UserError):
     """A request the model refuses (sent back as a Triton error)."""
 
 
@@ -77,7 +79,7 @@ class TritonPythonModel:
             try:
                 responses.append(pb_utils.InferenceResponse(self._tensors(self._process(request))))
             except Exception as exc:  # every failure answers this request only; the next ones go on
-                if not isinstance(exc, (RequestError, ValueError)):
+                if not isinstance(exc, UserError):  # a bad request is the client's; anything else is logged
                     pb_utils.Logger.log_error(f"preprocessing: {type(exc).__name__}: {exc}")
                 responses.append(pb_utils.InferenceResponse(error=_error(str(exc))))
         return responses
