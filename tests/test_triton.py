@@ -630,6 +630,34 @@ def test_bad_requests(client, server, model):
     assert server.alive()
 
 
+@pytest.mark.triton_server
+@pytest.mark.parametrize("model", ["af3", "ensemble"])
+def test_unknown_request_keys_are_refused(client, server, model):
+    """The generate endpoint turns a JSON key that names no input (the typo MAX_TOKEN) into a request
+    parameter: refused with the key named, over HTTP and gRPC alike, never answered as if absent."""
+    import urllib.error
+    import urllib.request
+
+    import tritonclient.grpc as grpcclient
+
+    body = json.dumps({"PROMPT": "hello", "MAX_TOKEN": 4}).encode()
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/{model}/generate", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=120)
+    message = json.loads(info.value.read())["error"]
+    print(message)
+    assert info.value.code == 400 and "got unknown keys ['MAX_TOKEN']" in message and "'MAX_TOKENS'" in message
+    results = []
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    grpc.start_stream(callback=lambda result, error: results.append(error))
+    grpc.async_stream_infer(model, client.inputs("hello", max_tokens=4), parameters={"temprature": 0.5},
+                            enable_empty_final_response=True)
+    grpc.stop_stream()
+    assert any(e is not None and "got unknown keys ['temprature']" in str(e) for e in results), results
+    assert client.generate("hello", model=model, max_tokens=4)
+
+
 def test_stream_reaches_the_llm_only_when_it_is_decoupled(tiny_dir, tmp_path, monkeypatch):
     """A repository written with streaming=False has a non-decoupled LLM, which the C++ backend
     refuses streaming=true for: preprocessing sends STREAM=true on as false there."""

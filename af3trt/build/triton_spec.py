@@ -312,3 +312,18 @@ def render_ensemble(name: str, inputs, outputs, steps: list[Step]) -> str:
         blocks.append(_STEP.substitute(model=s.model, maps="\n".join(maps)))
     return template.substitute(generator=GENERATOR, name=name, inputs=",\n".join(render_tensor(t, True) for t in inputs),
                                outputs=",\n".join(render_tensor(t, False) for t in outputs), steps=",\n".join(blocks))
+
+
+# ------------------------------------------------------------------------------ request checks
+
+
+def unknown_request_keys(parameters_json: str) -> str | None:
+    """The error for a request carrying parameters (`request.parameters()`, JSON): the HTTP generate
+    endpoint turns every JSON key that names no input into a parameter, so a typo such as
+    "MAX_TOKEN" arrives there. The repository's models read none, so every one is refused."""
+    params = json.loads(parameters_json or "{}")
+    if not params:
+        return None
+    inputs = [t.name for t in REQUEST_INPUTS]
+    return (f"expected request keys among the inputs {inputs}, got unknown keys {sorted(params)} "
+            f"(sent as request parameters, which this model does not read)")

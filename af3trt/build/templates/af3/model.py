@@ -109,11 +109,14 @@ class TritonPythonModel:
         return {n: pb_utils.get_output_tensor_by_name(resp, n) for n in outputs}
 
     def _run(self, request, sender):
-        from af3trt.build.triton_spec import ENCODER, LLM, PREPROCESSING, PROMPT_TABLE, TABLE_INPUTS
+        from af3trt.build.triton_spec import (ENCODER, LLM, PREPROCESSING, PROMPT_TABLE, TABLE_INPUTS,
+                                              unknown_request_keys)
         from af3trt.prompt import strip_transcription_prefix
         from af3trt.serving.cancel import new_request_id
 
         _check(request)
+        if (unknown := unknown_request_keys(request.parameters())) is not None:
+            raise StepError(unknown)
         inputs = [t for n in self.p.preprocessing_inputs if (t := pb_utils.get_input_tensor_by_name(request, n)) is not None]
         prep = self._call(PREPROCESSING, inputs, [*self.p.encoder_inputs, "rows", *self.p.llm_inputs])
         stream = bool(prep["streaming"].as_numpy().reshape(-1)[0])

@@ -153,6 +153,10 @@ class TritonPythonModel:
         from af3trt.runtime.stitch import audio_hash, extra_id
         from af3trt.spec import FRAMES_PER_WINDOW, N_MELS, audio_token_count
 
+        from af3trt.build.triton_spec import unknown_request_keys
+
+        if (unknown := unknown_request_keys(request.parameters())) is not None:
+            raise RequestError(unknown)
         prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT")
         if prompt is None or prompt.as_numpy().size != 1:
             raise RequestError(f"expected PROMPT with 1 element (text), got {'none' if prompt is None else prompt.as_numpy().size}")
