@@ -28,7 +28,8 @@ from af3trt.build.triton import (
 
 PROMPT = "Transcribe the input speech."
 MAX_TOKENS = 16
-LIMITS = ServingLimits(max_input_len=2048, max_new_tokens=512, max_seq_len=4096)
+LIMITS = ServingLimits(max_audio_seconds=60.0, max_input_len=2048, max_new_tokens=512, max_seq_len=4096,
+                       max_text_tokens=1024)
 MODELS = {"preprocessing", "audio_encoder", "prompt_table", "tensorrt_llm", "postprocessing", "ensemble", "af3"}
 
 
@@ -614,8 +615,12 @@ def test_bad_requests(client, server, model):
 
     fails(r"AUDIO\[0\]: expected a WAV, FLAC, MP3 or OGG file", client.inputs(PROMPT, b"not audio at all" * 8))
     fails(r"expected AUDIO\[0\] as the bytes of an audio file, got 0 bytes", client.inputs(PROMPT, b""))
-    fails(r"expected AUDIO\[0\] of at most 600 s, got 660.0 s", client.inputs(PROMPT, _wav(660)))
+    fails(r"expected AUDIO\[0\] of at most 60 s \(the engine's limit; `af3trt build --max-audio-seconds` raises "
+          r"it, up to 600 s\), got 660.0 s", client.inputs(PROMPT, _wav(660)))
+    fails(r"expected at most 60 s of audio per request .*, got 80.0 s in 2 files", client.inputs(PROMPT, [_wav(40)] * 2))
     fails(r"expected a prompt of at most 2048 tokens .*, got \d+", client.inputs("hello world " * 1500, SPEECH_WAV))
+    fails(r"expected at most 1024 prompt tokens besides audio \(the engine's max_text_tokens; `af3trt build "
+          r"--max-text-tokens` raises it\), got \d+", client.inputs("hello world " * 600, SPEECH_WAV))
     fails(r"expected MAX_TOKENS in \[1, 512\], got 100000", client.inputs(PROMPT, SPEECH_WAV, max_tokens=100000))
     fails(r"expected MIN_TOKENS in \[0, 8\] \(at most MAX_TOKENS\), got 9",
           client.inputs(PROMPT, SPEECH_WAV, max_tokens=8, min_tokens=9))
@@ -656,6 +661,29 @@ def test_unknown_request_keys_are_refused(client, server, model):
     grpc.stop_stream()
     assert any(e is not None and "got unknown keys ['temprature']" in str(e) for e in results), results
     assert client.generate("hello", model=model, max_tokens=4)
+
+
+@pytest.mark.triton_server
+def test_af3_answers_warnings(client):
+    """A truncated MP3 decodes to what it holds, and `af3` says so in WARNINGS (first when streaming,
+    beside TEXT otherwise), which the client raises as ServerWarning; a whole file has none."""
+    import warnings
+
+    import soundfile as sf
+
+    from af3trt.serving.client import ServerWarning
+
+    buf = io.BytesIO()
+    sf.write(buf, np.sin(np.arange(5 * 16_000) / 20).astype(np.float32) * 0.3, 16_000, format="MP3")
+    mp3 = buf.getvalue()
+    match = r"AUDIO\[0\]: audio <\d+ bytes>: decoded \d\.\d\d s of the 5\.00 s its header declares"
+    with pytest.warns(ServerWarning, match=match):
+        assert client.generate(PROMPT, mp3[: len(mp3) // 2], max_tokens=4)
+    with pytest.warns(ServerWarning, match=match):
+        assert list(client.stream(PROMPT, mp3[: len(mp3) // 2], max_tokens=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ServerWarning)
+        assert client.generate(PROMPT, mp3, max_tokens=4) and list(client.stream(PROMPT, mp3, max_tokens=4))
 
 
 def test_stream_reaches_the_llm_only_when_it_is_decoupled(tiny_dir, tmp_path, monkeypatch):

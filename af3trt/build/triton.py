@@ -50,7 +50,7 @@ from ..spec import FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW
 from .triton_spec import (  # also the names callers import from here
     BLS, BLSParams, ENCODER, ENGINE_TABLE_DTYPES, ENSEMBLE, EncoderIO, EncoderParams, LLM, LLMParams, LLM_BACKENDS,
     LLM_INPUTS, LLM_OUTPUTS, MARKER, ModelConfig, NUMPY_TO_TRITON, POSTPROCESSING, PREPROCESSING, PROMPT_TABLE,
-    PostprocessingParams, PreprocessingParams, PromptTableParams, REQUEST_INPUTS, REQUEST_OUTPUTS,
+    BLS_OUTPUTS, PostprocessingParams, PreprocessingParams, PromptTableParams, REQUEST_INPUTS, REQUEST_OUTPUTS,
     ServingLimits, Step, TABLE_INPUTS, TEMPLATES, TensorSpec, from_preprocessing, llm_inputs, param_pairs, tensor,
     render_ensemble, render_model,
 )
@@ -293,7 +293,7 @@ def preprocessing_config(plan: Plan) -> ModelConfig:
     f, o, io = plan.facts, plan.options, plan.facts.encoder_io
     features, frames, _ = _encoder_tensors(io, (-1,), io.embeddings_dtype, f.hidden_size)
     outputs = (features, frames, tensor("rows", "int32", -1)) + tuple(
-        from_preprocessing(t) for t in LLM_INPUTS if t.name not in TABLE_INPUTS)
+        from_preprocessing(t) for t in LLM_INPUTS if t.name not in TABLE_INPUTS) + (tensor("warnings", "bytes", -1),)
     params = PreprocessingParams(
         tokenizer_dir=plan.path(f.tokenizer_dir), vocab_size=f.vocab_size, audio_token_id=f.audio_token_id,
         end_id=f.eos_token_ids[0], pad_id=f.pad_id, stop_ids=list(f.eos_token_ids[1:]),
@@ -378,7 +378,7 @@ def bls_config(plan: Plan) -> ModelConfig:
         tokenizer_dir=plan.path(plan.facts.tokenizer_dir), preprocessing_inputs=[t.name for t in REQUEST_INPUTS],
         llm_inputs=[t.name for t in LLM_INPUTS if t.name not in TABLE_INPUTS], encoder_inputs=[io.features, io.frames],
         embeddings=io.embeddings, llm_decoupled=plan.options.streaming, workers=2 * plan.limits.max_batch_size)
-    return ModelConfig(BLS, 'backend: "python"', 0, REQUEST_INPUTS, REQUEST_OUTPUTS, 1, decoupled=True,
+    return ModelConfig(BLS, 'backend: "python"', 0, REQUEST_INPUTS, BLS_OUTPUTS, 1, decoupled=True,
                        parameters=param_pairs(params))
 
 

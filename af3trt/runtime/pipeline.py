@@ -252,12 +252,17 @@ class Pipeline:
         checks = [
             ("audio tokens", prompt.num_audio_tokens, lim.get("max_audio_tokens")),
             ("prompt tokens", len(prompt.input_ids), lim.get("max_input_len")),
+            ("text tokens besides audio", len(prompt.input_ids) - prompt.num_audio_tokens, lim.get("max_text_tokens")),
             ("max_new_tokens", opts.max_new_tokens, lim.get("max_new_tokens")),
             ("prompt + max_new_tokens", len(prompt.input_ids) + opts.max_new_tokens, lim.get("max_seq_len")),
         ]
+        raises = {"audio tokens": "--max-audio-seconds", "prompt tokens": "--max-audio-seconds / --max-text-tokens",
+                  "text tokens besides audio": "--max-text-tokens", "max_new_tokens": "--max-new-tokens",
+                  "prompt + max_new_tokens": "--max-new-tokens"}
         for what, got, limit in checks:
             if limit is not None and got > limit:
-                raise PromptError(f"expected at most {limit} {what} (engine limit), got {got}")
+                raise PromptError(f"expected at most {limit} {what} (engine limit; `af3trt build {raises[what]}` "
+                                  f"raises it), got {got}")
 
     # -- generation -----------------------------------------------------------------------------
     def options(self, **kw) -> GenerationOptions:

@@ -8,7 +8,9 @@
 Audio is sent as the bytes of encoded files (WAV/FLAC/MP3/OGG): a local path is read here, on the
 client, never passed to the server; a numpy array (16 kHz mono float) is encoded as WAV first.
 Over HTTP the generate endpoint takes JSON, so the files travel base64-encoded in AUDIO_BASE64; over
-gRPC they travel as raw BYTES in AUDIO. Works against `af3` (default) and `ensemble`.
+gRPC they travel as raw BYTES in AUDIO. Works against `af3` (default) and `ensemble`. The server's
+WARNINGS for a request (audio truncated to 10 minutes, a file that decoded short) become
+`ServerWarning`s (Python warnings) here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import queue
 import urllib.error
 import urllib.request
 import uuid
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -41,6 +44,18 @@ PARAMS = {
 
 class RequestFailed(RuntimeError):
     """The server answered with an error; the message is Triton's (it names what was wrong)."""
+
+
+class ServerWarning(UserWarning):
+    """The server's WARNINGS for a request (e.g. audio truncated to 10 minutes), raised as warnings."""
+
+
+def _warn(notes) -> None:
+    """WARNINGS: a numpy array (gRPC), a list or, for one element, a string (HTTP generate JSON)."""
+    if notes is None:
+        return
+    for note in [notes] if isinstance(notes, str) else notes:
+        warnings.warn(note.decode("utf-8") if isinstance(note, bytes) else str(note), ServerWarning, stacklevel=3)
 
 
 def audio_bytes(audio) -> list[bytes]:
@@ -97,6 +112,7 @@ class Af3Client:
             except ValueError:
                 message = raw
             raise RequestFailed(f"HTTP {exc.code}: {message}") from None
+        _warn(out.get("WARNINGS"))
         text = out["TEXT"]
         return "".join(text) if isinstance(text, list) else text
 
@@ -151,6 +167,7 @@ class Af3Client:
                     raise RequestFailed(f"expected a response within {self.timeout_s:.0f} s, got none") from None
                 if error is not None:
                     raise RequestFailed(error.message() if hasattr(error, "message") else str(error))
+                _warn(result.as_numpy("WARNINGS"))
                 text = result.as_numpy("TEXT")
                 if text is not None:
                     for piece in text.reshape(-1):

@@ -4,7 +4,9 @@ Same request as the ensemble (AUDIO / AUDIO_BASE64, PROMPT, generation params, S
 Runs preprocessing -> audio_encoder -> prompt_table -> tensorrt_llm through BLS calls (a text-only
 request skips the encoder and sends no prompt table) and detokenizes incrementally: with STREAM=true
 each response carries the next text piece (an incomplete UTF-8 character waits for its next token),
-pieces joined = the full answer; otherwise one response with the whole TEXT. Requests are served by a
+pieces joined = the full answer; otherwise one response with the whole TEXT. WARNINGS (only when
+there are any, e.g. audio truncated to 10 minutes) come in the first response when streaming, else
+beside TEXT. Requests are served by a
 thread pool, so one instance keeps `workers` requests in flight (in-flight batching in the LLM).
 A cancelled request (the client closed its stream or went away: `request.is_cancelled()`, checked
 between steps and at every LLM response) stops there: its LLM request is cancelled (the response
@@ -61,8 +63,12 @@ def _cancel_llm(responses, request_id):
         clear(request_id)
 
 
-def _text(text):
-    return pb_utils.InferenceResponse([pb_utils.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_))])
+def _text(text, notes=None):
+    """A response with TEXT and, when `notes` (preprocessing's `warnings` tensor) is given, WARNINGS."""
+    tensors = [pb_utils.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_))]
+    if notes is not None:
+        tensors.append(pb_utils.Tensor("WARNINGS", notes.as_numpy()))
+    return pb_utils.InferenceResponse(tensors)
 
 
 class TritonPythonModel:
@@ -118,8 +124,11 @@ class TritonPythonModel:
         if (unknown := unknown_request_keys(request.parameters())) is not None:
             raise StepError(unknown)
         inputs = [t for n in self.p.preprocessing_inputs if (t := pb_utils.get_input_tensor_by_name(request, n)) is not None]
-        prep = self._call(PREPROCESSING, inputs, [*self.p.encoder_inputs, "rows", *self.p.llm_inputs])
+        prep = self._call(PREPROCESSING, inputs, [*self.p.encoder_inputs, "rows", *self.p.llm_inputs, "warnings"])
         stream = bool(prep["streaming"].as_numpy().reshape(-1)[0])
+        notes = prep["warnings"]  # None: nothing to warn about
+        if stream and notes is not None:  # first, before any text
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("WARNINGS", notes.as_numpy())]))
         llm = [prep[n] for n in self.p.llm_inputs if n != "streaming"]
         llm.append(pb_utils.Tensor("streaming", np.array([[stream and self.p.llm_decoupled]], bool)))
         if int(prep["rows"].as_numpy().sum()) > 0:
@@ -158,4 +167,4 @@ class TritonPythonModel:
         strip = pb_utils.get_input_tensor_by_name(request, "STRIP_PREFIX")
         if strip is not None and bool(strip.as_numpy().reshape(-1)[0]):
             text = strip_transcription_prefix(text)
-        sender.send(_text(text), flags=FINAL)
+        sender.send(_text(text, notes), flags=FINAL)
