@@ -105,14 +105,26 @@ def _cmd_bench(rest: list[str]) -> int:
     return bench_main(rest, prog="af3trt bench")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help lines end with the option's default, unless it has none or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _add_triton(sub) -> None:
-    p = sub.add_parser("triton", help="engine dir -> Triton model repository (preprocessing, encoder, LLM, af3, ensemble)")
+    p = sub.add_parser("triton", help="engine dir -> Triton model repository (preprocessing, encoder, LLM, af3, ensemble)",
+                       formatter_class=_DefaultsFormatter)
     p.add_argument("--engine-dir", "--engine", dest="engine_dir", required=True,
                    help="engine dir (af3trt build), or an AF3 checkpoint dir with --llm-backend python")
     p.add_argument("--out", required=True, help="model repository to write (replaces an earlier af3trt one)")
     p.add_argument("--llm-backend", default="tensorrtllm", choices=("tensorrtllm", "python"),
                    help="tensorrtllm: C++ backend on llm/engine; python: af3trt's torch decoder (CPU reference)")
-    p.add_argument("--encoder-backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"))
+    p.add_argument("--encoder-backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"),
+                   help="audio_encoder model: auto = the plan with tensorrtllm, else ONNX Runtime, else torch")
     p.add_argument("--max-batch-size", type=int, default=None, help="default: the engine dir's limit")
     p.add_argument("--instances", type=int, default=1, help="instances of each python model")
     p.add_argument("--streaming", dest="streaming", action="store_true", default=True,
@@ -124,12 +136,13 @@ def _add_triton(sub) -> None:
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="run tritonserver on a model repository until Ctrl-C / SIGTERM")
+    p = sub.add_parser("serve", help="run tritonserver on a model repository until Ctrl-C / SIGTERM (HTTP 8000, "
+                       "gRPC 8001, metrics 8002 on 127.0.0.1)", formatter_class=_DefaultsFormatter)
     p.add_argument("--repo", required=True, help="model repository (af3trt triton --out)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind HTTP, gRPC and metrics to")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (generate endpoint, health)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (streaming)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -139,37 +152,44 @@ def _add_bench(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .build.precision import KV_CACHES, PRECISIONS
+
     parser = argparse.ArgumentParser(prog="af3trt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"af3trt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = _DefaultsFormatter
 
-    p = sub.add_parser("tiny", help="write the deterministic tiny random AF3 checkpoint")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("tiny", help="write the deterministic tiny random AF3 checkpoint", formatter_class=defaults)
+    p.add_argument("--out", required=True, help="checkpoint dir to write (HF layout)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=_cmd_tiny)
 
-    p = sub.add_parser("build", help="AF3 checkpoint -> engine dir (ONNX/TensorRT encoder, TensorRT-LLM decoder)")
+    p = sub.add_parser("build", help="AF3 checkpoint -> engine dir (ONNX/TensorRT encoder, TensorRT-LLM decoder)",
+                       formatter_class=defaults)
     p.add_argument("--model", required=True, help="AF3 checkpoint dir (HF layout) or 'tiny'")
     p.add_argument("--out", required=True, help="engine dir to write")
-    p.add_argument("--precision", default="bf16", help="bf16|fp16|fp8|int8_wo|int8_sq|int4_awq")
-    p.add_argument("--kv-cache", default="auto", help="auto|fp8|int8")
-    p.add_argument("--tp-size", type=int, default=1)
-    p.add_argument("--encoder-precision", default="fp16", help="TensorRT encoder plan: fp16|bf16|fp8|int8")
-    p.add_argument("--encoder-input", default="features",
+    p.add_argument("--precision", default="bf16", choices=tuple(PRECISIONS), help="decoder (TensorRT-LLM) precision")
+    p.add_argument("--kv-cache", default="auto", choices=tuple(KV_CACHES), help="KV cache format")
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs (must divide the attention heads)")
+    p.add_argument("--encoder-precision", default="fp16", choices=("fp16", "bf16", "fp8", "int8"),
+                   help="TensorRT encoder plan precision")
+    p.add_argument("--encoder-input", default="features", choices=("features", "audio"),
                    help="what the encoder graph takes: features (log-mel windows) | audio (padded 16 kHz windows, "
                         "log-mel by a conv STFT inside the graph; fp16|bf16 encoder plans)")
-    p.add_argument("--max-batch-size", type=int, default=1)
-    p.add_argument("--max-audio-seconds", type=float, default=600.0)
-    p.add_argument("--max-text-tokens", type=int, default=2048)
-    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--max-batch-size", type=int, default=1, help="requests in flight in the engine")
+    p.add_argument("--max-audio-seconds", type=float, default=600.0, help="audio per request (at most 600)")
+    p.add_argument("--max-text-tokens", type=int, default=2048, help="prompt tokens per request besides audio")
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="generated tokens per request")
     p.add_argument("--calib-audio", default=None, help="folder of calibration audio (default: bundled + synthetic)")
-    p.add_argument("--calib-size", type=int, default=16)
-    p.add_argument("--calib-max-tokens", type=int, default=1024)
+    p.add_argument("--calib-size", type=int, default=16, help="calibration prompts / encoder windows")
+    p.add_argument("--calib-max-tokens", type=int, default=1024, help="tokens per calibration prompt")
     p.add_argument("--stages", default="encoder,llm", help="comma-separated: encoder,llm")
     p.add_argument("--force", action="store_true", help="rebuild stages even when unchanged")
     p.set_defaults(func=_cmd_build)
 
-    p = sub.add_parser("run", help="answer a prompt about audio files")
+    p = sub.add_parser("run", help="answer a prompt about audio files", formatter_class=defaults)
     p.add_argument("--model", required=True, help="engine dir (af3trt build), AF3 checkpoint dir, or 'tiny'")
     p.add_argument("--audio", action="append", help="audio file (repeat for several)")
     p.add_argument("--prompt", default="Transcribe the input speech.")
@@ -179,11 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--encoder", default="auto")
-    p.add_argument("--decoder", default="auto")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--stream", action="store_true")
+    p.add_argument("--encoder", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"),
+                   help="encoder backend; auto = the best available in the dir")
+    p.add_argument("--decoder", default="auto", choices=("auto", "tensorrt_llm", "torch-fast", "torch"),
+                   help="decoder backend; auto = the best available in the dir")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+                   help="torch backends' dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--json", action="store_true", help='print {"text", "token_ids", "num_audio_tokens", "timings"}')
     p.set_defaults(func=_cmd_run)
     _add_triton(sub)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from af3trt.assets import SPEECH_WAV
@@ -146,3 +147,27 @@ def test_manifest_errors_name_the_file(tmp_path):
     (tmp_path / "manifest.json").write_text("")
     with pytest.raises(ManifestError, match=r"manifest\.json to hold JSON, got unreadable text"):
         Manifest.read(tmp_path)
+
+
+def test_version_and_choices(capsys):
+    from af3trt import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"af3trt {__version__}"
+    with pytest.raises(SystemExit) as exc:
+        main(["build", "--model", "tiny", "--out", "x", "--precision", "fp9"])
+    assert exc.value.code == 2 and "invalid choice: 'fp9' (choose from" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # help lines wrap at the terminal's width
+    assert "(default: 8000)" in out and "(default: 8001)" in out and "(default: None)" not in out
+
+
+def test_truncation_is_said_once(recwarn, caplog):
+    from af3trt.audio import AudioTruncatedWarning, load_audio
+    from af3trt.spec import MAX_AUDIO_SAMPLES
+
+    audio = load_audio(np.zeros(MAX_AUDIO_SAMPLES + 16_000, np.float32))
+    assert [w.category for w in recwarn] == [AudioTruncatedWarning] and not caplog.records
+    assert audio.truncated and audio.warnings == (str(recwarn[0].message),)
