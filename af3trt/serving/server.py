@@ -34,7 +34,8 @@ from ..errors import MissingInputError, UserError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_STARTUP_TIMEOUT_S = 300.0  # python models import torch/transformers; a slow CPU takes a while
-STOP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0  # = tritonserver's --exit-timeout-secs default; requests of clients that went away are
+# cancelled (af3 + python LLM), so they no longer hold a shutdown to this limit
 CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
 
 
