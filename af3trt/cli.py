@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import traceback
 
@@ -63,12 +64,16 @@ def _cmd_build(args) -> int:
                            calib_size=args.calib_size, calib_max_tokens=args.calib_max_tokens,
                            stages=tuple(args.stages.split(",")), force=args.force)
     manifest = build_engine_dir(model=model, out=args.out, options=options)
+    finish = []
     for name, entry in manifest.stages.items():
         if "missing" in entry:
-            print(f"{name}: not built here ({entry['missing']}); finish on a machine that has it with:\n"
-                  f"  {entry['command']}")
+            print(f"{name}: not built here ({entry['missing']})")
+            finish += [entry["command"]] if entry["command"] not in finish else []
         else:
             print(f"{name}: {entry['path']}")
+    for command in finish:  # the same line finishes every missing stage: said once
+        print(f"finish on a machine that has them, from inside the engine dir (it can be copied there):\n"
+              f"  cd {shlex.quote(args.out)} && {command}")
     return 0
 
 

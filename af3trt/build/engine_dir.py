@@ -224,7 +224,7 @@ def _stage_encoder_plan(ckpt, out: Path, options: BuildOptions, manifest: Manife
     profile = _plan_profile(options)
     if not has_module("tensorrt"):
         return {**entry, "missing": "tensorrt is not installed here", "command": rebuild_command(ckpt.path, out, options),
-                "manual": plan_command(onnx_path, out / "encoder", options.encoder_precision, profile)}
+                "manual": plan_command(onnx_path.relative_to(out), "encoder", options.encoder_precision, profile)}
     from .encoder_plan import build_plan
 
     plan = build_plan(onnx_path, out / "encoder", precision=options.encoder_precision, profile=profile,
@@ -234,10 +234,14 @@ def _stage_encoder_plan(ckpt, out: Path, options: BuildOptions, manifest: Manife
 
 
 def rebuild_command(model: Path, out: Path, o: BuildOptions) -> str:
-    """The `af3trt build` line that completes this engine dir on a machine with TensorRT / TensorRT-LLM
-    (finished stages are skipped, the manifest records the new ones)."""
+    """The `af3trt build` line that completes this engine dir on a machine with TensorRT / TensorRT-LLM,
+    run from inside the engine dir (`--out .`: the dir can be copied there first; finished stages are
+    skipped, the manifest records the new ones). The tiny model is named `tiny`, not its cache path."""
+    from ..testing import default_tiny_dir
+
     lim = o.limits
-    argv = ["af3trt", "build", "--model", str(model), "--out", str(out), "--precision", o.precision,
+    name = "tiny" if Path(model).resolve() == default_tiny_dir().resolve() else str(model)
+    argv = ["af3trt", "build", "--model", name, "--out", ".", "--precision", o.precision,
             "--kv-cache", o.kv_cache, "--tp-size", str(o.tp_size), "--encoder-precision", o.encoder_precision,
             "--encoder-input", o.encoder_input,
             "--max-batch-size", str(lim.max_batch_size), "--max-audio-seconds", str(lim.max_audio_seconds),
@@ -271,12 +275,14 @@ def _stage_llm_engine(ckpt, out: Path, options: BuildOptions, manifest: Manifest
     argv = trtllm_build_command(out / "llm" / "checkpoint", out / "llm" / "engine", options.limits,
                                 options.precision, options.kv_cache)
     script = out / "llm" / "build_engine.sh"
-    script.write_text("#!/usr/bin/env bash\n# trtllm-build for this engine dir (TensorRT-LLM 1.2)\nset -euo pipefail\n"
-                      + shlex.join(argv) + "\n")
+    portable = trtllm_build_command("checkpoint", "engine", options.limits, options.precision, options.kv_cache)
+    script.write_text("#!/usr/bin/env bash\n# trtllm-build for this engine dir (TensorRT-LLM 1.2); paths relative to "
+                      "llm/, so the engine dir can be copied and finished elsewhere\nset -euo pipefail\n"
+                      'cd "$(dirname "$0")"\n' + shlex.join(portable) + "\n")
     script.chmod(0o755)
     if not has_module("tensorrt_llm"):
         return {"path": "llm/engine", "missing": "tensorrt_llm is not installed here",
-                "command": rebuild_command(ckpt.path, out, options), "manual": f"bash {script}", "argv": argv}
+                "command": rebuild_command(ckpt.path, out, options), "manual": "bash llm/build_engine.sh", "argv": argv}
     with staged_dir(out / "llm" / "engine") as tmp:
         run_argv = list(argv)
         run_argv[run_argv.index("--output_dir") + 1] = str(tmp)
