@@ -34,6 +34,9 @@ def _cmd_run(args) -> int:
 
     pipe = Pipeline.from_pretrained(args.model, encoder=args.encoder, decoder=args.decoder,
                                     device=args.device, dtype=args.dtype)
+    backends = {"encoder": pipe.encoder.name, "decoder": pipe.decoder.name}
+    picked = [f"{k} {v}" + (" (best available)" if getattr(args, k) == "auto" else "") for k, v in backends.items()]
+    print(f"af3trt run: {', '.join(picked)}", file=sys.stderr)
     conv = _conversation(args.audio or [], args.prompt)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
               top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -44,7 +47,7 @@ def _cmd_run(args) -> int:
         return 0
     result = pipe.generate(conv, **kw)[0]
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "backends": backends}))
     else:
         print(result.text)
     return 0
@@ -212,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
                    help="torch backends' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    p.add_argument("--json", action="store_true", help='print {"text", "token_ids", "num_audio_tokens", "timings"}')
+    p.add_argument("--json", action="store_true",
+                   help='print {"text", "token_ids", "num_audio_tokens", "timings", "backends"}')
     p.set_defaults(func=_cmd_run)
     _add_triton(sub)
     _add_serve(sub)
