@@ -33,7 +33,7 @@ def test_user_errors_share_one_base():
 def _one_line(capsys, command):
     err = capsys.readouterr().err
     print(err)
-    lines = [line for line in err.splitlines() if line.startswith(f"af3trt {command}: ")]
+    lines = [line for line in err.splitlines() if line.startswith(f"af3trt {command}: error: ")]
     assert "Traceback" not in err and len(lines) == 1, err
     return lines[0]
 
@@ -171,3 +171,17 @@ def test_truncation_is_said_once(recwarn, caplog):
     audio = load_audio(np.zeros(MAX_AUDIO_SAMPLES + 16_000, np.float32))
     assert [w.category for w in recwarn] == [AudioTruncatedWarning] and not caplog.records
     assert audio.truncated and audio.warnings == (str(recwarn[0].message),)
+
+
+def test_random_weights_too_big_is_refused_with_the_figure(capsys, monkeypatch, tmp_path):
+    """`bench --random-weights` estimates the weights first and refuses what cannot fit, instead of
+    allocating until the OOM killer ends it."""
+    from af3trt.benchmark import random_model
+
+    monkeypatch.setattr(random_model, "available_bytes", lambda device: 2 * 10**9)  # a 2 GB host
+    full = random_model.weight_bytes(random_model.full_spec(), __import__("torch").bfloat16)
+    assert 16e9 < full < 18e9  # AF3: ~8.3 B parameters in bf16
+    code = main(["bench", "--random-weights", "--backends", "torch", "--device", "cpu", "--dtype", "bfloat16",
+                 "--audio-seconds", "10", "--no-floor", "--out", str(tmp_path / "r.json")])
+    line = _one_line(capsys, "bench")
+    assert code == 2 and "to fit on cpu: it needs ~18.2 GB, 2.0 GB are available; pass --scale < 1" in line

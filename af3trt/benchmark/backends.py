@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import OptionError
 from ..prompt import DEFAULT_TRANSCRIBE_PROMPT
 
 
@@ -289,7 +290,7 @@ def triton_grpc_url(http_url: str, grpc_url: str | None = None) -> str:
         return grpc_url
     host, sep, port = http_url.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ValueError(f"expected the Triton HTTP URL as host:port, got {http_url!r}")
+        raise OptionError(f"expected the Triton HTTP URL as host:port, got {http_url!r}")
     return f"{host}:{int(port) + 1}"
 
 
