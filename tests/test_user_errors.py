@@ -185,3 +185,17 @@ def test_random_weights_too_big_is_refused_with_the_figure(capsys, monkeypatch, 
                  "--audio-seconds", "10", "--no-floor", "--out", str(tmp_path / "r.json")])
     line = _one_line(capsys, "bench")
     assert code == 2 and "to fit on cpu: it needs ~18.2 GB, 2.0 GB are available; pass --scale < 1" in line
+
+
+def test_third_party_output_goes_to_the_stage_log(tmp_path):
+    """ModelOpt's prints and warnings during `af3trt build` land in ENGINE_DIR/logs/STAGE.log."""
+    env = {**os.environ, "AF3TRT_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "engine"
+    proc = subprocess.run([sys.executable, "-m", "af3trt.cli", "build", "--model", "tiny", "--out", str(out),
+                           "--stages", "llm"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    terminal = proc.stdout + proc.stderr
+    log = (out / "logs" / "llm_checkpoint.log").read_text()
+    assert "current rank" in log and "current rank" not in terminal
+    assert "modelopt" in log and "modelopt" not in terminal
+    assert "llm_checkpoint: llm/checkpoint" in proc.stdout

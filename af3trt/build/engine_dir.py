@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import OptionError
 from .manifest import Manifest, ManifestError, clean_partials, stage_key, staged_dir
+from .stage_log import stage_output
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,9 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
                 log.info("stage %s unchanged: skipped", name)
                 manifest.stages[name] = entry
             else:
-                manifest.stages[name] = {"key": key, "checkpoint": fingerprint, **run(ckpt, out, options, manifest)}
+                with stage_output(out / "logs" / f"{name}.log"):  # third-party chatter off the terminal
+                    record = run(ckpt, out, options, manifest)
+                manifest.stages[name] = {"key": key, "checkpoint": fingerprint, **record}
                 manifest.write(out)
             if bar is not None:
                 bar.set_postfix_str(name)
