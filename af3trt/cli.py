@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
 import traceback
+import warnings
 
 
 def _cmd_tiny(args) -> int:
@@ -29,6 +31,24 @@ def _conversation(audios: list[str], prompt: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+@contextlib.contextmanager
+def _audio_warnings(command: str):
+    """Collect what was done to the audio (truncated to 10 minutes, decoded short): said once on stderr,
+    and listed for --json (as the server's WARNINGS); other warnings are shown as usual."""
+    from .audio import AudioIncompleteWarning, AudioTruncatedWarning
+
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield notes
+    for w in caught:
+        if issubclass(w.category, (AudioTruncatedWarning, AudioIncompleteWarning)):
+            notes.append(str(w.message))
+            print(f"af3trt {command}: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
 def _cmd_run(args) -> int:
     from .runtime import Pipeline
 
@@ -41,13 +61,15 @@ def _cmd_run(args) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
               top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     if args.stream and not args.json:
-        for piece in pipe.stream(conv, **kw):
-            print(piece, end="", flush=True)
+        with _audio_warnings("run"):
+            for piece in pipe.stream(conv, **kw):
+                print(piece, end="", flush=True)
         print()
         return 0
-    result = pipe.generate(conv, **kw)[0]
+    with _audio_warnings("run") as notes:
+        result = pipe.generate(conv, **kw)[0]
     if args.json:
-        print(json.dumps({**result.to_dict(), "backends": backends}))
+        print(json.dumps({**result.to_dict(), "backends": backends, "warnings": notes}))
     else:
         print(result.text)
     return 0
@@ -216,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch backends' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--json", action="store_true",
-                   help='print {"text", "token_ids", "num_audio_tokens", "timings", "backends"}')
+                   help='print {"text", "token_ids", "num_audio_tokens", "timings", "backends", "warnings"}')
     p.set_defaults(func=_cmd_run)
     _add_triton(sub)
     _add_serve(sub)

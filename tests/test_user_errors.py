@@ -199,3 +199,21 @@ def test_third_party_output_goes_to_the_stage_log(tmp_path):
     assert "current rank" in log and "current rank" not in terminal
     assert "modelopt" in log and "modelopt" not in terminal
     assert "llm_checkpoint: llm/checkpoint" in proc.stdout
+
+
+def test_run_says_what_it_did_to_the_audio(capsys, tmp_path, monkeypatch):
+    """A truncated MP3 through `af3trt run --json`: one warning line on stderr and the same note in
+    the JSON's "warnings" (the server's WARNINGS); a whole file has none."""
+    import soundfile as sf
+
+    monkeypatch.setenv("AF3TRT_CACHE", str(tmp_path))
+    whole, cut = tmp_path / "whole.mp3", tmp_path / "cut.mp3"
+    sf.write(whole, np.sin(np.arange(5 * 16_000) / 20).astype(np.float32) * 0.3, 16_000, format="MP3")
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert main(["run", "--model", "tiny", "--audio", str(cut), "--max-new-tokens", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    assert len(out["warnings"]) == 1 and "its header declares" in out["warnings"][0]
+    assert captured.err.count("af3trt run: warning: ") == 1 and out["warnings"][0] in captured.err
+    assert main(["run", "--model", "tiny", "--audio", str(whole), "--max-new-tokens", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["warnings"] == []
