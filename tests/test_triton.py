@@ -510,6 +510,9 @@ def test_benchmark_triton_backend(server, model):
     models = types.SimpleNamespace(triton_url=server.http_url, triton_grpc_url=server.grpc_url, triton_model=model)
     backend = TritonBackend(models)
     assert backend.unavailable() is None
+    print(backend.description)  # what the server runs, from its own model configs
+    assert "the server runs tensorrt_llm: python on " in backend.description
+    assert "audio_encoder: python (onnxruntime) on " in backend.description
     backend.setup()
     call = backend.run(conversations(2.0, 2), 8)
     assert 0 < call.ttft <= call.total and call.decode == pytest.approx(call.total - call.ttft)
