@@ -164,8 +164,10 @@ def llm_calibration_batches(checkpoint_dir, audio_dir=None, count: int = 16, max
     pipe = Pipeline.from_pretrained(checkpoint_dir, decoder="torch", device=device, dtype="float32", cache_bytes=0)
     audios = _calibration_audios(audio_dir, count, seed)
     budget_s = max(1.0, (max_tokens - 96) / 25.0)  # 25 audio tokens per second; keep ~96 tokens for text
+    from .stage_log import progress
+
     batches = []
-    for i in range(count):
+    for i in progress(range(count), "llm_checkpoint: calibration prompts (encoder embeddings)", unit="prompt"):
         name, samples = audios[i % len(audios)]
         clip = samples[: int(budget_s * 16_000)]
         text = {"type": "text", "text": CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)]}

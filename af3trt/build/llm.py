@@ -189,8 +189,10 @@ def quantize_lm(model, precision, kv_cache="auto", calib_batches: Iterable | Non
     param = next(model.parameters())
 
     def forward_loop(m):
+        from .stage_log import progress
+
         with torch.no_grad():
-            for b in batches:
+            for b in progress(batches, f"llm_checkpoint: {p.name} calibration", unit="prompt"):
                 m(inputs_embeds=b["inputs_embeds"].to(param.device, param.dtype),
                   attention_mask=b["attention_mask"].to(param.device), use_cache=False)
 
