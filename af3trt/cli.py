@@ -88,14 +88,15 @@ def _cmd_build(args) -> int:
                            limits=limits, calib_audio=args.calib_audio,
                            calib_size=args.calib_size, calib_max_tokens=args.calib_max_tokens,
                            stages=tuple(args.stages.split(",")), force=args.force)
-    manifest = build_engine_dir(model=model, out=args.out, options=options)
+    done: dict = {}
+    manifest = build_engine_dir(model=model, out=args.out, options=options, summary=done)
     finish = []
     for name, entry in manifest.stages.items():
         if "missing" in entry:
             print(f"{name}: not built here ({entry['missing']})")
             finish += [entry["command"]] if entry["command"] not in finish else []
         else:
-            print(f"{name}: {entry['path']}")
+            print(f"{name}: {entry['path']} ({done.get(name, 'kept')})")
     for command in finish:  # the same line finishes every missing stage: said once
         print(f"finish on a machine that has them, from inside the engine dir (it can be copied there):\n"
               f"  cd {shlex.quote(args.out)} && {command}")

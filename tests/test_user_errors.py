@@ -198,7 +198,10 @@ def test_third_party_output_goes_to_the_stage_log(tmp_path):
     log = (out / "logs" / "llm_checkpoint.log").read_text()
     assert "current rank" in log and "current rank" not in terminal
     assert "modelopt" in log and "modelopt" not in terminal
-    assert "llm_checkpoint: llm/checkpoint" in proc.stdout
+    assert "llm_checkpoint: llm/checkpoint (built)" in proc.stdout
+    again = subprocess.run([sys.executable, "-m", "af3trt.cli", "build", "--model", "tiny", "--out", str(out),
+                            "--stages", "llm"], env=env, capture_output=True, text=True, timeout=600)
+    assert "llm_checkpoint: llm/checkpoint (unchanged, skipped)" in again.stdout, again.stderr
 
 
 def test_run_says_what_it_did_to_the_audio(capsys, tmp_path, monkeypatch):

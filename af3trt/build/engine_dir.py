@@ -106,8 +106,10 @@ def _progress(total: int):
         return None
 
 
-def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOptions = BuildOptions()) -> Manifest:
-    """Build (or complete) the engine dir `out` from the AF3 checkpoint `model`. Returns the manifest."""
+def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOptions = BuildOptions(),
+                     summary: dict | None = None) -> Manifest:
+    """Build (or complete) the engine dir `out` from the AF3 checkpoint `model`. Returns the manifest.
+    `summary` (a dict), when given, receives {stage: "built" | "unchanged, skipped" | "not built here"}."""
     from ..checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(model)
@@ -131,11 +133,15 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
                     and (out / entry["path"]).exists():
                 log.info("stage %s unchanged: skipped", name)
                 manifest.stages[name] = entry
+                if summary is not None:
+                    summary[name] = "unchanged, skipped"
             else:
                 with stage_output(out / "logs" / f"{name}.log"):  # third-party chatter off the terminal
                     record = run(ckpt, out, options, manifest)
                 manifest.stages[name] = {"key": key, "checkpoint": fingerprint, **record}
                 manifest.write(out)
+                if summary is not None:
+                    summary[name] = "not built here" if "missing" in record else "built"
             if bar is not None:
                 bar.set_postfix_str(name)
                 bar.update()
