@@ -165,7 +165,8 @@ class Af3Client:
                     result, error = results.get(timeout=self.timeout_s)
                 except queue.Empty:
                     raise RequestFailed(f"expected a response within {self.timeout_s:.0f} s, got none") from None
-                if error is not None:
+                if error is not None:  # an error response ends its request: nothing left to cancel
+                    finished = True
                     raise RequestFailed(error.message() if hasattr(error, "message") else str(error))
                 _warn(result.as_numpy("WARNINGS"))
                 text = result.as_numpy("TEXT")
