@@ -35,7 +35,9 @@ from ..errors import MissingInputError, UserError
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_STARTUP_TIMEOUT_S = 300.0  # python models import torch/transformers; a slow CPU takes a while
 STOP_TIMEOUT_S = 30.0  # = tritonserver's --exit-timeout-secs default; requests of clients that went away are
-# cancelled (af3 + python LLM), so they no longer hold a shutdown to this limit
+# cancelled (af3 + python LLM), so they no longer hold a shutdown to this limit. Known tritonserver behaviour
+# (nvidia-pytriton 0.7.0): a gRPC stream cancelled just as its request ends (e.g. a client killed right after
+# an error answer) keeps af3 and ensemble loaded until this timeout; stop() then kills the process group.
 CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
 
 
