@@ -3,13 +3,14 @@
 WAV, FLAC, MP3 and OGG are decoded with libsndfile (soundfile), channels averaged, then resampled with
 soxr HQ and padded/trimmed to ceil(n * 16000 / rate) samples: transformers' `load_audio` (soundfile
 backend, = `librosa.load`), so the same file gives the reference's samples.
-URLs are refused: audio comes as files, bytes or arrays (no network access at run time).
+URLs are refused: audio comes as files, bytes or arrays (no network access at run time). A caller
+that opts in (`allow_urls=True`) may pass an http(s) URL: fetched with a timeout and a size cap
+(`fetch_url`); every other scheme (file://, ftp://, data:...) is refused, redirects included.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -17,17 +18,24 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 from .spec import MAX_AUDIO_SAMPLES, MAX_AUDIO_SECONDS, SAMPLE_RATE, WINDOW_SAMPLES
 
-logger = logging.getLogger(__name__)
+URL_SCHEMES = ("http", "https")
+URL_MAX_BYTES = 128 * 2**20  # 128 MiB: 10 min of 48 kHz stereo 16-bit WAV is 110 MiB
+URL_TIMEOUT_S = 30.0  # for the whole download, not only each read
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
     """Raised for audio that cannot be used: unreadable, not audio, empty, NaN/Inf, wrong type."""
 
 
 class AudioTruncatedWarning(UserWarning):
     """Audio longer than MAX_AUDIO_SECONDS was cut to its first MAX_AUDIO_SECONDS."""
+
+
+class AudioIncompleteWarning(UserWarning):
+    """The file decoded to less audio than its header declares (truncated or damaged)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class Audio:
     source: str
     truncated: bool = False
     original_seconds: float = 0.0
+    warnings: tuple[str, ...] = ()  # what was said about it (truncation, an incomplete file), for responses
 
     @property
     def seconds(self) -> float:
@@ -54,16 +63,35 @@ def _describe(source) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _decode_file(data, name: str) -> tuple[np.ndarray, int]:
+# libsndfile's reason for data it cannot open although the file exists (a damaged or too short file)
+_NOT_A_FILE = "File does not exist or is not a regular file"
+
+
+def _decode_file(data, name: str) -> tuple[np.ndarray, int, int]:
+    """(samples (N, C) float32, rate Hz, frames the file's header declares)."""
     import soundfile as sf
 
     try:
-        samples, rate = sf.read(data, dtype="float32", always_2d=True)
+        with sf.SoundFile(data) as f:
+            declared = int(f.frames)
+            samples = f.read(dtype="float32", always_2d=True)
+            rate = f.samplerate
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError by format
-        raise AudioError(
-            f"expected a WAV, FLAC, MP3 or OGG file, could not decode {name}: {exc}"
-        ) from exc
-    return samples, int(rate)
+        reason = getattr(exc, "error_string", None) or str(exc)  # without the repr of our BytesIO
+        if reason.startswith(_NOT_A_FILE):
+            reason = "not a readable audio stream (damaged, or too short to hold one)"
+        raise AudioError(f"expected a WAV, FLAC, MP3 or OGG file, could not decode {name}: {reason}") from exc
+    return samples, int(rate), declared
+
+
+def _check_complete(decoded: int, declared: int, rate: int, name: str) -> str | None:
+    """A warning when the decoder stopped well before the length the header declares (a truncated file)."""
+    if declared <= 0 or declared - decoded <= max(0.01 * declared, 0.1 * rate):
+        return None
+    msg = (f"audio {name}: decoded {decoded / rate:.2f} s of the {declared / rate:.2f} s its header declares "
+           f"(a truncated or damaged file?); using what was decoded")
+    warnings.warn(msg, AudioIncompleteWarning, stacklevel=3)
+    return msg
 
 
 def _to_mono(samples: np.ndarray, name: str) -> np.ndarray:
@@ -89,6 +117,56 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
     return np.pad(out, (0, max(0, n - out.shape[0])))[:n].astype(np.float32, copy=False)
 
 
+def _check_scheme(url: str, what: str = "URL") -> None:
+    from urllib.parse import urlsplit
+
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise AudioError(f"expected an {'/'.join(URL_SCHEMES)} {what}, got scheme {scheme!r} in {url!r}")
+
+
+def fetch_url(url: str, *, max_bytes: int = URL_MAX_BYTES, timeout_s: float = URL_TIMEOUT_S) -> bytes:
+    """GET an http(s) URL's body: at most `max_bytes`, within `timeout_s` in all; a redirect must stay
+    http(s). Refusals and failures are AudioErrors naming the URL."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    _check_scheme(url)
+
+    class Redirects(urllib.request.HTTPRedirectHandler):  # urllib itself would follow one to ftp://
+        def http_error_302(self, req, fp, code, msg, headers):
+            from urllib.parse import urljoin
+
+            target = headers.get("Location") or headers.get("URI") or ""
+            _check_scheme(urljoin(req.full_url, target), f"redirect target (from {url})")
+            return super().http_error_302(req, fp, code, msg, headers)
+
+        http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    opener = urllib.request.build_opener(Redirects)
+    deadline = time.monotonic() + timeout_s
+    try:
+        with opener.open(url, timeout=timeout_s) as resp:
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise AudioError(f"expected at most {max_bytes} bytes from {url}, got Content-Length {length}")
+            chunks, size = [], 0
+            while chunk := resp.read(min(1 << 20, max_bytes + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise AudioError(f"expected at most {max_bytes} bytes from {url}, got more")
+                if time.monotonic() > deadline:
+                    raise AudioError(f"expected {url} within {timeout_s:g} s, got {size} bytes by then")
+    except urllib.error.HTTPError as exc:
+        raise AudioError(f"expected audio from {url}, got HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:  # refused connection, DNS, timeout (socket.timeout)
+        reason = getattr(exc, "reason", exc)
+        raise AudioError(f"expected audio from {url}, could not fetch it: {reason}") from None
+    return b"".join(chunks)
+
+
 def load_audio(source, sampling_rate: int | None = None, *, allow_urls: bool = False) -> Audio:
     """Decode `source` into 16 kHz mono float32 samples, truncated to 10 minutes with a warning.
 
@@ -98,22 +176,23 @@ def load_audio(source, sampling_rate: int | None = None, *, allow_urls: bool = F
     name = _describe(source)
     if isinstance(source, str) and "://" in source:
         if not allow_urls:
-            raise AudioError(f"expected a local path, bytes or an array, got a URL {source!r} (URLs are refused)")
-        import urllib.request
-
-        with urllib.request.urlopen(source) as resp:  # opt-in only
-            source = resp.read()
+            raise AudioError(f"expected a local path, bytes or an array, got a URL {source!r} (URLs are refused "
+                             f"unless the caller opts in with allow_urls=True)")
+        source = fetch_url(source)
+    notes, declared = [], 0
     if isinstance(source, (str, Path)):
         path = Path(source)
+        if path.is_dir():
+            raise AudioError(f"expected an audio file, got a directory: {path}")
         if not path.is_file():
             raise AudioError(f"expected an audio file, no such file: {path}")
         if path.stat().st_size == 0:
             raise AudioError(f"expected audio, got an empty file: {path}")
-        samples, rate = _decode_file(str(path), name)
+        samples, rate, declared = _decode_file(str(path), name)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise AudioError("expected audio bytes, got 0 bytes")
-        samples, rate = _decode_file(io.BytesIO(bytes(source)), name)
+        samples, rate, declared = _decode_file(io.BytesIO(bytes(source)), name)
     elif isinstance(source, np.ndarray) or type(source).__module__.startswith("torch"):
         arr = source.detach().cpu().numpy() if hasattr(source, "detach") else source
         if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
@@ -125,6 +204,8 @@ def load_audio(source, sampling_rate: int | None = None, *, allow_urls: bool = F
         raise AudioError(
             f"expected a path, bytes, a numpy array or a torch tensor, got {type(source).__name__}"
         )
+    if declared and (note := _check_complete(samples.shape[0], declared, rate, name)):
+        notes.append(note)
     samples = _to_mono(np.asarray(samples, dtype=np.float32), name)
     if samples.shape[0] == 0:
         raise AudioError(f"expected at least one sample, got zero-length audio from {name}")
@@ -137,9 +218,9 @@ def load_audio(source, sampling_rate: int | None = None, *, allow_urls: bool = F
     if truncated:
         msg = f"audio {name} lasts {original_seconds:.1f} s; truncating to the first {MAX_AUDIO_SECONDS} s"
         warnings.warn(msg, AudioTruncatedWarning, stacklevel=2)
-        logger.warning(msg)
+        notes.append(msg)
         samples = samples[:MAX_AUDIO_SAMPLES]
-    return Audio(np.ascontiguousarray(samples), name, truncated, original_seconds)
+    return Audio(np.ascontiguousarray(samples), name, truncated, original_seconds, tuple(notes))
 
 
 def split_windows(samples: np.ndarray) -> list[np.ndarray]:

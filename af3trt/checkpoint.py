@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import MissingInputError
 from .spec import ModelSpec
 
 ENCODER_PREFIX = "audio_tower."
@@ -30,14 +31,14 @@ class Checkpoint:
     def open(cls, path: str | Path) -> "Checkpoint":
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"expected an AF3 checkpoint directory, got {path} (not a directory)")
+            raise MissingInputError(f"expected an AF3 checkpoint directory, got {path} (not a directory)")
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
         if config is None:
-            raise FileNotFoundError(f"expected config.json in the AF3 checkpoint {path}, found none")
+            raise MissingInputError(f"expected config.json in the AF3 checkpoint {path}, found none")
         if not weight_files_in(path):
             bins = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
             hint = f" (found {bins}: pickle files are not loaded; convert them to safetensors)" if bins else ""
-            raise FileNotFoundError(f"expected *.safetensors weights in {path}, found none{hint}")
+            raise MissingInputError(f"expected *.safetensors weights in {path}, found none{hint}")
         return cls(path, config, ModelSpec.from_config(config))
 
     def weight_files(self) -> list[Path]:

@@ -12,8 +12,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shlex
 import sys
+import traceback
+import warnings
 
 
 def _cmd_tiny(args) -> int:
@@ -28,22 +32,45 @@ def _conversation(audios: list[str], prompt: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+@contextlib.contextmanager
+def _audio_warnings(command: str):
+    """Collect what was done to the audio (truncated to 10 minutes, decoded short): said once on stderr,
+    and listed for --json (as the server's WARNINGS); other warnings are shown as usual."""
+    from .audio import AudioIncompleteWarning, AudioTruncatedWarning
+
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield notes
+    for w in caught:
+        if issubclass(w.category, (AudioTruncatedWarning, AudioIncompleteWarning)):
+            notes.append(str(w.message))
+            print(f"af3trt {command}: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
 def _cmd_run(args) -> int:
     from .runtime import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model, encoder=args.encoder, decoder=args.decoder,
                                     device=args.device, dtype=args.dtype, variant=args.variant,
                                     think_suffix=not args.no_think_suffix)
+    backends = {"encoder": pipe.encoder.name, "decoder": pipe.decoder.name}
+    picked = [f"{k} {v}" + (" (best available)" if getattr(args, k) == "auto" else "") for k, v in backends.items()]
+    print(f"af3trt run: {', '.join(picked)}", file=sys.stderr)
     conv = _conversation(args.audio or [], args.prompt)
     kw = {name: getattr(args, name) for name in (*GENERATION_FLAGS, "do_sample", "stop")}
     if args.stream and not args.json:
-        for piece in pipe.stream(conv, **kw):
-            print(piece, end="", flush=True)
+        with _audio_warnings("run"):
+            for piece in pipe.stream(conv, **kw):
+                print(piece, end="", flush=True)
         print()
         return 0
-    result = pipe.generate(conv, **kw)[0]
+    with _audio_warnings("run") as notes:
+        result = pipe.generate(conv, **kw)[0]
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "backends": backends, "warnings": notes}))
     else:
         print(result.text)
     return 0
@@ -63,13 +90,18 @@ def _cmd_build(args) -> int:
                            calib_size=args.calib_size, calib_max_tokens=args.calib_max_tokens,
                            stages=tuple(args.stages.split(",")), force=args.force, variant=args.variant,
                            target_sm=args.target_sm)
-    manifest = build_engine_dir(model=model, out=args.out, options=options)
+    done: dict = {}
+    manifest = build_engine_dir(model=model, out=args.out, options=options, summary=done)
+    finish = []
     for name, entry in manifest.stages.items():
         if "missing" in entry:
-            print(f"{name}: not built here ({entry['missing']}); finish on a machine that has it with:\n"
-                  f"  {entry['command']}")
+            print(f"{name}: not built here ({entry['missing']})")
+            finish += [entry["command"]] if entry["command"] not in finish else []
         else:
-            print(f"{name}: {entry['path']}")
+            print(f"{name}: {entry['path']} ({done.get(name, 'kept')})")
+    for command in finish:  # the same line finishes every missing stage: said once
+        print(f"finish on a machine that has them, from inside the engine dir (it can be copied there):\n"
+              f"  cd {shlex.quote(args.out)} && {command}")
     return 0
 
 
@@ -89,11 +121,15 @@ def _cmd_serve(args) -> int:
     from .serving.server import TritonServerError, serve
 
     try:
-        return serve(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+        code = serve(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                      metrics_port=args.metrics_port)
     except TritonServerError as exc:
         print(f"af3trt serve: error: {exc}", file=sys.stderr)
         return 2
+    if code != 0:
+        print(f"af3trt serve: error: tritonserver exited with code {code} (its log is above)", file=sys.stderr)
+        return code if code > 0 else 1
+    return 0
 
 
 def _cmd_bench(rest: list[str]) -> int:
@@ -103,14 +139,26 @@ def _cmd_bench(rest: list[str]) -> int:
     return bench_main(rest, prog="af3trt bench")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help lines end with the option's default, unless it has none or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _add_triton(sub) -> None:
-    p = sub.add_parser("triton", help="engine dir -> Triton model repository (preprocessing, encoder, LLM, af3, ensemble)")
+    p = sub.add_parser("triton", help="engine dir -> Triton model repository (preprocessing, encoder, LLM, af3, ensemble)",
+                       formatter_class=_DefaultsFormatter)
     p.add_argument("--engine-dir", "--engine", dest="engine_dir", required=True,
                    help="engine dir (af3trt build), or an AF3 checkpoint dir with --llm-backend python")
     p.add_argument("--out", required=True, help="model repository to write (replaces an earlier af3trt one)")
     p.add_argument("--llm-backend", default="tensorrtllm", choices=("tensorrtllm", "python"),
                    help="tensorrtllm: C++ backend on llm/engine; python: af3trt's torch decoder (CPU reference)")
-    p.add_argument("--encoder-backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"))
+    p.add_argument("--encoder-backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"),
+                   help="audio_encoder model: auto = the plan with tensorrtllm, else ONNX Runtime, else torch")
     p.add_argument("--max-batch-size", type=int, default=None, help="default: the engine dir's limit")
     p.add_argument("--instances", type=int, default=1, help="instances of each python model")
     p.add_argument("--streaming", dest="streaming", action="store_true", default=True,
@@ -125,12 +173,13 @@ def _add_triton(sub) -> None:
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="run tritonserver on a model repository until Ctrl-C / SIGTERM")
+    p = sub.add_parser("serve", help="run tritonserver on a model repository until Ctrl-C / SIGTERM (HTTP 8000, "
+                       "gRPC 8001, metrics 8002 on 127.0.0.1)", formatter_class=_DefaultsFormatter)
     p.add_argument("--repo", required=True, help="model repository (af3trt triton --out)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind HTTP, gRPC and metrics to")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (generate endpoint, health)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (streaming)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -189,19 +238,25 @@ def _add_generation(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .build.precision import KV_CACHES, PRECISIONS
+
     parser = argparse.ArgumentParser(prog="af3trt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"af3trt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = _DefaultsFormatter
 
-    p = sub.add_parser("tiny", help="write the deterministic tiny random AF3 checkpoint")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("tiny", help="write the deterministic tiny random AF3 checkpoint", formatter_class=defaults)
+    p.add_argument("--out", required=True, help="checkpoint dir to write (HF layout)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="LM vocab rows, at least the tokenizer's 556 ids (default: 640, a multiple of 64; an odd one "
                         "such as 632 is what ModelOpt pads for int4_awq, like the real 151672)")
     p.set_defaults(func=_cmd_tiny)
 
-    p = sub.add_parser("build", help="AF3 checkpoint -> engine dir (ONNX/TensorRT encoder, TensorRT-LLM decoder)")
+    p = sub.add_parser("build", help="AF3 checkpoint -> engine dir (ONNX/TensorRT encoder, TensorRT-LLM decoder)",
+                       formatter_class=defaults)
     p.add_argument("--model", required=True, help="AF3 checkpoint dir (HF layout) or 'tiny'")
     p.add_argument("--out", required=True, help="engine dir to write")
     from .build.precision import KV_CACHES, PRECISIONS  # the one registry: build, floors, labels, these choices
@@ -210,18 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder precision: " + "; ".join(f"{k}: {v.description}" for k, v in PRECISIONS.items()))
     p.add_argument("--kv-cache", default="auto", choices=list(KV_CACHES),
                    help="KV-cache format: " + "; ".join(f"{k}: {v.description}" for k, v in KV_CACHES.items()))
-    p.add_argument("--tp-size", type=int, default=1)
-    p.add_argument("--encoder-precision", default="fp16", help="TensorRT encoder plan: fp16|bf16|fp8|int8")
-    p.add_argument("--encoder-input", default="features",
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs (must divide the attention heads)")
+    p.add_argument("--encoder-precision", default="fp16", choices=("fp16", "bf16", "fp8", "int8"),
+                   help="TensorRT encoder plan precision")
+    p.add_argument("--encoder-input", default="features", choices=("features", "audio"),
                    help="what the encoder graph takes: features (log-mel windows) | audio (padded 16 kHz windows, "
                         "log-mel by a conv STFT inside the graph; fp16|bf16 encoder plans)")
-    p.add_argument("--max-batch-size", type=int, default=1)
-    p.add_argument("--max-audio-seconds", type=float, default=600.0)
-    p.add_argument("--max-text-tokens", type=int, default=2048)
-    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--max-batch-size", type=int, default=1, help="requests in flight in the engine")
+    p.add_argument("--max-audio-seconds", type=float, default=600.0, help="audio per request (at most 600)")
+    p.add_argument("--max-text-tokens", type=int, default=2048, help="prompt tokens per request besides audio")
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="generated tokens per request")
     p.add_argument("--calib-audio", default=None, help="folder of calibration audio (default: bundled + synthetic)")
-    p.add_argument("--calib-size", type=int, default=16)
-    p.add_argument("--calib-max-tokens", type=int, default=1024)
+    p.add_argument("--calib-size", type=int, default=16, help="calibration prompts / encoder windows")
+    p.add_argument("--calib-max-tokens", type=int, default=1024, help="tokens per calibration prompt")
     p.add_argument("--stages", default="encoder,llm", help="comma-separated: encoder,llm")
     p.add_argument("--force", action="store_true", help="rebuild stages even when unchanged")
     p.add_argument("--variant", default="base", choices=("base", "think"),
@@ -231,21 +287,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "H100/H200); decides which KV-cache options trtllm-build keeps or refuses")
     p.set_defaults(func=_cmd_build)
 
-    p = sub.add_parser("run", help="answer a prompt about audio files")
+    p = sub.add_parser("run", help="answer a prompt about audio files", formatter_class=defaults)
     p.add_argument("--model", required=True, help="engine dir (af3trt build), AF3 checkpoint dir, or 'tiny'")
     p.add_argument("--audio", action="append", help="audio file (repeat for several)")
     p.add_argument("--prompt", default="Transcribe the input speech.")
     _add_generation(p)
-    p.add_argument("--encoder", default="auto")
-    p.add_argument("--decoder", default="auto")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--stream", action="store_true")
+    p.add_argument("--encoder", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"),
+                   help="encoder backend; auto = the best available in the dir")
+    p.add_argument("--decoder", default="auto", choices=("auto", "tensorrt_llm", "torch-fast", "torch"),
+                   help="decoder backend; auto = the best available in the dir")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+                   help="torch backends' dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--variant", default=None, choices=("base", "think"),
                    help="think: AF3-Think weights of a checkpoint dir (default base); an engine dir runs what it was built as")
     p.add_argument("--no-think-suffix", action="store_true",
                    help="think variant: do not end the last user turn with its trained instruction")
-    p.add_argument("--json", action="store_true", help='print {"text", "token_ids", "num_audio_tokens", "timings"}')
+    p.add_argument("--json", action="store_true",
+                   help='print {"text", "token_ids", "num_audio_tokens", "timings", "backends", "warnings"}')
     p.set_defaults(func=_cmd_run)
     _add_triton(sub)
     _add_serve(sub)
@@ -259,14 +319,23 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from .audio import AudioError
-    from .prompt import PromptError
+    from . import __version__
+    from .errors import UserError
 
     try:
         return _cmd_bench(rest) if args.command == "bench" else args.func(args)
-    except (AudioError, PromptError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
+    except UserError as exc:  # the user's to fix: one line
         print(f"af3trt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = "; rerun the same command to resume (finished stages are kept)" if args.command == "build" else ""
+        print(f"\naf3trt {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
+    except Exception:  # ours to fix: the whole traceback
+        traceback.print_exc()
+        print(f"af3trt {args.command}: internal error: this is a bug in af3trt {__version__}; please report it "
+              f"with the traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import Audio, AudioError, load_audio
+from .errors import UserError
 from .spec import FRAMES_PER_WINDOW, WINDOW_SAMPLES, audio_token_count, mel_frames_for_samples
 
 ROLES = ("system", "user", "assistant")
@@ -33,7 +34,7 @@ TRANSCRIPTION_PREFIXES = (
 )
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A conversation that does not follow the format, or a prompt past a limit."""
 
 

@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import MissingInputError, OptionError
+
 SAMPLE_RATE = 16_000  # Hz, what the Whisper front end expects
 WINDOW_SECONDS = 30  # seconds per encoder window (Whisper chunk length)
 WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE  # 480,000 samples in a 30 s window
@@ -140,7 +142,7 @@ class ModelSpec:
     def from_dir(cls, path: str | Path) -> "ModelSpec":
         path = Path(path) / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"expected an AF3 checkpoint with config.json at {path}, found none")
+            raise MissingInputError(f"expected an AF3 checkpoint with config.json at {path}, found none")
         return cls.from_config(json.loads(path.read_text()))
 
 
@@ -149,29 +151,40 @@ def check_limit_fields(owner: str, obj, int_fields: tuple[str, ...]) -> None:
     for name in int_fields:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{owner}.{name}: expected an int >= 1, got {value!r}")
+            raise OptionError(f"{owner}.{name}: expected an int >= 1, got {value!r}")
     if not 0 < obj.max_audio_seconds <= MAX_AUDIO_SECONDS:
-        raise ValueError(f"{owner}.max_audio_seconds: expected (0, {MAX_AUDIO_SECONDS}] s (longer audio is "
+        raise OptionError(f"{owner}.max_audio_seconds: expected (0, {MAX_AUDIO_SECONDS}] s (longer audio is "
                          f"truncated), got {obj.max_audio_seconds!r}")
+
+
+# the `af3trt build` option that raises each per-request limit
+LIMIT_OPTIONS = {"audio tokens": "--max-audio-seconds", "30 s windows": "--max-audio-seconds",
+                 "prompt tokens": "--max-audio-seconds / --max-text-tokens",
+                 "text tokens besides audio": "--max-text-tokens", "max_new_tokens": "--max-new-tokens",
+                 "prompt + max_new_tokens": "--max-new-tokens"}
 
 
 def request_limit_error(limits, *, audio_tokens: int, prompt_tokens: int, max_new_tokens: int | None = None,
                         windows: int | None = None) -> str | None:
     """The one per-request limits rule, for the Pipeline and Triton's preprocessing alike: the first
-    limit a request exceeds, as "expected at most L what (engine limit), got G", or None.
+    limit a request exceeds, as "expected at most L what (engine limit; `af3trt build OPTION` raises
+    it), got G", or None.
 
     limits: a mapping with any of max_audio_tokens (prompt-table rows one request may hold: the
     executor allows max_prompt_embedding_table_size // max_batch_size, promptTuningBuffers.cpp),
-    max_windows (30 s encoder windows: the encoder's profile maximum), max_input_len, max_new_tokens,
-    max_seq_len. A limit that is absent or None is not checked.
+    max_windows (30 s encoder windows: the encoder's profile maximum), max_input_len,
+    max_text_tokens (prompt tokens besides audio), max_new_tokens, max_seq_len. A limit that is
+    absent or None is not checked.
     """
     checks = [("audio tokens", audio_tokens, limits.get("max_audio_tokens")),
               ("30 s windows", windows, limits.get("max_windows")),
               ("prompt tokens", prompt_tokens, limits.get("max_input_len")),
+              ("text tokens besides audio", prompt_tokens - audio_tokens, limits.get("max_text_tokens")),
               ("max_new_tokens", max_new_tokens, limits.get("max_new_tokens")),
               ("prompt + max_new_tokens", None if max_new_tokens is None else prompt_tokens + max_new_tokens,
                limits.get("max_seq_len"))]
     for what, got, limit in checks:
         if got is not None and limit is not None and got > limit:
-            return f"expected at most {limit} {what} (engine limit), got {got}"
+            return (f"expected at most {limit} {what} (engine limit; `af3trt build {LIMIT_OPTIONS[what]}` raises it), "
+                    f"got {got}")
     return None

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import fileio
+from .errors import ExistingOutputError, temp_dir_beside
 from .spec import N_MELS
 
 TINY_AUDIO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
@@ -245,12 +246,11 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, vocab_size: 
         if meta == seed and have == vocab_size and cfg.get("af3trt_tiny_think") == tiny_think_key():
             return out
         if meta == seed and have == vocab_size:
-            raise FileExistsError(f"{out} holds a tiny checkpoint of seed {seed} from another generator (think/ "
-                                  f"key {cfg.get('af3trt_tiny_think')}, expected {tiny_think_key()}): remove it")
-        raise FileExistsError(f"{out} already holds a checkpoint (tiny seed {meta}, vocab_size {have}); expected "
-                              f"seed {seed}, vocab_size {vocab_size}, or an empty dir")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(fileio.mkdtemp(prefix=".tiny-", dir=out.parent))
+            raise ExistingOutputError(f"{out} holds a tiny checkpoint of seed {seed} from another generator (think/ "
+                                      f"key {cfg.get('af3trt_tiny_think')}, expected {tiny_think_key()}): remove it")
+        raise ExistingOutputError(f"{out} already holds a checkpoint (tiny seed {meta}, vocab_size {have}); expected "
+                                  f"seed {seed}, vocab_size {vocab_size}, or an empty dir")
+    tmp = temp_dir_beside(out, ".tiny-")
     try:
         ids = _tokenizer_files(tmp)
         tokens = max(ids.values()) + 1

@@ -8,3 +8,6 @@ OUT="${1:-$ROOT/out/tiny-engine}"
 af3trt build --model tiny --out "$OUT" --precision "${AF3TRT_PRECISION:-bf16}"
 # greedy (--no-do-sample) keeps the answer deterministic: the checkpoint's generation_config samples
 af3trt run --model "$OUT" --audio af3trt/assets/speech.wav --prompt "Transcribe the input speech." --no-do-sample --json
+echo "af3trt demo: built the tiny model's engine dir in $OUT and answered a prompt about the bundled clip" \
+     "(random weights: random text). Next: 'source .venv/bin/activate', then 'af3trt --help', or serve it:" \
+     "'af3trt triton --engine-dir $OUT --out repo-cpu --llm-backend python && af3trt serve --repo repo-cpu'" >&2

@@ -109,3 +109,101 @@ def test_split_windows():
     assert [w.shape[0] for w in split_windows(np.zeros(WINDOW_SAMPLES * 2 + 7))] == [WINDOW_SAMPLES, WINDOW_SAMPLES, 7]
     assert [w.shape[0] for w in split_windows(np.zeros(WINDOW_SAMPLES))] == [WINDOW_SAMPLES]
     assert [w.shape[0] for w in split_windows(np.zeros(3))] == [3]
+
+
+# ------------------------------------------------------------------------------ messages, URLs
+
+
+def test_messages_name_the_input_not_internals(tmp_path):
+    """No repr of af3trt's BytesIO, no libsndfile "does not exist" for a file that exists, a directory
+    called a directory."""
+    mp3 = encode(np.sin(np.arange(5 * SAMPLE_RATE) / 20).astype(np.float32) * 0.3, SAMPLE_RATE, "MP3", "MPEG_LAYER_III")
+    short = tmp_path / "short.mp3"
+    short.write_bytes(mp3[:200])
+    for source, name in ((short, str(short)), (mp3[:200], "<200 bytes>"), (b"not audio" * 10, "<90 bytes>")):
+        with pytest.raises(AudioError) as info:
+            load_audio(source)
+        print(info.value)
+        assert f"could not decode {name}: " in str(info.value)
+        assert "_io.BytesIO" not in str(info.value) and "does not exist" not in str(info.value)
+    with pytest.raises(AudioError, match=f"expected an audio file, got a directory: {tmp_path}$"):
+        load_audio(tmp_path)
+
+
+def test_truncated_mp3_decodes_with_a_warning(recwarn):
+    from af3trt.audio import AudioIncompleteWarning
+
+    mp3 = encode(np.sin(np.arange(5 * SAMPLE_RATE) / 20).astype(np.float32) * 0.3, SAMPLE_RATE, "MP3", "MPEG_LAYER_III")
+    whole = load_audio(mp3)
+    assert whole.warnings == () and not [w for w in recwarn if issubclass(w.category, AudioIncompleteWarning)]
+    with pytest.warns(AudioIncompleteWarning, match=r"decoded \d\.\d\d s of the 5\.00 s its header declares"):
+        half = load_audio(mp3[: len(mp3) // 2])
+    assert 1.0 < half.seconds < 4.0 and len(half.warnings) == 1 and "truncated" in half.warnings[0]
+
+
+@pytest.fixture(scope="module")
+def http_url():
+    """A loopback HTTP server: /ok.wav (1 s), /big (Content-Length past the cap), /stream (no length,
+    past the cap), /slow (answers after 3 s), /to-file (redirect to file://), /missing (404)."""
+    import http.server
+    import threading
+    import time
+
+    wav = encode(np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE, "WAV", "PCM_16")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # no Content-Length needed: the body ends with the connection
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.path == "/to-file":
+                self.send_response(302)
+                self.send_header("Location", "file:///etc/passwd")
+                self.end_headers()
+                return
+            if self.path == "/missing":
+                self.send_error(404)
+                return
+            if self.path == "/slow":
+                time.sleep(3)
+            self.send_response(200)
+            if self.path == "/big":
+                self.send_header("Content-Length", str(10**9))
+            elif self.path != "/stream":
+                self.send_header("Content-Length", str(len(wav)))
+            self.end_headers()
+            if self.path == "/stream":
+                for _ in range(64):
+                    self.wfile.write(b"\0" * 4096)
+            elif self.path != "/big":
+                self.wfile.write(wav)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_urls_are_opt_in_http_only_capped_and_timed(http_url, tmp_path):
+    from af3trt.audio import fetch_url
+
+    assert load_audio(f"{http_url}/ok.wav", allow_urls=True).seconds == pytest.approx(1.0)
+    with pytest.raises(AudioError, match=r"got a URL .* \(URLs are refused unless the caller opts in"):
+        load_audio(f"{http_url}/ok.wav")
+    (tmp_path / "a.wav").write_bytes(encode(np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE, "WAV", "PCM_16"))
+    for url in (f"file://{tmp_path / 'a.wav'}", "ftp://127.0.0.1/a.wav", "gopher://127.0.0.1/a"):
+        with pytest.raises(AudioError, match=r"expected an http/https URL, got scheme '\w+'"):
+            load_audio(url, allow_urls=True)
+    with pytest.raises(AudioError, match=r"expected an http/https redirect target .*, got scheme 'file'"):
+        load_audio(f"{http_url}/to-file", allow_urls=True)
+    with pytest.raises(AudioError, match=r"expected at most 1000 bytes from .*/big, got Content-Length 1000000000"):
+        fetch_url(f"{http_url}/big", max_bytes=1000)
+    with pytest.raises(AudioError, match=r"expected at most 100000 bytes from .*/stream, got more"):
+        fetch_url(f"{http_url}/stream", max_bytes=100_000)
+    assert len(fetch_url(f"{http_url}/stream")) == 64 * 4096
+    with pytest.raises(AudioError, match=r"expected audio from .*/slow, could not fetch it: .*timed out"):
+        fetch_url(f"{http_url}/slow", timeout_s=0.5)
+    with pytest.raises(AudioError, match=r"expected audio from .*/missing, got HTTP 404"):
+        load_audio(f"{http_url}/missing", allow_urls=True)

@@ -22,6 +22,8 @@ def test_run_tiny_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(out) >= {"text", "token_ids", "num_audio_tokens", "timings"}
+    assert out["backends"] == {"encoder": "torch", "decoder": "torch"}  # a checkpoint dir on CPU
+    assert "af3trt run: encoder torch (best available), decoder torch (best available)" in proc.stderr
     assert out["num_audio_tokens"] == 144 and 1 <= len(out["token_ids"]) <= 8
     from af3trt.testing import default_tiny_dir
 

@@ -44,11 +44,13 @@ def test_build_writes_every_stage_and_the_manifest(engine_dir, tiny_dir):
     assert cfg["architecture"] == "Qwen2ForCausalLM" and cfg["dtype"] == "bfloat16"
     script = (engine_dir / "llm" / "build_engine.sh").read_text()
     assert "trtllm-build" in script and "--max_prompt_embedding_table_size 60000" in script
+    assert "--checkpoint_dir checkpoint --output_dir engine" in script and str(engine_dir) not in script
     for name, present in (("encoder_plan", HAS_TRT), ("llm_engine", HAS_TRTLLM)):
         entry = m.stages[name]
         if not present:  # recorded, with the line that completes the build elsewhere
             assert "not installed" in entry["missing"] and entry["command"].startswith("af3trt build --model ")
-            assert f"--out {engine_dir}" in entry["command"] and "--max-batch-size 4" in entry["command"]
+            assert "--out . " in entry["command"] and "--max-batch-size 4" in entry["command"]
+            assert str(engine_dir) not in entry["command"] + entry["manual"]  # relative: the dir can move
 
 
 def test_unchanged_stages_are_skipped_and_changed_ones_rebuilt(tiny_dir, tmp_path):
@@ -211,10 +213,12 @@ def test_requests_past_the_engine_limits_fail_before_anything_runs(small_engine)
     steps = pipe.decoder.steps
     pipe.decoder.steps = lambda *a, **k: calls.append(1) or steps(*a, **k)
     cases = [
-        ([audio_turn(synthetic_audio(12.0))], {}, r"expected at most 250 audio tokens \(engine limit\), got 300"),
+        ([audio_turn(synthetic_audio(12.0))], {}, r"expected at most 250 audio tokens \(engine limit; .*\), got 300"),
         ([{"role": "user", "content": [{"type": "audio", "audio": synthetic_audio(6.0, s)} for s in (1, 2)]}], {},
-         r"expected at most 250 audio tokens \(engine limit\), got 300"),
-        ([{"role": "user", "content": "word " * 400}], {}, r"expected at most 314 prompt tokens \(engine limit\), got \d+"),
+         r"expected at most 250 audio tokens \(engine limit; .*\), got 300"),
+        ([{"role": "user", "content": "word " * 400}], {}, r"at most 314 prompt tokens \(engine limit.*\), got \d+"),
+        ([{"role": "user", "content": "word " * 100}], {}, r"expected at most 64 text tokens besides audio \(engine "
+         r"limit; `af3trt build --max-text-tokens` raises it\), got \d+"),
         ([audio_turn(synthetic_audio(2.0))], {"max_new_tokens": 17}, r"expected at most 16 max_new_tokens"),
     ]
     for conv, kw, match in cases:

@@ -35,9 +35,9 @@ def test_one_rule_for_rows(engine_pipe):
     assert 19 * CLIP <= 60 and rows == 1501
     limits = {"max_audio_tokens": 1500, "max_input_len": 3548, "max_windows": 20}
     assert request_limit_error(limits, audio_tokens=rows, prompt_tokens=rows + 20, windows=19) == \
-        "expected at most 1500 audio tokens (engine limit), got 1501"
+        "expected at most 1500 audio tokens (engine limit; `af3trt build --max-audio-seconds` raises it), got 1501"
     assert request_limit_error(limits, audio_tokens=1500, prompt_tokens=1520, windows=21) == \
-        "expected at most 20 30 s windows (engine limit), got 21"
+        "expected at most 20 30 s windows (engine limit; `af3trt build --max-audio-seconds` raises it), got 21"
     assert request_limit_error(limits, audio_tokens=1500, prompt_tokens=1520, windows=19) is None
 
 
@@ -60,7 +60,7 @@ def test_preprocessing_refuses_more_rows_than_the_executor_takes(engine_dir, tmp
         return {"PROMPT": Tensor("PROMPT", np.array([b"Transcribe the input speech."], object)),
                 "AUDIO": Tensor("AUDIO", np.array([_wav(CLIP)] * clips, object))}
 
-    with pytest.raises(Exception, match=r"expected at most 1500 audio tokens \(engine limit\), got 1501"):
+    with pytest.raises(Exception, match=r"expected at most 1500 audio tokens \(engine limit; .*\), got 1501"):
         model._process(request(19))
     out = model._process(request(18))  # 1422 rows: within the engine
     assert int(out["rows"].sum()) == 18 * audio_tokens_for_seconds(CLIP)

@@ -10,9 +10,12 @@ in-process Pipeline on the same engine dir (`engine_pipe`).
 import importlib.util
 import io
 import json
+import os
 import shutil
+import subprocess
 import sys
 import threading
+import time
 import types
 
 import numpy as np
@@ -25,7 +28,8 @@ from af3trt.build.triton import (
 
 PROMPT = "Transcribe the input speech."
 MAX_TOKENS = 16
-LIMITS = ServingLimits(max_input_len=2048, max_new_tokens=512, max_seq_len=4096)
+LIMITS = ServingLimits(max_audio_seconds=60.0, max_input_len=2048, max_new_tokens=512, max_seq_len=4096,
+                       max_text_tokens=1024)
 MODELS = {"preprocessing", "audio_encoder", "prompt_table", "tensorrt_llm", "postprocessing", "ensemble", "af3"}
 
 
@@ -527,6 +531,9 @@ def test_benchmark_triton_backend(server, model):
     models = types.SimpleNamespace(triton_url=server.http_url, triton_grpc_url=server.grpc_url, triton_model=model)
     backend = TritonBackend(models)
     assert backend.unavailable() is None
+    print(backend.description)  # what the server runs, from its own model configs
+    assert "the server runs tensorrt_llm: python on " in backend.description
+    assert "audio_encoder: python (onnxruntime) on " in backend.description
     backend.setup()
     call = backend.run(conversations(2.0, 2), 8)
     assert 0 < call.ttft <= call.total and call.decode == pytest.approx(call.total - call.ttft)
@@ -534,6 +541,81 @@ def test_benchmark_triton_backend(server, model):
     row = summarize([call], seconds=2.0, batch=2, new_tokens=8)  # per-token figures as for the other backends
     assert row["tpot_ms"]["p50"] == pytest.approx(call.decode / 7 * 1e3)
     assert row["throughput"]["decode_tokens_per_s"] == pytest.approx(2 * 7 / call.decode)
+
+
+@pytest.mark.triton_server
+def test_serve_refuses_taken_ports(server, cpu_repo):
+    """A second `af3trt serve` on the ports of a running server exits non-zero with one clear line, and
+    never says ready; readiness counts only from a process that holds the ports itself."""
+    from af3trt.serving.server import TritonServer, TritonServerError, free_port, owns_port
+
+    proc = subprocess.run([sys.executable, "-m", "af3trt.cli", "serve", "--repo", str(cpu_repo.path),
+                           "--http-port", str(server.http_port), "--grpc-port", str(server.grpc_port),
+                           "--metrics-port", str(free_port())], capture_output=True, text=True, timeout=120)
+    print(proc.stdout, proc.stderr)
+    assert proc.returncode == 2 and "ready" not in proc.stdout
+    assert f"af3trt serve: error: expected free ports for tritonserver, got HTTP {server.http_url} " in proc.stderr
+    assert f"gRPC {server.grpc_url} " in proc.stderr and "Traceback" not in proc.stderr
+    assert owns_port(server.process.pid, server.http_port) and owns_port(server.process.pid, server.grpc_port)
+    assert owns_port(server.process.pid, free_port()) is False and owns_port(os.getpid(), server.http_port) is False
+    impostor = subprocess.Popen(["sleep", "60"])  # alive, "ready" through the fixture's ports, owns none
+    try:
+        with pytest.raises(TritonServerError, match=rf"expected this tritonserver \(pid {impostor.pid}\) listening on "
+                                                    rf"HTTP {server.http_url}, got another process answering there"):
+            TritonServer(impostor, cpu_repo.path, server.host, server.http_port, server.grpc_port, None).wait_ready(30)
+    finally:
+        impostor.kill()
+        impostor.wait()
+
+
+LONG = dict(max_tokens=500, min_tokens=500)  # a fixed-length answer, long enough to abandon midway
+
+
+def _timed(work):
+    start = time.monotonic()
+    out = work()
+    return out, time.monotonic() - start
+
+
+@pytest.mark.triton_server
+def test_closed_stream_frees_the_server(client):
+    """Closing `Af3Client.stream()` after 3 pieces cancels its gRPC stream and, through `af3`, the LLM
+    request: closing returns at once and the next request is not held behind the abandoned answer."""
+    pieces, full = _timed(lambda: list(client.stream("hello", **LONG)))
+    assert len(pieces) > 3
+    stream = client.stream("hello", **LONG)
+    assert len([next(stream) for _ in range(3)]) == 3
+    _, close = _timed(stream.close)
+    answer, after = _timed(lambda: client.infer("hello", max_tokens=4))
+    print(f"whole answer {full:.2f} s; close {close:.2f} s; next request {after:.2f} s")
+    assert answer and close < full / 3 and after < full / 3
+
+
+CLIENT = """
+import sys
+from af3trt.serving.client import Af3Client
+stream = Af3Client(grpc_url=sys.argv[1]).stream("hello", max_tokens=500, min_tokens=500)
+for i, _ in enumerate(stream):
+    if i == 2:
+        print("3 pieces", flush=True)
+        sys.stdin.readline()  # killed here
+"""
+
+
+@pytest.mark.triton_server
+def test_killed_client_frees_the_server(client, server):
+    """A client killed mid-stream leaves no request running: the next one is not held behind it."""
+    _, full = _timed(lambda: client.infer("hello", **LONG))
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, server.grpc_url], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "3 pieces"
+    finally:
+        proc.kill()
+        proc.wait(30)
+    answer, after = _timed(lambda: client.infer("hello", max_tokens=4))
+    print(f"whole answer {full:.2f} s; next request after the kill {after:.2f} s")
+    assert answer and after < full / 3
 
 
 def _wav(seconds):
@@ -557,8 +639,12 @@ def test_bad_requests(client, server, model):
 
     fails(r"AUDIO\[0\]: expected a WAV, FLAC, MP3 or OGG file", client.inputs(PROMPT, b"not audio at all" * 8))
     fails(r"expected AUDIO\[0\] as the bytes of an audio file, got 0 bytes", client.inputs(PROMPT, b""))
-    fails(r"expected AUDIO\[0\] of at most 600 s, got 660.0 s", client.inputs(PROMPT, _wav(660)))
+    fails(r"expected AUDIO\[0\] of at most 60 s \(the engine's limit; `af3trt build --max-audio-seconds` raises "
+          r"it, up to 600 s\), got 660.0 s", client.inputs(PROMPT, _wav(660)))
+    fails(r"expected at most 60 s of audio per request .*, got 80.0 s in 2 files", client.inputs(PROMPT, [_wav(40)] * 2))
     fails(r"expected a prompt of at most 2048 tokens .*, got \d+", client.inputs("hello world " * 1500, SPEECH_WAV))
+    fails(r"expected at most 1024 prompt tokens besides audio \(the engine's max_text_tokens; `af3trt build "
+          r"--max-text-tokens` raises it\), got \d+", client.inputs("hello world " * 600, SPEECH_WAV))
     fails(r"expected MAX_TOKENS in \[1, 512\], got 100000", client.inputs(PROMPT, SPEECH_WAV, max_tokens=100000))
     fails(r"expected MIN_TOKENS an integer in \[0, MAX_TOKENS=8\], got 9",
           client.inputs(PROMPT, SPEECH_WAV, max_tokens=8, min_tokens=9))
@@ -574,6 +660,57 @@ def test_bad_requests(client, server, model):
           [t for t in client.inputs(PROMPT, SPEECH_WAV) if t.name() != "MAX_TOKENS"] + [wrong])
     assert client.infer(PROMPT, SPEECH_WAV, model=model, do_sample=False, max_tokens=4)
     assert server.alive()
+
+
+@pytest.mark.triton_server
+@pytest.mark.parametrize("model", ["af3", "ensemble"])
+def test_unknown_request_keys_are_refused(client, server, model):
+    """The generate endpoint turns a JSON key that names no input (the typo MAX_TOKEN) into a request
+    parameter: refused with the key named, over HTTP and gRPC alike, never answered as if absent."""
+    import urllib.error
+    import urllib.request
+
+    import tritonclient.grpc as grpcclient
+
+    body = json.dumps({"PROMPT": "hello", "MAX_TOKEN": 4}).encode()
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/{model}/generate", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=120)
+    message = json.loads(info.value.read())["error"]
+    print(message)
+    assert info.value.code == 400 and "got unknown keys ['MAX_TOKEN']" in message and "'MAX_TOKENS'" in message
+    results = []
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    grpc.start_stream(callback=lambda result, error: results.append(error))
+    grpc.async_stream_infer(model, client.inputs("hello", max_tokens=4), parameters={"temprature": 0.5},
+                            enable_empty_final_response=True)
+    grpc.stop_stream()
+    assert any(e is not None and "got unknown keys ['temprature']" in str(e) for e in results), results
+    assert client.generate("hello", model=model, max_tokens=4)
+
+
+@pytest.mark.triton_server
+def test_af3_answers_warnings(client):
+    """A truncated MP3 decodes to what it holds, and `af3` says so in WARNINGS (first when streaming,
+    beside TEXT otherwise), which the client raises as ServerWarning; a whole file has none."""
+    import warnings
+
+    import soundfile as sf
+
+    from af3trt.serving.client import ServerWarning
+
+    buf = io.BytesIO()
+    sf.write(buf, np.sin(np.arange(5 * 16_000) / 20).astype(np.float32) * 0.3, 16_000, format="MP3")
+    mp3 = buf.getvalue()
+    match = r"AUDIO\[0\]: audio <\d+ bytes>: decoded \d\.\d\d s of the 5\.00 s its header declares"
+    with pytest.warns(ServerWarning, match=match):
+        assert client.generate(PROMPT, mp3[: len(mp3) // 2], max_tokens=4)
+    with pytest.warns(ServerWarning, match=match):
+        assert list(client.stream(PROMPT, mp3[: len(mp3) // 2], max_tokens=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ServerWarning)
+        assert client.generate(PROMPT, mp3, max_tokens=4) and list(client.stream(PROMPT, mp3, max_tokens=4))
 
 
 def test_stream_reaches_the_llm_only_when_it_is_decoupled(tiny_dir, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import OptionError
 from ..prompt import DEFAULT_TRANSCRIBE_PROMPT
 
 
@@ -289,7 +290,7 @@ def triton_grpc_url(http_url: str, grpc_url: str | None = None) -> str:
         return grpc_url
     host, sep, port = http_url.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ValueError(f"expected the Triton HTTP URL as host:port, got {http_url!r}")
+        raise OptionError(f"expected the Triton HTTP URL as host:port, got {http_url!r}")
     return f"{host}:{int(port) + 1}"
 
 
@@ -348,10 +349,26 @@ class TritonBackend(Backend):
             if not stream_client.is_server_live():
                 return f"gRPC endpoint {grpc_url} is not live (--triton-grpc-url)"
             self.decoupled = bool(client.get_model_config(model).get("model_transaction_policy", {}).get("decoupled"))
+            self.description = f"{type(self).description}; the server runs {self._served(client)}"
             return {i["name"] for i in client.get_model_metadata(model)["inputs"]}
         finally:
             client.close()
             stream_client.close()
+
+    @staticmethod
+    def _served(client) -> str:
+        """What the server's repository runs (its LLM and encoder models' configs), not the client's --model."""
+        def describe(name: str) -> str:
+            cfg = client.get_model_config(name)
+            params = {k: v.get("string_value") for k, v in (cfg.get("parameters") or {}).items()}
+            kind = cfg.get("platform") or cfg.get("backend")
+            where = params.get("gpt_model_path") or params.get("path")
+            inner = params.get("backend")  # the python encoder's onnxruntime | torch
+            return f"{name}: {kind}" + (f" ({inner})" if inner else "") + (f" on {where}" if where else "")
+
+        names = {m["name"] for m in client.get_model_repository_index()}
+        known = [n for n in ("tensorrt_llm", "audio_encoder") if n in names]
+        return ", ".join(describe(n) for n in known) if known else f"models {sorted(names)}"
 
     def setup(self) -> None:
         from ..serving.client import Af3Client

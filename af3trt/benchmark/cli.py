@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import UserError
 from . import LatencyConfig, floor_record, run_latency, write_report
 from .backends import BACKENDS
 from .latency import add_ratios
@@ -105,10 +106,10 @@ def main(argv=None, prog: str | None = None) -> int:
         return 0
     try:
         cfg = _config(args)
-    except ValueError as exc:
+        result = run_latency(cfg, on_update=_progress(args.out))
+    except UserError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    result = run_latency(cfg, on_update=_progress(args.out))
     paths = write_report(result, args.out)
     print(markdown(result))
     print(json.dumps(paths))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import OptionError
 from ..spec import FRAMES_PER_WINDOW, TOKENS_PER_WINDOW, AudioSpec, ModelSpec, TextSpec, conv_frames
 
 from ..build.precision import KV_CACHES, PRECISIONS
@@ -149,7 +150,7 @@ def encoder_flops(a: AudioSpec, text_hidden: int, windows: int) -> float:
 
 def _lookup(table: dict, key: str, what: str):
     if key not in table:
-        raise ValueError(f"expected {what} in {sorted(table)}, got {key!r}")
+        raise OptionError(f"expected {what} in {sorted(table)}, got {key!r}")
     return table[key]
 
 

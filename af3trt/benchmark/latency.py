@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import OptionError
 from ..spec import MAX_AUDIO_SECONDS, MAX_WINDOWS, SAMPLE_RATE, WINDOW_SAMPLES, ModelSpec
 from .backends import BACKENDS, LATE_BACKENDS, REFERENCE_BACKEND, Call, conversation
 from .floor import floors, measure, model_summary
@@ -53,7 +54,7 @@ class LatencyConfig:
     def __post_init__(self):
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown or not self.backends:
-            raise ValueError(f"expected backends from {sorted(BACKENDS)}, got {list(self.backends)}")
+            raise OptionError(f"expected backends from {sorted(BACKENDS)}, got {list(self.backends)}")
         checks = [
             (all(0 < s <= MAX_AUDIO_SECONDS for s in self.audio_seconds) and self.audio_seconds,
              f"audio seconds in (0, {MAX_AUDIO_SECONDS}]", self.audio_seconds),
@@ -66,7 +67,7 @@ class LatencyConfig:
         ]
         for ok, expected, got in checks:
             if not ok:
-                raise ValueError(f"expected {expected}, got {got!r}")
+                raise OptionError(f"expected {expected}, got {got!r}")
 
 
 class Models:

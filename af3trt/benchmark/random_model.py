@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import OptionError
 from ..spec import N_MELS, ModelSpec
 
 FULL_AUDIO = {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 20, "intermediate_size": 5120}
@@ -57,7 +58,7 @@ def random_config(scale: float = 1.0, *, audio_token_id: int, eos_token_id: int,
                   min_vocab: int = 0) -> dict:
     """AF3 config.json (HF layout) at `scale` of the real size; scale 1.0 is exact."""
     if not 0 < scale <= 1:
-        raise ValueError(f"expected 0 < scale <= 1, got {scale}")
+        raise OptionError(f"expected 0 < scale <= 1, got {scale}")
     audio_heads = _scaled(FULL_AUDIO["num_attention_heads"], scale)
     kv = _scaled(FULL_TEXT["num_key_value_heads"], scale)
     heads = max(kv, _scaled(FULL_TEXT["num_attention_heads"], scale) // kv * kv)
@@ -186,6 +187,41 @@ def modules_on_device(spec: ModelSpec, device, dtype: torch.dtype):
     return enc.eval(), dec.eval()
 
 
+def weight_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """Bytes of the random model's weights in `dtype`: encoder, projector and LM (embedding + lm_head)."""
+    from .floor import lm_params
+
+    a, hidden = spec.audio, spec.text.hidden_size
+    encoder = a.num_layers * (4 * a.hidden_size * a.hidden_size + 2 * a.hidden_size * a.intermediate_size)
+    projector = a.hidden_size * hidden + hidden * hidden
+    return (encoder + projector + lm_params(spec.text)["total"]) * torch.empty((), dtype=dtype).element_size()
+
+
+def available_bytes(device) -> int | None:
+    """Free memory of `device`: CUDA's free bytes, or the host's MemAvailable; None where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(spec: ModelSpec, device, dtype: torch.dtype, scale: float) -> None:
+    """Refuse, with the figures, a random model that cannot fit (instead of allocating until the OOM
+    killer ends the process). One copy of the weights: transformers' and af3trt's modules share it."""
+    need = int(weight_bytes(spec, dtype) * 1.1)  # + 10 % for activations, KV cache, allocator
+    free = available_bytes(device)
+    if free is not None and need > free:
+        raise OptionError(f"expected the random-weights model (scale {scale}, {dtype}) to fit on {device}: it needs "
+                          f"~{need / 1e9:.1f} GB, {free / 1e9:.1f} GB are available; pass --scale < 1, another "
+                          f"--dtype, or run on a device with more memory")
+
+
 def build(scale: float = 1.0, *, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
           with_hf: bool = True, seed: int = 0, tokenizer_dir: str | Path | None = None,
           cache_bytes: int = 0) -> RandomModels:
@@ -205,9 +241,10 @@ def build(scale: float = 1.0, *, device: str | torch.device = "cuda", dtype: tor
     config = random_config(scale, audio_token_id=ids["audio_token_id"], eos_token_id=ids["eos_ids"][0],
                            pad_token_id=ids["pad_token_id"], min_vocab=ids["min_vocab"])
     spec = ModelSpec.from_config(config)
+    reason = hf_available() if with_hf else "not requested"
+    check_fits(spec, device, dtype, scale)
     torch.manual_seed(seed)
     hf = processor = None
-    reason = hf_available() if with_hf else "not requested"
     if reason is None:
         from transformers import AutoProcessor
 

@@ -8,10 +8,14 @@ exercised). The windows go through the same Whisper front end as inference (`ext
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import MissingInputError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")  # what af3trt.audio decodes (libsndfile)
 # default synthetic clip lengths in seconds: full windows and partial last windows of several sizes
@@ -42,11 +46,33 @@ def audio_files(audio_dir: str | Path) -> list[Path]:
     """Audio files (WAV/FLAC/MP3/OGG) directly in `audio_dir`, sorted by name."""
     root = Path(audio_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"expected a folder of calibration audio, got {root} (not a directory)")
+        raise MissingInputError(f"expected a folder of calibration audio, got {root} (not a directory)")
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"expected audio files {AUDIO_SUFFIXES} in {root}, found none")
+        raise MissingInputError(f"expected audio files {AUDIO_SUFFIXES} in {root}, found none")
     return files
+
+
+class CalibrationFileSkipped(UserWarning):
+    """A file of the calibration folder could not be used (empty, not audio) and was left out."""
+
+
+def usable_audios(audio_dir: str | Path):
+    """Yield (name, 16 kHz samples) of the folder's audio files in name order; a file that does not
+    decode is skipped with a CalibrationFileSkipped warning. A folder with no usable file is an error."""
+    from ..audio import AudioError, load_audio
+
+    files, used = audio_files(audio_dir), 0
+    for path in files:
+        try:
+            samples = load_audio(path).samples
+        except AudioError as exc:
+            warnings.warn(f"calibration: skipping {path}: {exc}", CalibrationFileSkipped, stacklevel=2)
+            continue
+        used += 1
+        yield path.name, samples
+    if not used:
+        raise MissingInputError(f"expected usable audio in {audio_dir}, got none of its {len(files)} files decodable")
 
 
 def _default_audios(count: int, seed: int) -> list[tuple[str, np.ndarray]]:
@@ -75,7 +101,6 @@ def calibration_windows(audio_dir: str | Path | None = None, count: int = 16, se
     audio_dir: a folder of real audio (the recommended source: audio like the deployment's); None =
     the bundled speech clip plus synthetic speech-like signals (seeded by `seed`), enough for `count`.
     """
-    from ..audio import load_audio
     from ..features import extract_features
 
     if count < 1:
@@ -84,9 +109,8 @@ def calibration_windows(audio_dir: str | Path | None = None, count: int = 16, se
         audios = _default_audios(count, seed)
     else:
         audios, total = [], 0
-        for path in audio_files(audio_dir):
-            samples = load_audio(path).samples
-            audios.append((path.name, samples))
+        for name, samples in usable_audios(audio_dir):
+            audios.append((name, samples))
             total += _windows_of(samples)
             if total >= count:
                 break
@@ -114,11 +138,9 @@ CALIBRATION_ANSWERS = (
 
 
 def _calibration_audios(audio_dir, count: int, seed: int) -> list[tuple[str, np.ndarray]]:
-    from ..audio import load_audio
-
     if audio_dir is None:
         return _default_audios(count, seed)[:count]
-    return [(p.name, load_audio(p).samples) for p in audio_files(audio_dir)[:count]]
+    return list(itertools.islice(usable_audios(audio_dir), count))
 
 
 def llm_calibration_batches(checkpoint_dir, audio_dir=None, count: int = 16, max_tokens: int = 1024, *,
@@ -145,8 +167,10 @@ def llm_calibration_batches(checkpoint_dir, audio_dir=None, count: int = 16, max
                                     variant=variant)
     audios = _calibration_audios(audio_dir, count, seed)
     budget_s = max(1.0, (max_tokens - 96) / 25.0)  # 25 audio tokens per second; keep ~96 tokens for text
+    from .stage_log import progress
+
     batches = []
-    for i in range(count):
+    for i in progress(range(count), "llm_checkpoint: calibration prompts (encoder embeddings)", unit="prompt"):
         name, samples = audios[i % len(audios)]
         clip = samples[: int(budget_s * 16_000)]
         text = {"type": "text", "text": CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)]}

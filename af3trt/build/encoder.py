@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import fileio
+from ..errors import OptionError
 from ..kernels.logmel import LogMelSTFT
 from ..runtime.encoder import (CONFIG_FILE, INPUT_KINDS, IO, ONNX_DATA_FILE, ONNX_FILE, AudioEncoder, EncoderIO,
                                OnnxRuntimeEncoder, TorchEncoder, valid_rows)
@@ -93,7 +94,7 @@ ONNX_DTYPES = MappingProxyType({
 })
 def lookup(registry, name: str, what: str):
     if name not in registry:
-        raise ValueError(f"expected {what} in {sorted(registry)}, got {name!r}")
+        raise OptionError(f"expected {what} in {sorted(registry)}, got {name!r}")
     return registry[name]
 
 

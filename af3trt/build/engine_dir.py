@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import fileio
+from ..errors import OptionError
 from .manifest import (Manifest, ManifestError, clean_partials, output_problems, output_record, stage_key,
                        staged_dir)
+from .stage_log import stage_output
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +66,33 @@ class BuildOptions:
         get_precision(self.precision)
         get_kv_cache(self.kv_cache)
         if self.encoder_precision not in ENCODER_PLAN_PRECISIONS:
-            raise ValueError(f"expected encoder precision in {ENCODER_PLAN_PRECISIONS}, got {self.encoder_precision!r}")
+            raise OptionError(f"expected encoder precision in {ENCODER_PLAN_PRECISIONS}, got {self.encoder_precision!r}")
         if self.encoder_input not in ENCODER_INPUTS:
-            raise ValueError(f"expected encoder input in {ENCODER_INPUTS}, got {self.encoder_input!r}")
+            raise OptionError(f"expected encoder input in {ENCODER_INPUTS}, got {self.encoder_input!r}")
         if self.encoder_input == "audio" and self.encoder_precision in ("fp8", "int8"):
-            raise ValueError(f"expected encoder precision fp16 or bf16 with encoder input 'audio' (Q/DQ calibration "
+            raise OptionError(f"expected encoder precision fp16 or bf16 with encoder input 'audio' (Q/DQ calibration "
                              f"feeds log-mel windows), got {self.encoder_precision!r}")
         unknown = set(self.stages) - set(STAGE_NAMES)
         if unknown or not self.stages:
-            raise ValueError(f"expected stages from {STAGE_NAMES}, got {self.stages!r}")
+            raise OptionError(f"expected stages from {STAGE_NAMES}, got {self.stages!r}")
         if self.limits is None:
             object.__setattr__(self, "limits", EngineLimits())
         for name in ("calib_size", "calib_max_tokens", "tp_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
+                raise OptionError(f"expected {name} >= 1, got {getattr(self, name)}")
+
+
+def check_options(options: BuildOptions, spec) -> None:
+    """What can be checked before any stage runs, against the checkpoint's ModelSpec: tensor-parallel
+    size (and INT4 AWQ group widths), the calibration folder. A bad option fails here, in seconds."""
+    from .calibration import audio_files
+    from .llm import _check_tp
+    from .precision import get_precision
+
+    if "llm" in options.stages:
+        _check_tp(spec.text, get_precision(options.precision), options.tp_size)
+    if options.calib_audio is not None:
+        audio_files(options.calib_audio)
 
 
 def has_module(name: str) -> bool:
@@ -103,12 +118,15 @@ def _progress(total: int):
         return None
 
 
-def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOptions = BuildOptions()) -> Manifest:
+def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOptions = BuildOptions(),
+                     summary: dict | None = None) -> Manifest:
     """Build (or complete) the engine dir `out` from the AF3 checkpoint `model` (its think/ weights for
-    variant "think": every stage, calibration included, runs on them). Returns the manifest."""
+    variant "think": every stage, calibration included, runs on them). Returns the manifest.
+    `summary` (a dict), when given, receives {stage: "built" | "unchanged, skipped" | "not built here"}."""
     from ..think import open_checkpoint
 
     ckpt = open_checkpoint(model, options.variant)
+    check_options(options, ckpt.spec)
     out = Path(out)
     _check_same_variant(out, options)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,29 +148,37 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
     if "llm" in options.stages:
         plan += [("llm_checkpoint", _stage_llm_checkpoint), ("llm_engine", _stage_llm_engine)]
     bar = _progress(len(plan))
-    for name, run in plan:
-        key = _key(name, fingerprint, options, manifest.stages)
-        entry = manifest.stages.pop(name, None)  # re-inserted below: the manifest lists stages in build order
-        problems = None
-        if not options.force and entry and entry.get("key") == key and "missing" not in entry:
-            problems = output_problems(out, entry)  # present and intact: sizes and full hashes
-            if problems:
-                log.warning("stage %s is not what was built (%s): rebuilding it", name, "; ".join(problems[:3]))
-        if problems == []:
-            log.info("stage %s unchanged: skipped", name)
-            manifest.stages[name] = entry
-        else:  # a damaged stage is redone from scratch: the stage functions skip nothing of their own
-            stage_options = dataclasses.replace(options, force=True) if problems else options
-            entry = {"key": key, "checkpoint": fingerprint, **run(ckpt, out, stage_options, manifest)}
-            if "missing" not in entry:
-                entry["outputs"] = output_record(out, _output_paths(name, entry))
-            manifest.stages[name] = entry
-            manifest.write(out)
+    try:
+        for name, run in plan:
+            key = _key(name, fingerprint, options, manifest.stages)
+            entry = manifest.stages.pop(name, None)  # re-inserted below: the manifest lists stages in build order
+            problems = None
+            if not options.force and entry and entry.get("key") == key and "missing" not in entry:
+                problems = output_problems(out, entry)  # present and intact: sizes and full hashes
+                if problems:
+                    log.warning("stage %s is not what was built (%s): rebuilding it", name, "; ".join(problems[:3]))
+            if problems == []:
+                log.info("stage %s unchanged: skipped", name)
+                manifest.stages[name] = entry
+                if summary is not None:
+                    summary[name] = "unchanged, skipped"
+            else:  # a damaged stage is redone from scratch: the stage functions skip nothing of their own
+                stage_options = dataclasses.replace(options, force=True) if problems else options
+                with stage_output(out / "logs" / f"{name}.log"):  # third-party chatter off the terminal
+                    record = run(ckpt, out, stage_options, manifest)
+                entry = {"key": key, "checkpoint": fingerprint, **record}
+                if "missing" not in entry:
+                    entry["outputs"] = output_record(out, _output_paths(name, entry))
+                manifest.stages[name] = entry
+                manifest.write(out)
+                if summary is not None:
+                    summary[name] = "not built here" if "missing" in record else "built"
+            if bar is not None:
+                bar.set_postfix_str(name)
+                bar.update()
+    finally:  # also on Ctrl-C: the bar's last line comes before the CLI's "interrupted"
         if bar is not None:
-            bar.set_postfix_str(name)
-            bar.update()
-    if bar is not None:
-        bar.close()
+            bar.close()
     manifest.write(out)
     return manifest
 
@@ -302,7 +328,7 @@ def _stage_encoder_plan(ckpt, out: Path, options: BuildOptions, manifest: Manife
     profile = _plan_profile(options)
     if not has_module("tensorrt"):
         return {**entry, "missing": "tensorrt is not installed here", "command": rebuild_command(ckpt.path, out, options),
-                "manual": plan_command(onnx_path, out / "encoder", options.encoder_precision, profile)}
+                "manual": plan_command(onnx_path.relative_to(out), "encoder", options.encoder_precision, profile)}
     from .encoder_plan import build_plan
 
     plan = build_plan(onnx_path, out / "encoder", precision=options.encoder_precision, profile=profile,
@@ -312,10 +338,14 @@ def _stage_encoder_plan(ckpt, out: Path, options: BuildOptions, manifest: Manife
 
 
 def rebuild_command(model: Path, out: Path, o: BuildOptions) -> str:
-    """The `af3trt build` line that completes this engine dir on a machine with TensorRT / TensorRT-LLM
-    (finished stages are skipped, the manifest records the new ones)."""
+    """The `af3trt build` line that completes this engine dir on a machine with TensorRT / TensorRT-LLM,
+    run from inside the engine dir (`--out .`: the dir can be copied there first; finished stages are
+    skipped, the manifest records the new ones). The tiny model is named `tiny`, not its cache path."""
+    from ..testing import default_tiny_dir
+
     lim = o.limits
-    argv = ["af3trt", "build", "--model", str(model), "--out", str(out), "--precision", o.precision,
+    name = "tiny" if Path(model).resolve() == default_tiny_dir().resolve() else str(model)
+    argv = ["af3trt", "build", "--model", name, "--out", ".", "--precision", o.precision,
             "--kv-cache", o.kv_cache, "--tp-size", str(o.tp_size), "--encoder-precision", o.encoder_precision,
             "--encoder-input", o.encoder_input,
             "--max-batch-size", str(lim.max_batch_size), "--max-audio-seconds", str(lim.max_audio_seconds),
@@ -354,12 +384,14 @@ def _stage_llm_engine(ckpt, out: Path, options: BuildOptions, manifest: Manifest
     argv = trtllm_build_command(out / "llm" / "checkpoint", out / "llm" / "engine", options.limits,
                                 options.precision, options.kv_cache)
     script = out / "llm" / "build_engine.sh"
-    script.write_text("#!/usr/bin/env bash\n# trtllm-build for this engine dir (TensorRT-LLM 1.2)\nset -euo pipefail\n"
-                      + shlex.join(argv) + "\n")
+    portable = trtllm_build_command("checkpoint", "engine", options.limits, options.precision, options.kv_cache)
+    script.write_text("#!/usr/bin/env bash\n# trtllm-build for this engine dir (TensorRT-LLM 1.2); paths relative to "
+                      "llm/, so the engine dir can be copied and finished elsewhere\nset -euo pipefail\n"
+                      'cd "$(dirname "$0")"\n' + shlex.join(portable) + "\n")
     fileio.like_umask(script, executable=True)
     if not has_module("tensorrt_llm"):
         return {"path": "llm/engine", "missing": "tensorrt_llm is not installed here",
-                "command": rebuild_command(ckpt.path, out, options), "manual": f"bash {script}", "argv": argv}
+                "command": rebuild_command(ckpt.path, out, options), "manual": "bash llm/build_engine.sh", "argv": argv}
     with staged_dir(out / "llm" / "engine") as tmp:
         run_argv = list(argv)
         run_argv[run_argv.index("--output_dir") + 1] = str(tmp)

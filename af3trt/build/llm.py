@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import fileio
+from ..errors import OptionError
 from ..spec import MAX_AUDIO_SECONDS, ModelSpec, TextSpec, audio_tokens_for_seconds, check_limit_fields
 from .precision import (
     KVCacheSpec, PrecisionSpec, engine_vocab_size, get_kv_cache, get_precision, modelopt_quant_config,
@@ -51,7 +52,7 @@ class EngineLimits:
     def __post_init__(self):
         check_limit_fields("EngineLimits", self, ("max_batch_size", "max_text_tokens", "max_new_tokens"))
         if self.max_num_tokens is not None and not (isinstance(self.max_num_tokens, int) and self.max_num_tokens >= 1):
-            raise ValueError(f"EngineLimits.max_num_tokens must be None or an int >= 1, got {self.max_num_tokens!r}")
+            raise OptionError(f"EngineLimits.max_num_tokens must be None or an int >= 1, got {self.max_num_tokens!r}")
 
     @property
     def audio_tokens_per_request(self) -> int:
@@ -189,8 +190,10 @@ def quantize_lm(model, precision, kv_cache="auto", calib_batches: Iterable | Non
     param = next(model.parameters())
 
     def forward_loop(m):
+        from .stage_log import progress
+
         with torch.no_grad():
-            for b in batches:
+            for b in progress(batches, f"llm_checkpoint: {p.name} calibration", unit="prompt"):
                 m(inputs_embeds=b["inputs_embeds"].to(param.device, param.dtype),
                   attention_mask=b["attention_mask"].to(param.device), use_cache=False)
 
@@ -204,20 +207,20 @@ def quantize_lm(model, precision, kv_cache="auto", calib_batches: Iterable | Non
 
 def _check_tp(text: TextSpec, p: PrecisionSpec, tp_size: int) -> None:
     if not isinstance(tp_size, int) or tp_size < 1:
-        raise ValueError(f"tp_size must be an int >= 1, got {tp_size!r}")
+        raise OptionError(f"tp_size must be an int >= 1, got {tp_size!r}")
     kv = text.num_kv_heads
     checks = {"num_attention_heads": text.num_heads, "intermediate_size": text.intermediate_size}
     for name, value in checks.items():
         if value % tp_size:
-            raise ValueError(f"{name} {value} must divide by tp_size, got tp_size {tp_size}")
+            raise OptionError(f"{name} {value} must divide by tp_size, got tp_size {tp_size}")
     if kv % tp_size and tp_size % kv:
-        raise ValueError(f"num_key_value_heads {kv} and tp_size {tp_size}: expected one to divide the other")
+        raise OptionError(f"num_key_value_heads {kv} and tp_size {tp_size}: expected one to divide the other")
     if p.quant_algo == "W4A16_AWQ":
         widths = {"hidden_size": text.hidden_size, "attention width / tp": text.num_heads * text.head_dim // tp_size,
                   "intermediate_size / tp": text.intermediate_size // tp_size}
         bad = {k: v for k, v in widths.items() if v % p.group_size}
         if bad:
-            raise ValueError(f"INT4 AWQ needs linear input widths divisible by group_size {p.group_size}, got {bad}")
+            raise OptionError(f"INT4 AWQ needs linear input widths divisible by group_size {p.group_size}, got {bad}")
 
 
 def _postfix_config(path: Path, text: TextSpec, p: PrecisionSpec, kv: KVCacheSpec, dtype: str, tp_size: int) -> dict:

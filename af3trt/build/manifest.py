@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import fileio
+from ..errors import UserError, temp_dir_beside
 
 FORMAT = "af3trt-engine-dir"
 FORMAT_VERSION = 1
@@ -24,7 +25,7 @@ MANIFEST = "manifest.json"
 STAGES = ("tokenizer", "encoder_onnx", "encoder_plan", "llm_checkpoint", "llm_engine")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """An engine dir that cannot be used: missing, other format/version, other checkpoint, missing stage."""
 
 
@@ -66,7 +67,13 @@ class Manifest:
         path = Path(engine_dir) / MANIFEST
         if not path.is_file():
             raise ManifestError(f"expected an af3trt engine dir with {MANIFEST} at {engine_dir}, found none")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"expected {path} to hold JSON, got unreadable text ({exc}): rebuild the engine "
+                                f"dir with af3trt build") from exc
+        if not isinstance(data, dict):
+            raise ManifestError(f"expected a JSON object in {path}, got {type(data).__name__}")
         if data.get("format") != FORMAT:
             raise ManifestError(f"expected manifest format {FORMAT!r}, got {data.get('format')!r} in {path}")
         if data.get("format_version") != FORMAT_VERSION:
@@ -167,8 +174,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def staged_dir(final: Path):
     """Yield a temporary folder beside `final`; on success replace `final` with it, else delete it."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(fileio.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    tmp = temp_dir_beside(final, f".{final.name}.partial-")
     try:
         yield tmp
     except BaseException:

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from ..errors import OptionError
+
 DTYPES = ("bfloat16", "float16")
 KV_QUANTIZER = "*[kv]_bmm_quantizer"  # ModelOpt's K/V quantizers on attention (FP8_KV_CFG uses it too)
 
@@ -100,7 +102,7 @@ def get_precision(name: "str | PrecisionSpec") -> PrecisionSpec:
     if isinstance(name, PrecisionSpec):
         return name
     if name not in PRECISIONS:
-        raise ValueError(f"unknown decoder precision {name!r}; expected one of {sorted(PRECISIONS)}")
+        raise OptionError(f"unknown decoder precision {name!r}; expected one of {sorted(PRECISIONS)}")
     return PRECISIONS[name]
 
 
@@ -109,7 +111,7 @@ def get_kv_cache(name: "str | KVCacheSpec") -> KVCacheSpec:
     if isinstance(name, KVCacheSpec):
         return name
     if name not in KV_CACHES:
-        raise ValueError(f"unknown KV-cache format {name!r}; expected one of {sorted(KV_CACHES)}")
+        raise OptionError(f"unknown KV-cache format {name!r}; expected one of {sorted(KV_CACHES)}")
     return KV_CACHES[name]
 
 
@@ -117,9 +119,9 @@ def resolve_dtype(precision: str | PrecisionSpec, dtype: str | None = None) -> s
     """dtype of the unquantized tensors: the precision's own (bf16/fp16) or `dtype` (default bfloat16)."""
     spec = get_precision(precision)
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {list(DTYPES)}")
+        raise OptionError(f"unknown dtype {dtype!r}; expected one of {list(DTYPES)}")
     if spec.dtype and dtype and dtype != spec.dtype:
-        raise ValueError(f"precision {spec.name!r} fixes dtype {spec.dtype!r}, got dtype {dtype!r}")
+        raise OptionError(f"precision {spec.name!r} fixes dtype {spec.dtype!r}, got dtype {dtype!r}")
     return spec.dtype or dtype or "bfloat16"
 
 

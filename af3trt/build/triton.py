@@ -45,11 +45,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ExistingOutputError, MissingInputError, OptionError
 from ..spec import FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW
 from .triton_spec import (  # also the names callers import from here
     BLS, BLSParams, ENCODER, ENGINE_TABLE_DTYPES, ENSEMBLE, EncoderIO, EncoderParams, LLM, LLMParams, LLM_BACKENDS,
     LLM_INPUTS, LLM_OUTPUTS, MARKER, ModelConfig, NUMPY_TO_TRITON, POSTPROCESSING, PREPROCESSING, PROMPT_TABLE,
-    PostprocessingParams, PreprocessingParams, PromptTableParams, REQUEST_INPUTS, REQUEST_OUTPUTS,
+    BLS_OUTPUTS, PostprocessingParams, PreprocessingParams, PromptTableParams, REQUEST_INPUTS, REQUEST_OUTPUTS,
     ServingLimits, Step, TABLE_INPUTS, TEMPLATES, TensorSpec, from_preprocessing, llm_inputs, param_pairs, tensor,
     render_ensemble, render_model, variant_pairs,
 )
@@ -103,7 +104,7 @@ def _model_facts(root: Path, tokenizer_dir: Path) -> dict:
             spec = ModelSpec.from_dir(d)
             return {"vocab_size": spec.text.vocab_size, "valid_vocab": spec.text.vocab_size,
                     "hidden_size": spec.text.hidden_size, "audio_token_id": spec.audio_token_id}
-    raise FileNotFoundError(f"expected manifest.json (engine dir) or an AF3 config.json in {root}, found neither")
+    raise MissingInputError(f"expected manifest.json (engine dir) or an AF3 config.json in {root}, found neither")
 
 
 def _generation_ids(root: Path, tokenizer_dir: Path) -> tuple[tuple[int, ...], int]:
@@ -114,7 +115,7 @@ def _generation_ids(root: Path, tokenizer_dir: Path) -> tuple[tuple[int, ...], i
             eos = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
             pad = gen.get("pad_token_id")
             return eos, int(pad if pad is not None else eos[0])
-    raise FileNotFoundError(f"expected generation_config.json with eos_token_id in {tokenizer_dir} or {root}, found none")
+    raise MissingInputError(f"expected generation_config.json with eos_token_id in {tokenizer_dir} or {root}, found none")
 
 
 _TRT_TO_TRITON = {"FLOAT": "TYPE_FP32", "HALF": "TYPE_FP16", "BF16": "TYPE_BF16", "INT64": "TYPE_INT64",
@@ -154,10 +155,10 @@ def _encoder_facts(enc: Path) -> tuple[EncoderIO, int | None]:
 def inspect_engine_dir(engine_dir: str | os.PathLike) -> EngineFacts:
     root = Path(engine_dir).resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"expected an engine dir or AF3 checkpoint dir, got {root} (not a directory)")
+        raise MissingInputError(f"expected an engine dir or AF3 checkpoint dir, got {root} (not a directory)")
     tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
     if not any((tokenizer_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
-        raise FileNotFoundError(f"expected a tokenizer (tokenizer.json) in {tokenizer_dir}, found none")
+        raise MissingInputError(f"expected a tokenizer (tokenizer.json) in {tokenizer_dir}, found none")
     facts = _model_facts(root, tokenizer_dir)
     eos, pad = _generation_ids(root, tokenizer_dir)
     checkpoint = root if (root / "config.json").is_file() and any(root.glob("*.safetensors")) else None
@@ -222,18 +223,18 @@ class RepositoryOptions:
 
     def __post_init__(self):
         if self.llm_backend not in LLM_BACKENDS:
-            raise ValueError(f"expected llm_backend in {LLM_BACKENDS}, got {self.llm_backend!r}")
+            raise OptionError(f"expected llm_backend in {LLM_BACKENDS}, got {self.llm_backend!r}")
         if self.encoder_backend not in ("auto", "tensorrt", "onnxruntime", "torch"):
-            raise ValueError(f"expected encoder_backend in ('auto', 'tensorrt', 'onnxruntime', 'torch'), "
+            raise OptionError(f"expected encoder_backend in ('auto', 'tensorrt', 'onnxruntime', 'torch'), "
                              f"got {self.encoder_backend!r}")
         for name in ("instances",):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"expected {name} an int >= 1, got {getattr(self, name)!r}")
+                raise OptionError(f"expected {name} an int >= 1, got {getattr(self, name)!r}")
         if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
-            raise ValueError(f"expected max_batch_size None or an int >= 1, got {self.max_batch_size!r}")
+            raise OptionError(f"expected max_batch_size None or an int >= 1, got {self.max_batch_size!r}")
         if not 0 < self.kv_cache_free_gpu_mem_fraction < 1:
-            raise ValueError(f"expected kv_cache_free_gpu_mem_fraction in (0, 1), got "
-                             f"{self.kv_cache_free_gpu_mem_fraction!r}")
+            raise OptionError(f"expected kv_cache_free_gpu_mem_fraction in (0, 1), got "
+                              f"{self.kv_cache_free_gpu_mem_fraction!r}")
 
 
 @dataclass(frozen=True)
@@ -274,14 +275,14 @@ def make_plan(facts: EngineFacts, o: RepositoryOptions) -> Plan:
     limits = o.limits or facts.limits
     if o.max_batch_size is not None:
         if o.llm_backend == "tensorrtllm" and facts.llm_engine is not None and o.max_batch_size > limits.max_batch_size:
-            raise ValueError(f"expected max_batch_size <= {limits.max_batch_size} (the engine's), got {o.max_batch_size}")
+            raise OptionError(f"expected max_batch_size <= {limits.max_batch_size} (the engine's), got {o.max_batch_size}")
         limits = dataclasses.replace(limits, max_batch_size=o.max_batch_size)
     if o.llm_backend == "tensorrtllm" and facts.llm_engine is None:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"expected a TensorRT-LLM engine at {facts.engine_dir / 'llm/engine/config.json'} for llm_backend "
             f"'tensorrtllm', found none: finish `af3trt build` on a machine with TensorRT-LLM, or use llm_backend 'python'")
     if o.llm_backend == "python" and facts.llm_checkpoint is None and facts.checkpoint_dir is None:
-        raise FileNotFoundError(f"expected llm/checkpoint or AF3 weights in {facts.engine_dir} for the python LLM, found none")
+        raise MissingInputError(f"expected llm/checkpoint or AF3 weights in {facts.engine_dir} for the python LLM, found none")
     encoder = o.encoder_backend
     if encoder == "auto":
         encoder = ("tensorrt" if facts.encoder_plan and o.llm_backend == "tensorrtllm" else
@@ -289,12 +290,12 @@ def make_plan(facts: EngineFacts, o: RepositoryOptions) -> Plan:
     needs = {"tensorrt": (facts.encoder_plan, "encoder/encoder.plan"), "onnxruntime": (facts.encoder_onnx,
              "encoder/encoder.onnx"), "torch": (facts.checkpoint_dir, "the AF3 checkpoint's weights")}[encoder]
     if needs[0] is None:
-        raise FileNotFoundError(f"expected {needs[1]} in {facts.engine_dir} for the {encoder} encoder, found none")
+        raise MissingInputError(f"expected {needs[1]} in {facts.engine_dir} for the {encoder} encoder, found none")
     windows = limits.max_windows
     if encoder == "tensorrt":
         windows = facts.plan_max_windows or limits.max_windows
         if windows < limits.max_windows:
-            raise ValueError(f"expected the encoder plan's profile to allow {limits.max_windows} windows (one "
+            raise OptionError(f"expected the encoder plan's profile to allow {limits.max_windows} windows (one "
                              f"{limits.max_audio_seconds:.0f} s request), got a maximum of {windows}")
     return Plan(facts, o, limits, encoder, windows, table_dtype_for(facts, o.llm_backend))
 
@@ -315,7 +316,7 @@ def preprocessing_config(plan: Plan) -> ModelConfig:
     f, o, io = plan.facts, plan.options, plan.facts.encoder_io
     features, frames, _ = _encoder_tensors(io, (-1,), io.embeddings_dtype, f.hidden_size)
     outputs = (features, frames, tensor("rows", "int32", -1)) + tuple(
-        from_preprocessing(t) for t in LLM_INPUTS if t.name not in TABLE_INPUTS)
+        from_preprocessing(t) for t in LLM_INPUTS if t.name not in TABLE_INPUTS) + (tensor("warnings", "bytes", -1),)
     params = PreprocessingParams(
         tokenizer_dir=plan.path(f.tokenizer_dir), vocab_size=f.vocab_size, valid_vocab=f.valid_vocab,
         audio_token_id=f.audio_token_id,
@@ -442,7 +443,7 @@ def bls_config(plan: Plan) -> ModelConfig:
         tokenizer_dir=plan.path(plan.facts.tokenizer_dir), preprocessing_inputs=[t.name for t in REQUEST_INPUTS],
         llm_inputs=[t.name for t in LLM_INPUTS if t.name not in TABLE_INPUTS], encoder_inputs=[io.features, io.frames],
         embeddings=io.embeddings, llm_decoupled=plan.options.streaming, workers=2 * plan.limits.max_batch_size)
-    return ModelConfig(BLS, 'backend: "python"', 0, REQUEST_INPUTS, REQUEST_OUTPUTS, 1, decoupled=True,
+    return ModelConfig(BLS, 'backend: "python"', 0, REQUEST_INPUTS, BLS_OUTPUTS, 1, decoupled=True,
                        parameters=param_pairs(params))
 
 
@@ -519,7 +520,7 @@ def write_repository(engine_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     plan = make_plan(inspect_engine_dir(engine_dir), o)
     out = Path(out_dir).resolve()
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise FileExistsError(f"expected {out} empty or an af3trt model repository ({MARKER}), got other files; "
+        raise ExistingOutputError(f"expected {out} empty or an af3trt model repository ({MARKER}), got other files; "
                               f"not replacing it")
     configs = render_repository(plan)
     with staged_dir(out) as tmp:

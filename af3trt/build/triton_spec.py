@@ -14,6 +14,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import OptionError
 from ..spec import MAX_AUDIO_SECONDS, MAX_AUDIO_TOKENS, MAX_WINDOWS, check_limit_fields
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -67,6 +68,10 @@ REQUEST_INPUTS = (
     tensor("STREAM", "bool", 1, optional=True), tensor("STRIP_PREFIX", "bool", 1, optional=True),
 )
 REQUEST_OUTPUTS = (tensor("TEXT", "bytes", -1),)
+# `af3` also answers WARNINGS (BYTES [n], only when there are any): what was done to the request that
+# the client should know, e.g. audio past the model's 10 minutes truncated, or a file that decoded to
+# less than its header declares. Preprocessing hands them on as its `warnings` output.
+BLS_OUTPUTS = REQUEST_OUTPUTS + (tensor("WARNINGS", "bytes", -1),)
 
 # The TensorRT-LLM C++ backend's tensors this repository uses: names, dtypes and dims as in TensorRT-LLM
 # 1.2 triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt (input_ids is optional
@@ -189,12 +194,14 @@ class ServingLimits:
     max_input_len: int = MAX_AUDIO_TOKENS + 2048
     max_new_tokens: int = 2048
     max_seq_len: int = MAX_AUDIO_TOKENS + 2048 + 2048
+    max_text_tokens: int | None = None  # prompt tokens besides audio (the engine's; None: only the total)
 
     def __post_init__(self):
         check_limit_fields("ServingLimits", self, ("max_batch_size", "max_windows", "max_audio_tokens", "max_input_len",
-                                                   "max_new_tokens", "max_seq_len"))
+                                                   "max_new_tokens", "max_seq_len")
+                           + (("max_text_tokens",) if self.max_text_tokens is not None else ()))
         if self.max_seq_len <= self.max_input_len:
-            raise ValueError(f"ServingLimits: expected max_seq_len > max_input_len, got {self.max_seq_len} "
+            raise OptionError(f"ServingLimits: expected max_seq_len > max_input_len, got {self.max_seq_len} "
                              f"<= {self.max_input_len}")
 
     @classmethod
@@ -207,7 +214,8 @@ class ServingLimits:
 
         lim = Manifest.read(engine_dir).limits
         picked = {k: lim[k] for k in ("max_batch_size", "max_audio_seconds", "max_windows", "max_audio_tokens",
-                                      "max_input_len", "max_new_tokens", "max_seq_len") if lim.get(k) is not None}
+                                      "max_input_len", "max_new_tokens", "max_seq_len", "max_text_tokens")
+                  if lim.get(k) is not None}
         if "max_audio_seconds" in picked:
             picked["max_audio_seconds"] = float(picked["max_audio_seconds"])
         return cls(**picked)
@@ -358,3 +366,19 @@ def render_ensemble(name: str, inputs, outputs, steps: list[Step], parameters: t
     return template.substitute(generator=GENERATOR, name=name, inputs=",\n".join(render_tensor(t, True) for t in inputs),
                                outputs=",\n".join(render_tensor(t, False) for t in outputs), steps=",\n".join(blocks),
                                parameters="\n".join(_PARAM.substitute(key=k, value=_quote(v)) for k, v in parameters))
+
+
+
+# ------------------------------------------------------------------------------ request checks
+
+
+def unknown_request_keys(parameters_json: str) -> str | None:
+    """The error for a request carrying parameters (`request.parameters()`, JSON): the HTTP generate
+    endpoint turns every JSON key that names no input into a parameter, so a typo such as
+    "MAX_TOKEN" arrives there. The repository's models read none, so every one is refused."""
+    params = json.loads(parameters_json or "{}")
+    if not params:
+        return None
+    inputs = [t.name for t in REQUEST_INPUTS]
+    return (f"expected request keys among the inputs {inputs}, got unknown keys {sorted(params)} "
+            f"(sent as request parameters, which this model does not read)")

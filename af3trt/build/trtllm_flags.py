@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from ..errors import OptionError
+
 PROGRAM = "trtllm-build"
 
 PATH, STR, INT, CHOICE, SWITCH, PATHS, STRS = "path", "str", "int", "choice", "switch", "paths", "strs"
@@ -126,7 +128,7 @@ _PLUGINS = {
 TRTLLM_BUILD_FLAGS: Mapping[str, Flag] = MappingProxyType({**_GENERAL, **_PLUGINS})
 
 
-class FlagError(ValueError):
+class FlagError(OptionError):
     """A `trtllm-build` flag or value that the pinned release does not accept."""
 
 

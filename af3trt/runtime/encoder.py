@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import MissingInputError, OptionError
 from ..spec import (FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW, WINDOW_SAMPLES, AudioSpec, ModelSpec,
                     audio_token_count)
 
@@ -269,7 +270,7 @@ class OnnxRuntimeEncoder:
 
         path = Path(onnx_path)
         if not path.is_file():
-            raise FileNotFoundError(f"expected an encoder ONNX file, got {path} (no such file)")
+            raise MissingInputError(f"expected an encoder ONNX file, got {path} (no such file)")
         self.device = torch.device(device)
         available = ort.get_available_providers()
         if providers is None:
@@ -349,7 +350,7 @@ class TensorRTEncoder:
         trt = import_tensorrt()
         path = Path(plan_path)
         if not path.is_file():
-            raise FileNotFoundError(f"expected a TensorRT encoder plan, got {path} (no such file)")
+            raise MissingInputError(f"expected a TensorRT encoder plan, got {path} (no such file)")
         self.device = torch.device(device)
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise ValueError(f"expected a CUDA device for the TensorRT encoder, got {self.device} "
@@ -451,7 +452,7 @@ def _load_torch(path, device, dtype):
         try:
             ckpt = Checkpoint.open(path)
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"the torch encoder needs the AF3 checkpoint (safetensors): {exc}") from exc
+            raise MissingInputError(f"the torch encoder needs the AF3 checkpoint (safetensors): {exc}") from exc
     return TorchEncoder.from_checkpoint(ckpt, device, dtype or torch.float32)
 
 
@@ -476,5 +477,5 @@ def load_encoder(name: str, engine_dir_or_checkpoint, device: str | torch.device
     if name == "auto":
         name = available_encoders(engine_dir_or_checkpoint)[0]
     if name not in _LOADERS:
-        raise ValueError(f"expected encoder backend in {['auto', *_LOADERS]}, got {name!r}")
+        raise OptionError(f"expected encoder backend in {['auto', *_LOADERS]}, got {name!r}")
     return _LOADERS[name](engine_dir_or_checkpoint, torch.device(device), dtype)

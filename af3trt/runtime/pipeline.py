@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..errors import OptionError
 from ..features import log_mel, padded_windows
 from ..prompt import DEFAULT_TRANSCRIBE_PROMPT, Prompt, PromptBuilder, PromptError, strip_transcription_prefix
 from ..spec import ModelSpec
@@ -43,12 +44,67 @@ def _is_single_conversation(conversations) -> bool:
     return bool(conversations) and isinstance(conversations[0], dict) and "role" in conversations[0]
 
 
-def _pick(requested: str, available: tuple[str, ...], kind: str) -> str:
+def _pick(requested: str, available: tuple[str, ...], kind: str, missing: dict[str, str] | None = None) -> str:
+    """`requested` if available ("auto": the first); a known backend missing here says why (`missing`)."""
     if requested == "auto":
         return available[0]
+    if requested in (missing or {}):
+        raise OptionError(f"{kind} backend {requested!r} is not available here: {missing[requested]}; "
+                          f"available: {('auto',) + available}")
     if requested not in available:
-        raise ValueError(f"expected {kind} backend in {('auto',) + available}, got {requested!r}")
+        raise OptionError(f"expected {kind} backend in {('auto',) + available}, got {requested!r}")
     return requested
+
+
+def _no_cuda_reason() -> str | None:
+    if torch.cuda.is_available():
+        return None
+    return (f"this torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+            else "no CUDA device is visible")
+
+
+def _check_device(device) -> None:
+    if str(device).startswith("cuda") and (reason := _no_cuda_reason()):
+        raise OptionError(f"expected a usable CUDA device for device {str(device)!r}, got none: {reason} "
+                          f"(use device 'cpu')")
+
+
+def unavailable_decoders(manifest) -> dict[str, str]:
+    """{decoder backend: why it cannot run here} for an engine dir's manifest (None: a checkpoint dir)."""
+    import importlib.util
+
+    reasons = []
+    if manifest is None:
+        reasons.append("an AF3 checkpoint dir has no TensorRT-LLM engine (build one with `af3trt build`)")
+    elif not manifest.stage("llm_engine"):
+        reasons.append("the engine dir has no llm/engine (finish `af3trt build` on a machine with TensorRT-LLM)")
+    if not importlib.util.find_spec("tensorrt_llm"):
+        reasons.append("TensorRT-LLM is not installed (pip install tensorrt_llm==1.2.* --extra-index-url "
+                       "https://pypi.nvidia.com, or an NGC TensorRT-LLM container)")
+    if (cuda := _no_cuda_reason()) is not None:
+        reasons.append(cuda)
+    return {"tensorrt_llm": "; ".join(reasons)} if reasons else {}
+
+
+def unavailable_encoders(path) -> dict[str, str]:
+    """{encoder backend: why it cannot run here} for an engine dir (None: a checkpoint dir)."""
+    import importlib.util
+
+    from .encoder import ONNX_FILE, PLAN_FILE, encoder_dir
+
+    d = encoder_dir(path) if path is not None else None
+    trt, ort = [], []
+    if d is None or not (d / PLAN_FILE).is_file():
+        trt.append("no encoder/encoder.plan (finish `af3trt build` on a machine with TensorRT)")
+    if not importlib.util.find_spec("tensorrt"):
+        trt.append("TensorRT is not installed (pip install tensorrt)")
+    if (cuda := _no_cuda_reason()) is not None:
+        trt.append(cuda)
+    if d is None or not (d / ONNX_FILE).is_file():
+        ort.append("no encoder/encoder.onnx")
+    if not importlib.util.find_spec("onnxruntime"):
+        ort.append("ONNX Runtime is not installed (pip install onnxruntime)")
+    return {k: "; ".join(v) for k, v in (("tensorrt", trt), ("onnxruntime", ort)) if v}
 
 
 class Pipeline:
@@ -98,14 +154,17 @@ class Pipeline:
             path = make_tiny_checkpoint(default_tiny_dir())
         path = Path(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _check_device(device)
         dtype = _dtype(dtype, device)
         if variant is not None:
             check_variant(variant)
         if (path / MANIFEST).is_file():
             return cls._from_engine_dir(path, encoder, decoder, device, dtype, allow_urls, cache_bytes, variant,
                                         think_suffix)
-        _pick(encoder, ("torch",), "encoder (an AF3 checkpoint dir has only the torch weights)")
-        dec_name = _pick(decoder, _torch_decoders(device), "decoder (an AF3 checkpoint dir has only the torch weights)")
+        _pick(encoder, ("torch",), "encoder (an AF3 checkpoint dir has only the torch weights)",
+              unavailable_encoders(None))
+        dec_name = _pick(decoder, _torch_decoders(device), "decoder",
+                         unavailable_decoders(None))
         ckpt = open_checkpoint(path, variant or "base")
         enc = load_encoder("torch", ckpt, device, dtype)
         dec = _TORCH_DECODERS[dec_name]().from_checkpoint(ckpt, device, dtype)
@@ -128,7 +187,7 @@ class Pipeline:
             raise ManifestError(f"expected an engine dir of variant {variant!r}, got {built!r} in {path} "
                                 f"(build one with `af3trt build --variant {variant}`)")
         spec = ModelSpec.from_dir(path / "tokenizer")
-        enc_name = _pick(encoder, tuple(available_encoders(path)), "encoder")
+        enc_name = _pick(encoder, tuple(available_encoders(path)), "encoder", unavailable_encoders(path))
         if enc_name == "torch":
             enc = load_encoder("torch", _source_checkpoint(manifest), device, dtype)
         else:
@@ -365,7 +424,7 @@ def load_decoder(name: str, path: Path, manifest, spec: ModelSpec, device, dtype
     """Decoder backend for an engine dir: TensorRT-LLM engine, or torch on the TensorRT-LLM checkpoint."""
     from importlib import metadata
 
-    name = _pick(name, available_decoders(path, manifest), "decoder")
+    name = _pick(name, available_decoders(path, manifest), "decoder", unavailable_decoders(manifest))
     if name == "tensorrt_llm":
         from .trtllm import TensorRTLLMDecoder, check_engine, check_single_rank, engine_config
 
@@ -396,5 +455,5 @@ def _dtype(dtype, device: str) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
-        raise ValueError(f"expected dtype in {sorted(table)}, got {dtype!r}")
+        raise OptionError(f"expected dtype in {sorted(table)}, got {dtype!r}")
     return table[dtype]

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingInputError, UserError
 from .stitch import DecoderRequest, executor_arguments
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class MissingDependency(RuntimeError):
+class MissingDependency(UserError, RuntimeError):
     """An optional NVIDIA package (tensorrt, tensorrt_llm) is not importable here."""
 
 
@@ -46,7 +47,7 @@ def import_executor():
 def engine_config(engine_dir: str | Path) -> dict:
     path = Path(engine_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"expected a TensorRT-LLM engine config at {path}, found none")
+        raise MissingInputError(f"expected a TensorRT-LLM engine config at {path}, found none")
     return json.loads(path.read_text())
 
 

@@ -8,7 +8,9 @@
 Audio is sent as the bytes of encoded files (WAV/FLAC/MP3/OGG): a local path is read here, on the
 client, never passed to the server; a numpy array (16 kHz mono float) is encoded as WAV first.
 Over HTTP the generate endpoint takes JSON, so the files travel base64-encoded in AUDIO_BASE64; over
-gRPC they travel as raw BYTES in AUDIO. Works against `af3` (default) and `ensemble`.
+gRPC they travel as raw BYTES in AUDIO. Works against `af3` (default) and `ensemble`. The server's
+WARNINGS for a request (audio truncated to 10 minutes, a file that decoded short) become
+`ServerWarning`s (Python warnings) here.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ import queue
 import urllib.error
 import urllib.request
 import uuid
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from ..errors import OptionError
 
 DEFAULT_MODEL = "af3"
 # keyword -> (input name, numpy dtype, Triton dtype)
@@ -41,6 +46,18 @@ class RequestFailed(RuntimeError):
     """The server answered with an error; the message is Triton's (it names what was wrong)."""
 
 
+class ServerWarning(UserWarning):
+    """The server's WARNINGS for a request (e.g. audio truncated to 10 minutes), raised as warnings."""
+
+
+def _warn(notes) -> None:
+    """WARNINGS: a numpy array (gRPC), a list or, for one element, a string (HTTP generate JSON)."""
+    if notes is None:
+        return
+    for note in [notes] if isinstance(notes, str) else notes:
+        warnings.warn(note.decode("utf-8") if isinstance(note, bytes) else str(note), ServerWarning, stacklevel=3)
+
+
 def audio_bytes(audio) -> list[bytes]:
     """None | bytes | path | (N,) float array at 16 kHz | a list of those -> encoded file bytes, in order."""
     if audio is None:
@@ -51,7 +68,7 @@ def audio_bytes(audio) -> list[bytes]:
         return [bytes(audio)]
     if isinstance(audio, (str, os.PathLike)):
         if "://" in str(audio):
-            raise ValueError(f"expected audio bytes, a local file or an array, got a URL {audio!r}")
+            raise OptionError(f"expected audio bytes, a local file or an array, got a URL {audio!r}")
         return [Path(audio).read_bytes()]
     if isinstance(audio, np.ndarray):
         import soundfile as sf
@@ -95,6 +112,7 @@ class Af3Client:
             except ValueError:
                 message = raw
             raise RequestFailed(f"HTTP {exc.code}: {message}") from None
+        _warn(out.get("WARNINGS"))
         text = out["TEXT"]
         return "".join(text) if isinstance(text, list) else text
 
@@ -129,12 +147,16 @@ class Af3Client:
         return "".join(self.stream_inputs(self.inputs(prompt, audio, stream=False, **params), model=model))
 
     def stream_inputs(self, inputs, *, model: str | None = None) -> Iterator[str]:
-        """Send prepared InferInputs on a gRPC stream; yield TEXT pieces until the final response."""
+        """Send prepared InferInputs on a gRPC stream; yield TEXT pieces until the final response.
+
+        Closing the iterator early (`close()`, `break` out of a for loop, garbage collection) cancels
+        the gRPC stream, and with it the request on the server."""
         import tritonclient.grpc as grpcclient
 
         results: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.grpc_url)
         client.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=self.timeout_s)
+        finished = False
         try:
             client.async_stream_infer(model or self.model, inputs, request_id=uuid.uuid4().hex,
                                       enable_empty_final_response=True)
@@ -143,15 +165,18 @@ class Af3Client:
                     result, error = results.get(timeout=self.timeout_s)
                 except queue.Empty:
                     raise RequestFailed(f"expected a response within {self.timeout_s:.0f} s, got none") from None
-                if error is not None:
+                if error is not None:  # an error response ends its request: nothing left to cancel
+                    finished = True
                     raise RequestFailed(error.message() if hasattr(error, "message") else str(error))
+                _warn(result.as_numpy("WARNINGS"))
                 text = result.as_numpy("TEXT")
                 if text is not None:
                     for piece in text.reshape(-1):
                         yield piece.decode("utf-8") if isinstance(piece, bytes) else str(piece)
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
+                    finished = True
                     return
-        finally:
-            client.stop_stream()
+        finally:  # closed early (or failed): cancel the request on the server rather than wait for its end
+            client.stop_stream(cancel_requests=not finished)
             client.close()

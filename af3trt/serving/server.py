@@ -30,13 +30,18 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import MissingInputError, UserError
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_STARTUP_TIMEOUT_S = 300.0  # python models import torch/transformers; a slow CPU takes a while
-STOP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0  # = tritonserver's --exit-timeout-secs default; requests of clients that went away are
+# cancelled (af3 + python LLM), so they no longer hold a shutdown to this limit. Known tritonserver behaviour
+# (nvidia-pytriton 0.7.0): a gRPC stream cancelled just as its request ends (e.g. a client killed right after
+# an error answer) keeps af3 and ensemble loaded until this timeout; stop() then kills the process group.
 CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
 
 
-class TritonServerError(RuntimeError):
+class TritonServerError(UserError, RuntimeError):
     """tritonserver could not be found, did not become ready, or exited."""
 
 
@@ -127,6 +132,57 @@ def free_port(host: str = DEFAULT_HOST) -> int:
         return s.getsockname()[1]
 
 
+def check_ports_free(host: str, ports: dict[str, int | None]) -> None:
+    """Refuse to start when another process listens on one of `ports` ({"HTTP": 8000, ...}; None = unused).
+
+    Bound with SO_REUSEADDR as tritonserver binds, so only a listening socket counts as taken."""
+    taken = []
+    for name, port in ports.items():
+        if port is None:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                taken.append(f"{name} {host}:{port} ({exc.strerror})")
+    if taken:
+        raise TritonServerError(f"expected free ports for tritonserver, got {', '.join(taken)}: another server "
+                                f"listens there; stop it or pick other ports (--http-port, --grpc-port, --metrics-port)")
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """Socket inodes listening on TCP `port` (Linux /proc/net/tcp{,6}); None where /proc has no such table."""
+    found, tables = set(), [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not any(t.is_file() for t in tables):
+        return None
+    for table in tables:
+        if not table.is_file():
+            continue
+        for line in table.read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.add(fields[9])
+    return found
+
+
+def owns_port(pid: int, port: int) -> bool | None:
+    """Whether process `pid` holds the socket listening on TCP `port`; None where /proc cannot tell."""
+    listening = _listening_inodes(port)
+    fd_dir = Path(f"/proc/{pid}/fd")
+    if listening is None or not fd_dir.is_dir():
+        return None
+    held = set()
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            held.add(target[len("socket:["):-1])
+    return bool(listening & held)
+
+
 def server_env(binary: TritonBinary) -> dict[str, str]:
     """Environment for tritonserver: this interpreter's env first on PATH, pytriton's libraries found."""
     env = dict(os.environ)
@@ -189,13 +245,22 @@ class TritonServer:
                     f"(repository {self.repo}); log tail:\n{self.log_tail()}"
                 )
             if self.is_ready():
-                return self
+                return self._check_owned()
             time.sleep(0.5)
         self.stop()
         raise TritonServerError(
             f"expected tritonserver ready within {timeout_s:.0f} s, got not ready (repository {self.repo}); "
             f"log tail:\n{self.log_tail()}"
         )
+
+    def _check_owned(self) -> "TritonServer":
+        """The ready server must be this process: another one on the same ports would answer too."""
+        for name, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port)):
+            if owns_port(self.process.pid, port) is False:
+                self.stop()
+                raise TritonServerError(f"expected this tritonserver (pid {self.process.pid}) listening on {name} "
+                                        f"{self.host}:{port}, got another process answering there")
+        return self
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """SIGINT (Triton unloads models and exits), then SIGKILL of its process group after `timeout_s`."""
@@ -234,7 +299,7 @@ def server_args(binary: TritonBinary, repo: Path, host: str, http_port: int, grp
 def _check_repo(repo: str | os.PathLike) -> Path:
     repo = Path(repo).resolve()
     if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
-        raise FileNotFoundError(f"expected a Triton model repository (folders with config.pbtxt) at {repo}, found none")
+        raise MissingInputError(f"expected a Triton model repository (folders with config.pbtxt) at {repo}, found none")
     return repo
 
 
@@ -246,6 +311,7 @@ def start_server(repo: str | os.PathLike, *, host: str = DEFAULT_HOST, http_port
     (metrics off). Waits until every model is ready (unless wait=False). Log: `log_path` or a temp file."""
     repo = _check_repo(repo)
     binary = find_tritonserver()
+    check_ports_free(host, {"HTTP": http_port, "gRPC": grpc_port, "metrics": metrics_port})
     http_port = http_port or free_port(host)
     grpc_port = grpc_port or free_port(host)
     if log_path is None:
@@ -278,6 +344,7 @@ def serve(repo: str | os.PathLike, *, host: str = DEFAULT_HOST, http_port: int =
     if spec.world_size > 1 and shutil.which("mpirun") is None:
         raise TritonServerError(f"expected mpirun on PATH for the engine's {spec.world_size} ranks (the NGC Triton "
                                 f"TensorRT-LLM containers ship it), found none")
+    check_ports_free(host, {"HTTP": http_port, "gRPC": grpc_port, "metrics": metrics_port})
     argv = launch_argv(server_args(binary, repo, host, http_port, grpc_port, metrics_port, tuple(extra_args)), spec)
     proc = subprocess.Popen(argv, env=server_env(binary), start_new_session=True)
     server = TritonServer(proc, repo, host, http_port, grpc_port, metrics_port, None, binary)
