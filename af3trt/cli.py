@@ -228,8 +228,35 @@ GENERATION_FLAGS = {
 }
 
 
-def _add_generation(p) -> None:
-    g = p.add_argument_group("generation (each default comes from the model's generation_config.json)")
+def _model_defaults(argv: list[str]) -> str | None:
+    """`af3trt run --model M --help`: M's generation defaults (its generation_config.json, resolved as
+    for a request), for the help's generation section; None without --model or a readable config."""
+    if "--model" not in argv or argv.index("--model") + 1 >= len(argv):
+        return None
+    from pathlib import Path
+
+    model = argv[argv.index("--model") + 1]
+    if model == "tiny":
+        from .testing import default_tiny_dir
+
+        model = str(default_tiny_dir())
+    root = Path(model)
+    folder = root / "tokenizer" if (root / "manifest.json").is_file() else root
+    if not (folder / "generation_config.json").is_file():
+        return None
+    try:
+        from .runtime.generation import GenerationDefaults
+
+        opts = GenerationDefaults.from_dir(folder).as_dict()
+    except Exception:  # help stays available whatever the folder holds
+        return None
+    shown = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    return f"{model}'s defaults: " + ", ".join(f"{k}={opts[k]}" for k in shown)
+
+
+def _add_generation(p, defaults: str | None = None) -> None:
+    g = p.add_argument_group("generation (each default comes from the model's generation_config.json)",
+                             defaults)
     g.add_argument("--do-sample", dest="do_sample", action=argparse.BooleanOptionalAction, default=None,
                    help="sample (--do-sample) or decode greedily (--no-do-sample)")
     for name, (kind, text) in GENERATION_FLAGS.items():
@@ -237,7 +264,7 @@ def _add_generation(p) -> None:
     g.add_argument("--stop", action="append", default=None, help="stop string (repeat for several)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(run_defaults: str | None = None) -> argparse.ArgumentParser:
     from . import __version__
     from .build.precision import KV_CACHES, PRECISIONS
 
@@ -291,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="engine dir (af3trt build), AF3 checkpoint dir, or 'tiny'")
     p.add_argument("--audio", action="append", help="audio file (repeat for several)")
     p.add_argument("--prompt", default="Transcribe the input speech.")
-    _add_generation(p)
+    _add_generation(p, run_defaults)
     p.add_argument("--encoder", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"),
                    help="encoder backend; auto = the best available in the dir")
     p.add_argument("--decoder", default="auto", choices=("auto", "tensorrt_llm", "torch-fast", "torch"),
@@ -315,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    asks_help = argv[:1] == ["run"] and ("-h" in argv or "--help" in argv)
+    parser = build_parser(_model_defaults(argv) if asks_help else None)
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import fileio
-from .errors import ExistingOutputError, temp_dir_beside
+from .errors import ExistingOutputError, OptionError, temp_dir_beside
 from .spec import N_MELS
 
 TINY_AUDIO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
@@ -238,7 +238,7 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, vocab_size: 
     from safetensors.numpy import save_file
 
     if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)):
-        raise ValueError(f"expected vocab_size None or an int, got {vocab_size!r}")
+        raise OptionError(f"expected vocab_size None or an int, got {vocab_size!r}")
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         cfg = json.loads((out / "config.json").read_text())
@@ -255,7 +255,7 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, vocab_size: 
         ids = _tokenizer_files(tmp)
         tokens = max(ids.values()) + 1
         if vocab_size is not None and vocab_size < tokens:
-            raise ValueError(f"expected vocab_size >= {tokens} (the tiny tokenizer's ids), got {vocab_size}")
+            raise OptionError(f"expected vocab_size >= {tokens} (the tiny tokenizer's ids), got {vocab_size}")
         config, generation = _configs(ids, _default_vocab(tokens) if vocab_size is None else vocab_size)
         config["af3trt_tiny_vocab_size"] = vocab_size
         config["af3trt_tiny_seed"] = seed

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import ENCODER_PREFIX, PROJECTOR_PREFIX, Checkpoint, hub_name
+from .errors import OptionError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,13 @@ _NOT_IMPLEMENTED = {"use_dora": "DoRA", "use_rslora": "rsLoRA (scaling lora_alph
 _INIT_KEEPS_BASE = (True, "gaussian")
 
 
-class ThinkError(ValueError):
+class ThinkError(UserError):
     """A think/ folder that cannot be applied: missing files, unsafe or malformed content, unsupported adapter."""
 
 
 def check_variant(name: str) -> str:
     if name not in VARIANTS:
-        raise ValueError(f"expected variant in {VARIANTS}, got {name!r}")
+        raise OptionError(f"expected variant in {VARIANTS}, got {name!r}")
     return name
 
 

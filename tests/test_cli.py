@@ -110,3 +110,14 @@ def test_bench_shares_the_latency_parser(capsys):
     with pytest.raises(SystemExit) as exc:  # other commands still reject unknown arguments
         main(["tiny", "--out", "x", "--bogus"])
     assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_run_help_shows_the_models_generation_defaults(tiny_dir, capsys):
+    from af3trt.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--model", str(tiny_dir), "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    assert "defaults: max_new_tokens=64, do_sample=True, temperature=0.7, top_k=20, top_p=0.8" in out
+    assert "repetition_penalty=1.05" in out

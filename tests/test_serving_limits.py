@@ -56,9 +56,13 @@ def test_preprocessing_refuses_more_rows_than_the_executor_takes(engine_dir, tmp
     repo = write_repository(engine_dir, tmp_path / "repo", llm_backend="python", limits=SIXTY_S)
     model, Tensor = _preprocessing(repo.path, monkeypatch)
 
+    class Request(dict):  # the tensors by name, and no request parameters
+        def parameters(self):
+            return "{}"
+
     def request(clips):
-        return {"PROMPT": Tensor("PROMPT", np.array([b"Transcribe the input speech."], object)),
-                "AUDIO": Tensor("AUDIO", np.array([_wav(CLIP)] * clips, object))}
+        return Request({"PROMPT": Tensor("PROMPT", np.array([b"Transcribe the input speech."], object)),
+                        "AUDIO": Tensor("AUDIO", np.array([_wav(CLIP)] * clips, object))})
 
     with pytest.raises(Exception, match=r"expected at most 1500 audio tokens \(engine limit; .*\), got 1501"):
         model._process(request(19))

@@ -337,9 +337,8 @@ def test_adapter_weights_other_than_lora_pairs_are_refused(tiny_dir, tmp_path):
 
 
 def test_think_files_enter_every_stage_key(tiny_dir, tmp_path, think_engine_dir):
-    from af3trt.build.engine_dir import _stage_flags, BuildOptions
+    from af3trt.build.engine_dir import _key, BuildOptions
     from af3trt.build.llm import EngineLimits
-    from af3trt.build.manifest import stage_key
     from af3trt.checkpoint import Checkpoint
 
     base_fp, think = Checkpoint.open(tiny_dir).fingerprint(), open_checkpoint(tiny_dir, "think")
@@ -349,9 +348,9 @@ def test_think_files_enter_every_stage_key(tiny_dir, tmp_path, think_engine_dir)
     assert manifest.variant["non_lora"] == {"applied": 6, "unmatched": 0, "unmatched_names": [], "encoder": True}
     opts = BuildOptions(precision="bf16", variant="think", limits=EngineLimits(
         max_batch_size=2, max_audio_seconds=60.0, max_text_tokens=256, max_new_tokens=64))
-    for name, entry in manifest.stages.items():
-        assert entry["key"] == stage_key(stage=name, checkpoint=think.fingerprint(), options=_stage_flags(name, opts))
-        assert entry["key"] != stage_key(stage=name, checkpoint=base_fp, options=_stage_flags(name, opts)), name
+    for name, entry in manifest.stages.items():  # a stage's key: checkpoint, flags and its upstream's outputs
+        assert entry["key"] == _key(name, think.fingerprint(), opts, manifest.stages)
+        assert entry["key"] != _key(name, base_fp, opts, manifest.stages), name
     missing = [e for e in manifest.stages.values() if "missing" in e]  # where tensorrt(_llm) is absent
     assert all(e["command"].endswith("--variant think") for e in missing)
     onnx_key = json.loads((think_engine_dir / "encoder" / "config.json").read_text())["onnx"]["checkpoint"]

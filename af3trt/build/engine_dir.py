@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import fileio
-from ..errors import OptionError
+from ..errors import ExistingOutputError, OptionError
 from .manifest import (Manifest, ManifestError, clean_partials, output_problems, output_record, stage_key,
                        staged_dir)
 from .stage_log import stage_output
@@ -211,7 +211,7 @@ def _check_same_variant(out: Path, options: BuildOptions) -> None:
     except ManifestError:
         return
     if built != options.variant and not options.force:
-        raise FileExistsError(f"expected an engine dir of variant {options.variant!r} (or a new one) at {out}, got "
+        raise ExistingOutputError(f"expected an engine dir of variant {options.variant!r} (or a new one) at {out}, got "
                               f"one of variant {built!r}: build the {options.variant} model into another --out, or "
                               f"pass --force to replace it")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from ..errors import OptionError
 from .precision import get_kv_cache, get_precision
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ _SMOOTHQUANT = ("W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER
                 "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN")
 
 
-class UnsupportedTarget(ValueError):
+class UnsupportedTarget(OptionError):
     """A precision / KV-cache format that trtllm-build refuses on the target GPU."""
 
 
@@ -53,14 +54,14 @@ def target_gpu(requested_sm: int | None = None) -> TargetGPU:
         major, minor = torch.cuda.get_device_capability(0)
         sm = major * 10 + minor
         if requested_sm is not None and requested_sm != sm:
-            raise ValueError(f"expected --target-sm {sm} (the GPU present, {torch.cuda.get_device_name(0)}) or "
+            raise OptionError(f"expected --target-sm {sm} (the GPU present, {torch.cuda.get_device_name(0)}) or "
                              f"none, got {requested_sm}")
         return TargetGPU(sm, f"present: {torch.cuda.get_device_name(0)}")
     if requested_sm is None:
         return TargetGPU(DEFAULT_TARGET_SM, f"assumed: no GPU at build, default SM{DEFAULT_TARGET_SM} (H100/H200); "
                                             "set --target-sm for another GPU")
     if not isinstance(requested_sm, int) or not 70 <= requested_sm < 200:
-        raise ValueError(f"expected --target-sm as major*10+minor in [70, 200) (e.g. 90, 89, 100), got {requested_sm!r}")
+        raise OptionError(f"expected --target-sm as major*10+minor in [70, 200) (e.g. 90, 89, 100), got {requested_sm!r}")
     return TargetGPU(requested_sm, "assumed: no GPU at build, --target-sm")
 
 

@@ -22,6 +22,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from ..errors import OptionError  # a generation option the caller gave that af3trt refuses (expected vs got)
+
 logger = logging.getLogger(__name__)
 
 GENERATION_CONFIG = "generation_config.json"
@@ -29,10 +31,6 @@ DEFAULT_MAX_NEW_TOKENS = 256  # af3trt's one default where generation_config.jso
 HF_DEFAULT_TOP_K = 50  # transformers GenerationConfig._get_default_generation_params()["top_k"]
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
 NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
-
-
-class OptionError(ValueError):
-    """A generation option the caller gave that af3trt refuses (expected vs got)."""
 
 
 # --------------------------------------------------------------------------- options

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MissingInputError, UserError
+from ..errors import MissingInputError, OptionError, UserError
 from .stitch import DecoderRequest, executor_arguments
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -83,7 +83,7 @@ def check_single_rank(config: dict, engine_dir) -> None:
     world = int(mapping.get("tp_size", 1)) * int(mapping.get("pp_size", 1))
     if world > 1:
         root = Path(engine_dir).parent.parent
-        raise ValueError(f"expected a single-rank engine for the in-process TensorRT-LLM decoder, got tp_size "
+        raise OptionError(f"expected a single-rank engine for the in-process TensorRT-LLM decoder, got tp_size "
                          f"{mapping.get('tp_size', 1)} x pp_size {mapping.get('pp_size', 1)} = {world} ranks in "
                          f"{engine_dir}. Serve it with one rank per GPU: af3trt triton --engine-dir {root} --out REPO "
                          f"&& af3trt serve --repo REPO (mpirun -n {world}), or use --decoder torch here")

@@ -33,11 +33,9 @@ DEFAULT_MAX_QUEUE = 64
 
 
 def _user_errors() -> tuple[type, ...]:
-    from ..audio import AudioError
-    from ..prompt import PromptError
-    from ..runtime.generation import OptionError
+    from ..errors import UserError
 
-    return AudioError, PromptError, OptionError
+    return (UserError,)
 
 
 @dataclass
