@@ -3,8 +3,10 @@ phase outside the decoder's step calls (embedding, mask, forward and logits of e
 
     af3trt bench --host-overhead --out results/host_overhead.json      # tiny model, CPU, batch 1 and 8
 
-Measured at a fixed output length (min_new_tokens = max_new_tokens, greedy, no repetition penalty),
-without stop strings and with one stop string that never matches (so it is checked every step).
+Measured at a fixed output length (greedy, no repetition penalty), without stop strings and with
+one stop string that never matches (so it is checked every step). The length is fixed with
+min_new_tokens = max_new_tokens (a processor masking the eos ids every step; what older checkouts
+have) and, where the checkout has it, also with ignore_eos (no processor at all: the loop alone).
 Only public APIs that earlier af3trt versions share are used (`Pipeline.from_pretrained`,
 `generate(..., max_new_tokens, min_new_tokens, do_sample, repetition_penalty, stop)`,
 so the same file measures an older checkout: run it with that checkout first on
@@ -60,15 +62,16 @@ class StepClock:
         return (result.timings["decode"] - self.seconds) / self.steps
 
 
-def measure(pipe, batch: int, new_tokens: int, stop: str | None, repeats: int) -> dict:
+def measure(pipe, batch: int, new_tokens: int, stop: str | None, repeats: int, fix: str = "min_new_tokens") -> dict:
     """Per-step host overhead (ms) of `repeats` generate calls of `batch` conversations (after one
-    untimed warm-up call)."""
+    untimed warm-up call); `fix`: how the output length is fixed (min_new_tokens | ignore_eos)."""
     from af3trt.testing import synthetic_audio
 
     convs = [[{"role": "user", "content": [{"type": "audio", "audio": synthetic_audio(2.0 + i, i)},
                                            {"type": "text", "text": "Transcribe the input speech."}]}]
              for i in range(batch)]
-    opts = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0)
+    opts = dict(max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0)
+    opts.update(min_new_tokens=new_tokens) if fix == "min_new_tokens" else opts.update(ignore_eos=True)
     if stop:
         opts["stop"] = [stop]
     per_step, decode = [], []
@@ -80,7 +83,8 @@ def measure(pipe, batch: int, new_tokens: int, stop: str | None, repeats: int) -
         if i:
             per_step.append(clock.host_per_step(results[0]) * 1e3)
             decode.append(results[0].timings["decode"] / (new_tokens - 1) * 1e3)
-    return {"batch": batch, "new_tokens": new_tokens, "stop_string": bool(stop), "repeats": repeats,
+    return {"batch": batch, "new_tokens": new_tokens, "stop_string": bool(stop), "length_fixed_by": fix,
+            "repeats": repeats,
             "host_ms_per_step_p50": statistics.median(per_step), "host_ms_per_step_min": min(per_step),
             "decode_ms_per_step_p50": statistics.median(decode), "host_ms_per_step_all": per_step}
 
@@ -89,10 +93,21 @@ def run(model: str = "tiny", batches=(1, 8), new_tokens: int = 256, repeats: int
     from af3trt.runtime import Pipeline
 
     pipe = Pipeline.from_pretrained(model, device="cpu", dtype="float32")
-    rows = [measure(pipe, b, new_tokens, stop, repeats) for b in batches for stop in (None, NEVER)]
+    fixes = ["min_new_tokens"] + (["ignore_eos"] if _has_ignore_eos() else [])
+    rows = [measure(pipe, b, new_tokens, stop, repeats, fix) for fix in fixes for b in batches for stop in (None, NEVER)]
     return {"benchmark": "host overhead per decode step", "model": model, "device": "cpu",
             "torch": torch.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "commit": _commit(), "rows": rows}
+
+
+def _has_ignore_eos() -> bool:
+    import dataclasses
+
+    try:
+        from af3trt.runtime.generation import GenerationOptions
+    except ImportError:
+        return False
+    return "ignore_eos" in {f.name for f in dataclasses.fields(GenerationOptions)}
 
 
 def _commit() -> str | None:
@@ -108,9 +123,11 @@ def _commit() -> str | None:
 
 def markdown(result: dict) -> str:
     lines = [f"host overhead per decode step, {result['model']} on {result['device']} (commit {result['commit']})", "",
-             "| batch | stop string | host ms/step p50 | host ms/step min | decode ms/step p50 |", "|---|---|---|---|---|"]
+             "| length fixed by | batch | stop string | host ms/step p50 | host ms/step min | decode ms/step p50 |",
+             "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['batch']} | {'one' if r['stop_string'] else 'none'} | {r['host_ms_per_step_p50']:.4f} | "
+        lines.append(f"| {r.get('length_fixed_by', 'min_new_tokens')} | {r['batch']} | "
+                     f"{'one' if r['stop_string'] else 'none'} | {r['host_ms_per_step_p50']:.4f} | "
                      f"{r['host_ms_per_step_min']:.4f} | {r['decode_ms_per_step_p50']:.3f} |")
     return "\n".join(lines) + "\n"
 

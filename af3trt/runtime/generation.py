@@ -219,6 +219,9 @@ class TokenState:
 
     def append(self, ids: torch.Tensor) -> None:
         """ids (B,) int64 on the device: the step's chosen tokens."""
+        self.step += 1
+        if self.seen is None and self.counts is None and self.tail is None:
+            return  # nothing tracked: no device work
         col = ids[:, None]  # < V: chosen from the (B, V) logits
         if self.seen is not None:
             self.seen.scatter_(1, col, True)
@@ -226,7 +229,6 @@ class TokenState:
             self.counts.scatter_add_(1, col, torch.ones_like(col, dtype=torch.float32))
         if self.tail is not None:
             self.tail = torch.cat([self.tail[:, 1:], col], dim=1)
-        self.step += 1
 
 
 class RepetitionPenalty:
@@ -470,6 +472,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
+        self._fast = _backend_decode(tokenizer)
         self.ids: list[int] = []
         self.text = ""
         self._prefix = 0  # window start: context ids whose text is already emitted
@@ -477,6 +480,8 @@ class IncrementalDetokenizer:
         self._prefix_text = ""  # decode(ids[_prefix:_read])
 
     def _decode(self, ids) -> str:
+        if self._fast is not None:
+            return self._fast(ids, skip_special_tokens=self.skip)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
 
     def add(self, ids: Sequence[int]) -> str:
@@ -500,6 +505,16 @@ class IncrementalDetokenizer:
         self._prefix_text = self._decode(self.ids[self._prefix : self._read])
         self.text += piece
         return piece
+
+
+def _backend_decode(tokenizer):
+    """The Rust `tokenizers` decode behind a fast HF tokenizer, when it is what `tokenizer.decode`
+    returns (transformers' fast decode is the backend's, then an optional space clean-up that
+    Qwen's tokenizer config turns off): the same text without transformers' per-call Python cost."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "decode") or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    return backend.decode
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
