@@ -320,3 +320,29 @@ def test_cuda_token_loop_reads_the_same_ids_as_on_cpu(pipe):
             pass
         got[device] = [(a.tokens, a.finish_reason) for a in answers]
     assert got["cuda"] == got["cpu"]
+
+
+def test_processors_at_the_real_vocab():
+    """AF3's real sizes: 151672 ids (not a multiple of 64), `<sound>` = 151669, an int4_awq lm_head padded
+    to 151680, and the checkpoint's repetition penalty 1.05: our chain equals HF's on the model's ids
+    and never picks a padded row."""
+    vocab, padded, sound = 151672, 151680, 151669
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, padded, generator=g) * 3
+    logits[:, vocab:] = 50.0  # the padded rows would win
+    history = torch.randint(0, vocab, (2, 40), generator=g)
+    history[:, 5:20] = sound
+    opts = GenerationOptions(repetition_penalty=1.05, top_k=20, top_p=0.8, temperature=0.7, do_sample=True)
+    chain = processors_for(opts, vocab)
+    state = token_state(chain, history[:, :30].tolist(), padded, "cpu")
+    for step in range(30, 40):
+        state.append(history[:, step])
+    ours = logits.clone()
+    for proc in chain:
+        ours = proc(ours, state)
+    ref = logits[:, :vocab].clone()
+    for proc in (lp.RepetitionPenaltyLogitsProcessor(1.05), lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(20),
+                 lp.TopPLogitsWarper(0.8)):
+        ref = proc(history, ref)
+    same(ours[:, :vocab], ref, "real-vocab chain")
+    assert torch.isinf(ours[:, vocab:]).all() and (ours.argmax(-1) < vocab).all()
