@@ -69,11 +69,8 @@ def test_refused_at_build_before_calibration(tiny_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "e" / "manifest.json").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present: the target is that GPU")
 def test_no_gpu_assumes_sm90_and_the_manifest_says_so():
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the target is that GPU")
     t = target_gpu()
     assert t.sm == 90 and t.source.startswith("assumed: no GPU at build")
     assert target_gpu(89).record() == {"sm": 89, "source": "assumed: no GPU at build, --target-sm"}

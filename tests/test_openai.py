@@ -187,10 +187,19 @@ def test_bad_input_statuses_and_error_shape(api):
         (chat_body([{"type": "audio_url", "audio_url": {"url": "file:///etc/passwd"}}]), 400, "scheme 'file'"),
         (chat_body([{"type": "audio_url", "audio_url": {"url": "http://127.0.0.1:9/a.wav"}}]), 400, "--allow-urls"),
         ({**chat_body("hi"), "model": "other"}, 404, "expected model"),
+        (chat_body([{"type": "image_url", "image_url": {"url": "x"}}]), 400,
+         "expected a content part of type 'text', 'input_audio' or 'audio_url', got 'image_url'"),
+        (chat_body([{"type": "input_audio", "input_audio": {"data": "eA==", "format": "aac"}}]), 400,
+         "expected input_audio.format in ['wav', 'mp3', 'flac', 'ogg'], got 'aac'"),
     ]
     for body, status, text in cases:
         err = _post(api.url, body, status)
         assert text in err["message"], err
+    req = urllib.request.Request(api.url + "/v1/chat/completions", data=b"not json",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        urllib.request.urlopen(req, timeout=60)
+    assert bad.value.code == 400 and "expected a JSON object as the request body" in json.loads(bad.value.read())["error"]["message"]
     assert api.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                               temperature=0, max_tokens=2).choices
 

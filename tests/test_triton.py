@@ -643,8 +643,8 @@ def test_bad_requests(client, server, model):
           r"it, up to 600 s\), got 660.0 s", client.inputs(PROMPT, _wav(660)))
     fails(r"expected at most 60 s of audio per request .*, got 80.0 s in 2 files", client.inputs(PROMPT, [_wav(40)] * 2))
     fails(r"expected a prompt of at most 2048 tokens .*, got \d+", client.inputs("hello world " * 1500, SPEECH_WAV))
-    fails(r"expected at most 1024 prompt tokens besides audio \(the engine's max_text_tokens; `af3trt build "
-          r"--max-text-tokens` raises it\), got \d+", client.inputs("hello world " * 600, SPEECH_WAV))
+    fails(r"expected at most 1024 text tokens besides audio \(engine limit; `af3trt build --max-text-tokens` raises "
+          r"it\), got \d+", client.inputs("hello world " * 600, SPEECH_WAV))
     fails(r"expected MAX_TOKENS in \[1, 512\], got 100000", client.inputs(PROMPT, SPEECH_WAV, max_tokens=100000))
     fails(r"expected MIN_TOKENS an integer in \[0, MAX_TOKENS=8\], got 9",
           client.inputs(PROMPT, SPEECH_WAV, max_tokens=8, min_tokens=9))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -64,7 +64,7 @@ class AudioURLPart(_Strict):
     audio_url: AudioURL
 
 
-Part = Union[TextPart, InputAudioPart, AudioURLPart]
+Part = Annotated[Union[TextPart, InputAudioPart, AudioURLPart], Field(discriminator="type")]
 
 
 class Message(_Strict):

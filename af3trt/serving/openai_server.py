@@ -104,11 +104,21 @@ def create_app(backend, opts: ServerOptions | None = None):
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        errors = exc.errors()
+        # the deepest error: for `content`, the list branch's part error, not "should be a string"
+        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
+        loc = []  # the JSON path, without pydantic's union branches ("list[...]", "str", a tag before its field)
+        for p in first.get("loc", ()):
+            p = str(p)
+            if p != "body" and "[" not in p and p not in ("str", "list") and (not loc or loc[-1] != p):
+                loc.append(p)
         field = ".".join(loc) or None
         msg = first.get("msg", "invalid request")
-        if first.get("type") == "extra_forbidden":
+        if first.get("type") == "json_invalid":
+            field, msg = None, f"expected a JSON object as the request body, got invalid JSON ({first.get('ctx', {}).get('error', msg)})"
+        elif first.get("type") == "union_tag_invalid":
+            msg = f"expected a content part of type 'text', 'input_audio' or 'audio_url', got {first.get('ctx', {}).get('tag')!r}"
+        elif first.get("type") == "extra_forbidden":
             msg = f"unknown field {field!r}: not part of OpenAI's schema or af3trt's extensions"
         return JSONResponse(_error_body(f"{field}: {msg}" if field else msg, "invalid_request_error", field),
                             status_code=400)

@@ -210,18 +210,14 @@ class TritonPythonModel:
             raise RequestError(f"expected a prompt of at most {lim.max_input_len} tokens (audio + text; the engine's "
                                f"limit, raised by `af3trt build --max-audio-seconds / --max-text-tokens`), got {n} "
                                f"({built.num_audio_tokens} audio + {n - built.num_audio_tokens} text)")
-        text_tokens = n - built.num_audio_tokens
-        if lim.max_text_tokens is not None and text_tokens > lim.max_text_tokens:
-            raise RequestError(f"expected at most {lim.max_text_tokens} prompt tokens besides audio (the engine's "
-                               f"max_text_tokens; `af3trt build --max-text-tokens` raises it), got {text_tokens}")
+        feats = extract_features([a.samples for a in audios]) if audios else None
+        error = request_limit_error(dataclasses.asdict(lim), audio_tokens=built.num_audio_tokens, prompt_tokens=n,
+                                    windows=None if feats is None else int(feats.valid_frames.shape[0]))
+        if error:  # the Pipeline's rule: audio rows, windows, text tokens besides audio
+            raise RequestError(error)
         out = self._options(request, n)
         if audios:
-            feats = extract_features([a.samples for a in audios])
             frames = feats.valid_frames
-            error = request_limit_error(dataclasses.asdict(lim), audio_tokens=built.num_audio_tokens,
-                                        prompt_tokens=n, windows=int(frames.shape[0]))  # the Pipeline's rule
-            if error:
-                raise RequestError(error)
             features, rows = feats.features, np.asarray(audio_token_count(frames), np.int32)
             ids = [extra_id(audio_hash(a.samples)) for a in audios]
         else:  # the ensemble runs the encoder regardless: one dummy window whose rows nobody reads
