@@ -303,6 +303,71 @@ def test_mp3_bytes_decode_like_hf(tmp_path):
     assert np.array_equal(load_audio(buf.getvalue()).samples, ref)
 
 
+def test_greedy_equals_torch_argmax_with_ties_nan_and_inf():
+    """The CPU fast path (numpy's argmax) picks what torch.argmax picks: first maximum, NaN first."""
+    from af3trt.runtime.generation import greedy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 97, generator=g)
+    x[1, [3, 40]] = 9.0  # a tie: the first wins
+    x[2, [7, 50]] = float("nan")  # NaN counts as the maximum
+    x[3] = float("-inf")
+    x[4, 11] = float("inf")
+    for logits in (x, x.t().contiguous().t(), x[:, 1:]):  # contiguous, strided, offset views
+        assert torch.equal(greedy(logits), logits.argmax(-1))
+        assert greedy(logits).dtype == torch.int64
+    assert torch.equal(greedy(x.double()), x.double().argmax(-1))  # other dtypes: torch's own argmax
+
+
+@pytest.mark.parametrize("live", ["batch", "stream", "stop string"])
+def test_read_steps_backlog_feeds_answers_as_every_step_would(pipe, live):
+    """read_steps feeds rows only when an answer can end (eos id, length, a live answer); the answers
+    equal feeding every token at once, with rows ending at different steps."""
+    from af3trt.runtime.generation import read_steps
+
+    tok = pipe.tokenizer
+    eos = tok.eos_token_id
+    rng = np.random.default_rng(1)
+    rows = rng.integers(100, 400, (30, 4))
+    rows[5, 1] = eos  # row 1 ends at step 6, row 3 at step 17, rows 0 and 2 by length
+    rows[16, 3] = eos
+    stop = (tok.decode([int(rows[9, 2])]),) if live == "stop string" else ()
+    opts = GenerationOptions(max_new_tokens=25, eos_token_ids=(eos,), stop=stop)
+    closed = []
+
+    def steps():
+        try:
+            for r in rows:
+                yield torch.as_tensor(r)
+        finally:
+            closed.append(True)
+
+    answers = [AnswerStream(tok, opts, streaming=live == "stream") for _ in range(4)]
+    n = sum(1 for _ in read_steps(steps(), answers, every_step=live == "stream"))
+    want = [feed_all(AnswerStream(tok, opts, streaming=live == "stream"), rows[:, i].tolist()) for i in range(4)]
+    assert [(a.tokens, a.finish_reason, a.text) for a in answers] == [(w.tokens, w.finish_reason, w.text) for w in want]
+    assert n == max(len(w.tokens) for w in want) <= 25 and closed  # stopped when the last answer ended, steps closed
+
+
+def test_step_generators_run_in_inference_mode_without_leaking_it():
+    """A decoder's steps run in inference mode; a caller outside it stays outside between steps, and
+    a caller inside it (Pipeline._run) is not re-entered per step."""
+    from af3trt.runtime.generation import in_inference_mode
+
+    def steps():
+        for _ in range(3):
+            yield torch.is_inference_mode_enabled()
+
+    assert list(in_inference_mode(steps())) == [True] * 3
+    outside = []
+    for _ in in_inference_mode(steps()):
+        outside.append(torch.is_inference_mode_enabled())
+    assert outside == [False] * 3
+    with torch.inference_mode():
+        gen = steps()
+        assert in_inference_mode(gen) is gen
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_token_loop_reads_the_same_ids_as_on_cpu(pipe):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..spec import TextSpec
-from .generation import decode_loop
+from .generation import decode_loop, in_inference_mode
 
 
 class RMSNorm(nn.Module):
@@ -213,15 +213,18 @@ class TorchDecoder:
         module = Qwen2Decoder(text).load_hf_state_dict(state)
         return cls(module.to(dtype), device, valid_vocab=spec.text.vocab_size if spec is not None else None)
 
-    @torch.inference_mode()
     def steps(self, requests, generator=None, stats=None):
         """Greedy/sampled decoding of a batch of `DecoderRequest`s (same options for all), through
         `generation.decode_loop` (HF's processors; `stats`: a LoopStats timing the step calls).
 
         Each request brings its fake-id prompt and its own (rows, H) prompt table (rows may be 0).
         Yields (B,) int64 next ids per step on the device (finished rows keep being fed, the caller
-        ignores them); the first yield follows the prefill.
+        ignores them); the first yield follows the prefill. Runs in inference mode
+        (`generation.in_inference_mode`).
         """
+        return in_inference_mode(self._steps(requests, generator, stats))
+
+    def _steps(self, requests, generator, stats):
         from ..prompt import left_pad
 
         opts = requests[0].options

@@ -36,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..kernels.gemv import MAX_M, gemv_bf16, gemv_fp8
 from ..spec import ModelSpec, TextSpec
 from .decoder import attention_bias, rotate_half
-from .generation import decode_loop
+from .generation import decode_loop, in_inference_mode
 from .fast_weights import FastLayer, FastLinear, FastWeights, fast_weights, fp8_linear, random_fast_weights
 
 __all__ = ["FastTorchDecoder", "KV_BUCKET", "benchmark_matrix", "decode_step_benchmark"]
@@ -350,10 +350,12 @@ class FastTorchDecoder:
         s.step += 1
         return self._runner(s.batch, self.kv_bucket(slot + 1))
 
-    @torch.inference_mode()
     def steps(self, requests, generator=None, stats=None):
         """Greedy/sampled decoding of a batch of `DecoderRequest`s, as `TorchDecoder.steps`:
         yields (B,) int64 next ids per step on the device, the first after the prefill."""
+        return in_inference_mode(self._steps(requests, generator, stats))
+
+    def _steps(self, requests, generator, stats):
         logits = self.prefill(requests)
         yield from decode_loop(logits, [r.prompt_ids for r in requests], requests[0].options, generator,
                                lambda nxt, step: self.decode(nxt), valid_vocab=self.valid_vocab, stats=stats)

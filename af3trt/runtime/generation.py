@@ -8,7 +8,8 @@ then GenerationConfig's global defaults (top_k 50, temperature 1.0, ...). Proces
 order: repetition penalty, (presence/frequency penalty: OpenAI's, HF has none), bad words,
 min_new_tokens, then, only when sampling, temperature, top-k, top-p, min-p. The repetition
 penalty's history is the prompt as HF sees it (`<sound>` at every audio row, left padding
-excluded) plus the generated ids; each id is penalized once.
+excluded) plus the generated ids; each id is penalized once. Processors that only mask (padded
+vocab, bad words, min_new_tokens) write -inf into the logits in place: the token loop owns them.
 """
 
 from __future__ import annotations
@@ -266,7 +267,7 @@ class BadWords:
     def __init__(self, sequences: Iterable[Sequence[int]], eos_token_ids: Sequence[int] = ()):
         eos = {(int(i),) for i in eos_token_ids}
         seqs = [tuple(s) for s in sequences if tuple(s) not in eos]
-        self.single = _IdMask(s[0] for s in seqs if len(s) == 1)
+        self.single = _IdBan(s[0] for s in seqs if len(s) == 1)
         self.multi = [s for s in seqs if len(s) > 1]
         self.needs = "tail" if self.multi else None
         self.tail = max((len(s) - 1 for s in self.multi), default=0)
@@ -275,7 +276,7 @@ class BadWords:
     def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
         dev, v = logits.device, logits.shape[-1]
         if self.single.ids:
-            logits = logits.masked_fill(self.single(logits), float("-inf"))
+            logits = self.single(logits)
         if self.multi:
             ban = torch.zeros_like(logits, dtype=torch.bool)
             prefixes = self._multi.get(dev)
@@ -288,21 +289,21 @@ class BadWords:
         return logits
 
 
-class _IdMask:
-    """A (1, V) bool mask of fixed ids, made once per (device, V): one masked_fill per step."""
+class _IdBan:
+    """Fixed ids (those < V) set to -inf in place: one index_fill_ per step, the ids' index tensor
+    made once per (device, V) (a third of an out-of-place masked_fill's cost on CPU)."""
 
     def __init__(self, ids):
         self.ids = sorted(set(int(i) for i in ids))
-        self._masks: dict[tuple, torch.Tensor] = {}
+        self._index: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         key = (logits.device, logits.shape[-1])
-        mask = self._masks.get(key)
-        if mask is None:
-            mask = torch.zeros((1, logits.shape[-1]), dtype=torch.bool)
-            mask[0, [i for i in self.ids if i < logits.shape[-1]]] = True
-            mask = self._masks[key] = mask.to(logits.device)
-        return mask
+        index = self._index.get(key)
+        if index is None:
+            index = self._index[key] = torch.tensor([i for i in self.ids if i < key[1]], dtype=torch.long,
+                                                    device=logits.device)
+        return logits.index_fill_(-1, index, float("-inf"))
 
 
 class MinNewTokens:
@@ -310,12 +311,12 @@ class MinNewTokens:
 
     def __init__(self, min_new_tokens: int, eos_token_ids: Sequence[int]):
         self.min_new = int(min_new_tokens)
-        self.mask = _IdMask(eos_token_ids)
+        self.ban = _IdBan(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
-        if state.step >= self.min_new or not self.mask.ids:
+        if state.step >= self.min_new or not self.ban.ids:
             return logits
-        return logits.masked_fill(self.mask(logits), float("-inf"))
+        return self.ban(logits)
 
 
 class SuppressPaddedVocab:
@@ -324,16 +325,11 @@ class SuppressPaddedVocab:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = int(vocab_size)
-        self._masks: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, logits: torch.Tensor, state: TokenState) -> torch.Tensor:
-        v = logits.shape[-1]
-        if v <= self.vocab_size:
-            return logits
-        mask = self._masks.get((logits.device, v))
-        if mask is None:
-            mask = self._masks[(logits.device, v)] = (torch.arange(v, device=logits.device) >= self.vocab_size)[None]
-        return logits.masked_fill(mask, float("-inf"))
+        if logits.shape[-1] > self.vocab_size:
+            logits[..., self.vocab_size:] = float("-inf")  # in place, as every masking processor here
+        return logits
 
 
 class Temperature:
@@ -421,8 +417,41 @@ def token_state(chain: list, prompts: Sequence[Sequence[int]], vocab: int, devic
 def select(logits: torch.Tensor, opts: GenerationOptions, generator: torch.Generator | None) -> torch.Tensor:
     """(B, V) processed logits -> (B,) ids: argmax, or one multinomial draw of the softmax."""
     if not opts.do_sample:
-        return logits.argmax(-1)
+        return greedy(logits)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B,) int64 argmax. For float32 logits on the CPU, numpy's argmax: the same rule
+    (the first maximum; a NaN counts as the maximum, its first index wins) at a seventh of torch's
+    per-call cost there (2 vs 14 us for 8 x 640), which is most of the token loop's host time."""
+    if logits.is_cpu and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.from_numpy(logits.numpy().argmax(-1))  # intp: int64 on every platform torch ships for
+    return logits.argmax(-1)
+
+
+def in_inference_mode(steps: Iterator) -> Iterator:
+    """A decoder's step generator, run under torch.inference_mode. Where the caller is in inference
+    mode when it creates the generator, it keeps it for every resume (`Pipeline._run` enters it once
+    per generate), and the generator is returned as is; else each resume enters and leaves it, as
+    torch's decorator does on a generator function (about 3 us per step on CPU)."""
+    if torch.is_inference_mode_enabled():
+        return steps
+    return _each_resume_in_inference_mode(steps)
+
+
+def _each_resume_in_inference_mode(steps: Iterator) -> Iterator:
+    try:
+        while True:
+            with torch.inference_mode():
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        with torch.inference_mode():
+            steps.close()
 
 
 @dataclass
@@ -607,25 +636,51 @@ class AnswerStream:
 
 
 def read_steps(steps: Iterator[torch.Tensor], answers: list[AnswerStream], every_step: bool = False):
-    """Drive a decoder's `steps` (one (B,) id tensor per step) until every answer is over. Ids stay on
-    the device: each step's are copied to the host without blocking and read one step later (while
-    the device computes the next), at once for the first step and for every step when `every_step`
-    (a stream shows them as they come).
-    Yields after each batch of host reads; closes `steps` when done (a backend then cancels)."""
+    """Drive a decoder's `steps` (one (B,) id tensor per step) until every answer is over.
+    On CUDA the ids stay on the device: each step's are copied to a pinned host buffer without
+    blocking and read one step later (while the device computes the next), at once for the first
+    step and for every step when `every_step` (a stream shows them as they come). On the CPU they
+    are read at once (nothing to overlap; a late read would cost one more forward).
+    The host rows wait in a backlog and reach the answers only when one of them can end: an eos id
+    among them, an answer's max_new_tokens, or an answer that needs every token (a stream, stop
+    strings). Otherwise a step costs one set test, not a call per answer.
+    Yields after each step's read; closes `steps` when done (a backend then cancels)."""
+    live = every_step or any(a.live for a in answers)
+    eos = frozenset().union(*(a.eos for a in answers))
+    until = min(a.opts.max_new_tokens for a in answers)  # rows read when the first answer reaches its length
+    backlog: list[list[int]] = []
+    read = 0  # rows fed to the answers
     pending: list[tuple[torch.Tensor, object]] = []
     host = None  # CUDA: one pinned (steps, B) buffer the ids are copied into without blocking
 
-    def drain(keep: int) -> None:
+    def take(row: list[int]) -> bool:
+        """One host row of ids; True when every answer is over."""
+        backlog.append(row)
+        if not live and eos.isdisjoint(row) and read + len(backlog) < until:
+            return False
+        return flush()
+
+    def flush() -> bool:
+        nonlocal read
+        for i, answer in enumerate(answers):
+            answer.feed([r[i] for r in backlog])
+        read += len(backlog)
+        backlog.clear()
+        return all(a.done for a in answers)
+
+    def drain(keep: int) -> bool:
         while len(pending) > keep:
             ids, event = pending.pop(0)
-            if event is not None:
-                event.synchronize()
-            for answer, tok in zip(answers, ids.tolist()):
-                answer.feed((tok,))
+            event.synchronize()
+            if take(ids.tolist()):
+                return True
+        return False
 
     try:
         for step, nxt in enumerate(steps):
-            if nxt.device.type == "cuda":
+            if not nxt.is_cuda:
+                over = take(nxt.tolist())
+            else:
                 if host is None or step >= host.shape[0]:
                     rows = max(max(a.opts.max_new_tokens for a in answers), step + 1)
                     host = torch.empty((rows, nxt.shape[0]), dtype=nxt.dtype, pin_memory=True)
@@ -633,13 +688,12 @@ def read_steps(steps: Iterator[torch.Tensor], answers: list[AnswerStream], every
                 event = torch.cuda.Event()
                 event.record()
                 pending.append((host[step], event))
-            else:
-                pending.append((nxt, None))
-            drain(0 if every_step or step == 0 else 1)  # the first token at once: time to first token
+                over = drain(0 if every_step or step == 0 else 1)  # the first token at once: time to first token
             yield
-            if all(a.done for a in answers):
+            if over:
                 return
         drain(0)
+        flush()  # the steps ended before every answer did (a backend that stops by itself)
         yield
     finally:
         close = getattr(steps, "close", None)

@@ -331,7 +331,9 @@ class Pipeline:
         with self._lock:
             prompts = self.prepare(conversations)
             reqs, timings = self.requests(prompts, opts)
-        with self._decode_lock:
+        # Inference mode once per generate, not per step (generation.in_inference_mode); a stream
+        # yields to its caller, who must not run in inference mode, so its decoder enters per step.
+        with self._decode_lock, contextlib.nullcontext() if streaming else torch.inference_mode():
             gen = torch.Generator(device=self.device)
             if opts.seed is not None:
                 gen.manual_seed(opts.seed)
