@@ -21,7 +21,7 @@ import warnings
 
 
 def _cmd_tiny(args) -> int:
-    from .testing import make_tiny_checkpoint
+    from .tiny import make_tiny_checkpoint
 
     print(make_tiny_checkpoint(args.out, seed=args.seed, vocab_size=args.vocab_size))
     return 0
@@ -79,7 +79,7 @@ def _cmd_run(args) -> int:
 def _cmd_build(args) -> int:
     from .build.engine_dir import BuildOptions, build_engine_dir
     from .build.llm import EngineLimits
-    from .testing import default_tiny_dir, make_tiny_checkpoint
+    from .tiny import default_tiny_dir, make_tiny_checkpoint
 
     model = make_tiny_checkpoint(default_tiny_dir()) if args.model == "tiny" else args.model
     limits = EngineLimits(max_batch_size=args.max_batch_size, max_audio_seconds=args.max_audio_seconds,
@@ -237,7 +237,7 @@ def _model_defaults(argv: list[str]) -> str | None:
 
     model = argv[argv.index("--model") + 1]
     if model == "tiny":
-        from .testing import default_tiny_dir
+        from .tiny import default_tiny_dir
 
         model = str(default_tiny_dir())
     root = Path(model)

@@ -8,11 +8,6 @@ UserError where a user error is meant. No heavy imports here: every layer raises
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-from . import fileio
-
 
 class UserError(ValueError):
     """A bad request, option or input file; the message says what was expected and what came."""
@@ -34,13 +29,11 @@ class OutputError(UserError, OSError):
     """An output path cannot be written (permissions, read-only or virtual file system)."""
 
 
-def temp_dir_beside(final: str | os.PathLike, prefix: str) -> Path:
-    """mkdtemp in `final`'s parent (created if needed), for an atomic rename onto `final`; a parent that
-    cannot be written is an OutputError naming `final`, never the temporary name."""
-    final = Path(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        return Path(fileio.mkdtemp(prefix=prefix, dir=final.parent))  # the umask's mode (renamed into place)
-    except OSError as exc:
-        raise OutputError(f"expected a writable folder to create {final} in, got {final.parent}: "
-                          f"{exc.strerror or exc}") from exc
+class MissingDependency(UserError, RuntimeError):
+    """An optional NVIDIA package (tensorrt, tensorrt_llm) is not importable here."""
+
+
+def lookup(registry, name: str, what: str):
+    if name not in registry:
+        raise OptionError(f"expected {what} in {sorted(registry)}, got {name!r}")
+    return registry[name]

@@ -9,10 +9,14 @@ exactly what `open()` / `os.mkdir()` would have given them.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
+
+from .errors import OutputError
 
 _LOCK = threading.Lock()
 
@@ -118,3 +122,57 @@ def file_digest(path: str | os.PathLike) -> str:
         except OSError:  # a read-only cache only costs re-hashing next time
             pass
     return digest
+
+
+def temp_dir_beside(final: str | os.PathLike, prefix: str) -> Path:
+    """mkdtemp in `final`'s parent (created if needed), for an atomic rename onto `final`; a parent that
+    cannot be written is an OutputError naming `final`, never the temporary name."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return Path(mkdtemp(prefix=prefix, dir=final.parent))  # the umask's mode (renamed into place)
+    except OSError as exc:
+        raise OutputError(f"expected a writable folder to create {final} in, got {final.parent}: "
+                          f"{exc.strerror or exc}") from exc
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path):
+    """Yield a temporary folder beside `final`; on success replace `final` with it, else delete it."""
+    final = Path(final)
+    tmp = temp_dir_beside(final, f".{final.name}.partial-")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tree_like_umask(tmp)  # what third-party writers made 0600 (safetensors, ONNX data)
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_partials(engine_dir: Path) -> None:
+    """Remove leftovers of an interrupted build (`.NAME.partial-*`, `.NAME.tmp-*`, `.NAME.old[-*]`)."""
+    for pattern in (".*.partial-*", ".*.tmp-*", ".*.old", ".*.old-*"):
+        for path in Path(engine_dir).rglob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

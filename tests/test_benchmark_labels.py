@@ -47,7 +47,7 @@ def test_engine_dir_rows_are_labelled_with_the_registry_names(engine_dir, tmp_pa
     import shutil
 
     from af3trt.benchmark.backends import engine_labels
-    from af3trt.build.manifest import Manifest
+    from af3trt.formats.manifest import Manifest
 
     assert engine_labels(Manifest.read(engine_dir)) == ("bf16", "auto")
     other = tmp_path / "e"

@@ -133,7 +133,7 @@ def test_triton_backend_builds_the_repository_request(monkeypatch):
 
     from af3trt.benchmark.backends import TRITON_INPUTS, TritonBackend, conversation, triton_grpc_url
     from af3trt.build.triton import NUMPY_TO_TRITON, REQUEST_INPUTS
-    from af3trt.testing import synthetic_audio
+    from af3trt.audio import synthetic_audio
 
     declared = {t.name: t.dtype for t in REQUEST_INPUTS}
     backend = TritonBackend(SimpleNamespace(triton_url="127.0.0.1:9", triton_grpc_url=None, triton_model="af3"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from af3trt.build import llm
-from af3trt.build import trtllm_checkpoint as tckpt
+from af3trt.formats import trtllm_checkpoint as tckpt
 from af3trt.build.precision import (
     KV_CACHES, KV_QUANTIZER, PRECISIONS, get_kv_cache, get_precision, modelopt_quant_config, resolve_dtype,
     trtllm_quantization,

@@ -25,7 +25,7 @@ def test_run_tiny_json(tmp_path):
     assert out["backends"] == {"encoder": "torch", "decoder": "torch"}  # a checkpoint dir on CPU
     assert "af3trt run: encoder torch (best available), decoder torch (best available)" in proc.stderr
     assert out["num_audio_tokens"] == 144 and 1 <= len(out["token_ids"]) <= 8
-    from af3trt.testing import default_tiny_dir
+    from af3trt.tiny import default_tiny_dir
 
     assert (tmp_path / default_tiny_dir().name / "config.json").is_file()  # the cache key names the folder
 

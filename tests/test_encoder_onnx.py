@@ -23,9 +23,9 @@ from af3trt.checkpoint import Checkpoint
 from af3trt.features import extract_features, log_mel, pad_windows
 from af3trt.runtime.encoder import (OnnxRuntimeEncoder, TorchEncoder, available_encoders, load_encoder,
                                    valid_rows)
-from af3trt.runtime.trtllm import MissingDependency
+from af3trt.errors import MissingDependency
 from af3trt.spec import TOKENS_PER_WINDOW, audio_token_count, audio_tokens_for_seconds
-from af3trt.testing import synthetic_audio
+from af3trt.audio import synthetic_audio
 
 from .test_prompt import CASES
 
@@ -669,7 +669,7 @@ def test_engine_dir_with_an_audio_input_encoder(engine_dir, tiny_dir, tmp_path):
     """`af3trt build --encoder-input audio` over a copy of the tiny engine dir redoes only the encoder
     stages; its pipeline feeds ONNX Runtime the padded windows and gives the torch encoder's greedy
     tokens; the Triton repository refuses it."""
-    from af3trt.build.manifest import Manifest
+    from af3trt.formats.manifest import Manifest
     from af3trt.build.triton import write_repository
     from af3trt.cli import main
     from af3trt.runtime.pipeline import Pipeline

@@ -11,11 +11,11 @@ import torch
 
 from af3trt.build.engine_dir import BuildOptions, build_engine_dir
 from af3trt.build.llm import EngineLimits
-from af3trt.build.manifest import Manifest, ManifestError
+from af3trt.formats.manifest import Manifest, ManifestError
 from af3trt.prompt import PromptError
 from af3trt.runtime import Pipeline
 from af3trt.runtime.stitch import executor_arguments
-from af3trt.testing import synthetic_audio
+from af3trt.audio import synthetic_audio
 
 from .test_prompt import CASES, audio_turn
 
@@ -316,7 +316,7 @@ def test_trtllm_engine_gives_the_torch_tokens(tmp_path):
     pytest.importorskip("tensorrt_llm", reason="needs TensorRT-LLM 1.2")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from af3trt.testing import default_tiny_dir, make_tiny_checkpoint
+    from af3trt.tiny import default_tiny_dir, make_tiny_checkpoint
 
     out = tmp_path / "e"
     limits = EngineLimits(max_batch_size=2, max_audio_seconds=60.0, max_text_tokens=256, max_new_tokens=16)

@@ -8,7 +8,7 @@ import pytest
 
 from af3trt.build.engine_dir import BuildOptions, build_engine_dir
 from af3trt.build.engine_rules import UnsupportedTarget, effective_plugins, kv_reuse_allowed, target_gpu
-from af3trt.build.manifest import Manifest
+from af3trt.formats.manifest import Manifest
 
 from .test_triton import fake_engine_dir, parse_repository
 

@@ -215,7 +215,7 @@ def fp8_dir(tiny_dir, tmp_path_factory):
 
 
 def test_fp8_loader_dequantizes_to_load_trtllm_checkpoint(fp8_dir):
-    from af3trt.build.trtllm_checkpoint import load_trtllm_checkpoint
+    from af3trt.formats.trtllm_checkpoint import load_trtllm_checkpoint
     from af3trt.runtime.fp8_weights import load_fp8_trtllm_checkpoint
 
     _, state = load_trtllm_checkpoint(fp8_dir)

@@ -5,7 +5,7 @@ from af3trt.features import extract_features, mel_filters
 from af3trt.prompt import num_audio_tokens
 from af3trt.spec import FRAMES_PER_WINDOW, SAMPLE_RATE, TOKENS_PER_WINDOW, audio_token_count, audio_tokens_for_seconds
 
-from af3trt.testing import synthetic_audio as noise
+from af3trt.audio import synthetic_audio as noise
 
 WhisperFeatureExtractor = pytest.importorskip("transformers").WhisperFeatureExtractor
 

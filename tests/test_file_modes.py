@@ -40,7 +40,7 @@ def test_tiny_checkpoint_engine_dir_repository_and_reports_are_readable_by_other
     from af3trt.build.engine_dir import BuildOptions, build_engine_dir
     from af3trt.build.llm import EngineLimits
     from af3trt.build.triton import write_repository
-    from af3trt.testing import make_tiny_checkpoint
+    from af3trt.tiny import make_tiny_checkpoint
 
     umask(0o022)
     tiny = make_tiny_checkpoint(tmp_path / "tiny")
@@ -61,7 +61,7 @@ def test_tiny_checkpoint_engine_dir_repository_and_reports_are_readable_by_other
 
 def test_a_private_umask_stays_private(umask, tmp_path):
     """0666/0777 & ~umask both ways: 077 gives 0600 files and 0700 folders, not a forced 0644."""
-    from af3trt.build.manifest import atomic_write_text, staged_dir
+    from af3trt.fileio import atomic_write_text, staged_dir
 
     umask(0o077)
     atomic_write_text(tmp_path / "a.json", "{}")

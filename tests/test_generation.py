@@ -15,7 +15,7 @@ from af3trt.runtime.generation import (
     DEFAULT_MAX_NEW_TOKENS, AnswerStream, BadWords, GenerationDefaults, GenerationOptions, IncrementalDetokenizer,
     MinNewTokens, MinP, OptionError, PresenceFrequencyPenalty, RepetitionPenalty, SuppressPaddedVocab, Temperature,
     TokenState, TopK, TopP, processors_for, token_state)
-from af3trt.testing import synthetic_audio
+from af3trt.audio import synthetic_audio
 
 from .test_parity import hf_generate
 from .test_prompt import CASES, audio_turn

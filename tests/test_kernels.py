@@ -459,7 +459,7 @@ def test_gpu_pipeline_front_end_gives_the_cpu_tokens(tiny_dir):
     """The CUDA pipeline (device log-mel kept on the GPU, fp32 torch encoder and decoder) answers
     with the CPU pipeline's greedy tokens."""
     from af3trt.runtime import Pipeline
-    from af3trt.testing import synthetic_audio
+    from af3trt.audio import synthetic_audio
 
     conv = [{"role": "user", "content": [{"type": "audio", "audio": synthetic_audio(37.0, 5)},
                                          {"type": "text", "text": "Transcribe the input speech."}]}]

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from af3trt.assets import SPEECH_WAV
-from af3trt.testing import synthetic_audio
+from af3trt.audio import synthetic_audio
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")

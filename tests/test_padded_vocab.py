@@ -10,11 +10,12 @@ import torch
 
 from af3trt.build.engine_dir import BuildOptions, build_engine_dir
 from af3trt.build.llm import EngineLimits
-from af3trt.build.manifest import Manifest
+from af3trt.formats.manifest import Manifest
 from af3trt.build.precision import PRECISIONS, engine_vocab_size
 from af3trt.runtime import Pipeline
 from af3trt.spec import ModelSpec
-from af3trt.testing import make_tiny_checkpoint, synthetic_audio
+from af3trt.tiny import make_tiny_checkpoint
+from af3trt.audio import synthetic_audio
 
 from .test_prompt import CASES, audio_turn
 
@@ -47,7 +48,7 @@ def test_engine_vocab_is_decided_once_from_the_precision():
 
 def test_tiny_vocab_size_option_and_its_cache_key(tiny632, tmp_path, capsys, monkeypatch):
     from af3trt.cli import main
-    from af3trt.testing import default_tiny_dir
+    from af3trt.tiny import default_tiny_dir
 
     cfg = json.loads((tiny632 / "config.json").read_text())
     assert cfg["text_config"]["vocab_size"] == ODD_VOCAB

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from af3trt.testing import synthetic_audio
+from af3trt.audio import synthetic_audio
 
 from .test_prompt import CASES, audio_turn
 

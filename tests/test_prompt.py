@@ -4,7 +4,7 @@ import torch
 
 from af3trt.audio import AudioError
 from af3trt.prompt import PromptError, fake_ids, left_pad, normalize_conversation, render, strip_transcription_prefix
-from af3trt.testing import synthetic_audio
+from af3trt.audio import synthetic_audio
 
 
 def audio_turn(x, text="Transcribe the input speech.", text_first=False):

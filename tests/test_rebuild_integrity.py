@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from af3trt.build.engine_dir import BuildOptions, _stage_flags, build_engine_dir
-from af3trt.build.manifest import Manifest, ManifestError
+from af3trt.formats.manifest import Manifest, ManifestError
 from af3trt.checkpoint import Checkpoint
 from af3trt.runtime import Pipeline
-from af3trt.testing import synthetic_audio
+from af3trt.audio import synthetic_audio
 
 from .test_prompt import audio_turn
 

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from af3trt.build.manifest import Manifest, ManifestError
+from af3trt.formats.manifest import Manifest, ManifestError
 from af3trt.build.triton import ServingLimits, write_repository
 from af3trt.runtime import Pipeline
 from af3trt.spec import audio_tokens_for_seconds, request_limit_error

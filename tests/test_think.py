@@ -12,8 +12,9 @@ import shutil
 import pytest
 import torch
 
-from af3trt.build.manifest import Manifest, ManifestError
-from af3trt.testing import make_tiny_checkpoint, synthetic_audio
+from af3trt.formats.manifest import Manifest, ManifestError
+from af3trt.tiny import make_tiny_checkpoint
+from af3trt.audio import synthetic_audio
 from af3trt.think import (
     THINK_FILES, THINK_SUFFIX, ThinkError, files_digest, load_non_lora, open_checkpoint, variant_record,
 )
@@ -127,7 +128,7 @@ def test_tiny_think_is_what_peft_writes_and_loads(tiny_dir, hf, tmp_path):
 
 
 def test_tiny_think_is_deterministic_small_and_in_the_cache_key(tiny_dir, tmp_path):
-    from af3trt.testing import default_tiny_dir, tiny_think_key
+    from af3trt.tiny import default_tiny_dir, tiny_think_key
 
     def digests(root):
         return {n: hashlib.sha256((root / "think" / n).read_bytes()).hexdigest() for n in THINK_FILES}

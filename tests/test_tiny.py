@@ -4,7 +4,7 @@ import json
 import pytest
 
 from af3trt.spec import ModelSpec
-from af3trt.testing import make_tiny_checkpoint
+from af3trt.tiny import make_tiny_checkpoint
 
 
 def digest(path):

@@ -107,7 +107,7 @@ def fake_engine_dir(tiny_dir, root, dtype="bfloat16"):
     """An engine dir whose TensorRT artifacts are stand-in files (config generation only); `dtype`: the
     LLM engine's pretrained_config.dtype (bfloat16, as `af3trt build`'s default precision makes it)."""
     from af3trt.build.encoder import update_config
-    from af3trt.build.manifest import Manifest
+    from af3trt.formats.manifest import Manifest
     from af3trt.runtime.encoder import IO
     from af3trt.spec import ModelSpec
 
@@ -468,7 +468,7 @@ def test_preprocessing_min_tokens(client, server):
 
 @pytest.mark.triton_server
 def test_concurrent_clients(client, server):
-    from af3trt.testing import synthetic_audio
+    from af3trt.audio import synthetic_audio
 
     audios = [synthetic_audio(s, seed=i) for i, s in enumerate((0.8, 3.0, 7.5, 31.0))]  # 31 s: two windows
     jobs = [(a, f"Describe audio {i}.") for i, a in enumerate(audios)]
@@ -500,7 +500,7 @@ def test_extra_ids_identify_audio(client, server, engine_pipe):
     import soundfile as sf
     import tritonclient.grpc as grpcclient
 
-    from af3trt.testing import synthetic_audio
+    from af3trt.audio import synthetic_audio
 
     grpc = grpcclient.InferenceServerClient(server.grpc_url)
     samples, rate = sf.read(SPEECH_WAV, dtype="int16")

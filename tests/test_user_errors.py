@@ -19,7 +19,7 @@ from af3trt.errors import MissingInputError, OptionError, UserError
 
 def test_user_errors_share_one_base():
     from af3trt.audio import AudioError
-    from af3trt.build.manifest import ManifestError
+    from af3trt.formats.manifest import ManifestError
     from af3trt.build.trtllm_flags import FlagError
     from af3trt.prompt import PromptError
     from af3trt.serving.server import TritonServerError
@@ -101,7 +101,7 @@ def test_calibration_skips_a_file_it_cannot_decode(tmp_path):
     import soundfile as sf
 
     from af3trt.build.calibration import CalibrationFileSkipped, calibration_windows
-    from af3trt.testing import synthetic_audio
+    from af3trt.audio import synthetic_audio
 
     for i in range(3):
         sf.write(tmp_path / f"clip{i}.wav", synthetic_audio(2.0, seed=i), 16_000)
@@ -139,7 +139,7 @@ def test_ctrl_c_during_build_is_one_line(tmp_path):
 
 
 def test_manifest_errors_name_the_file(tmp_path):
-    from af3trt.build.manifest import Manifest, ManifestError
+    from af3trt.formats.manifest import Manifest, ManifestError
 
     (tmp_path / "manifest.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ManifestError, match=r"expected a JSON object in .*manifest\.json, got list"):

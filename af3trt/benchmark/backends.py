@@ -60,7 +60,7 @@ def conversation(audio) -> list[dict]:
 
 def conversations(seconds: float, batch: int, seed: int = 0) -> list[list[dict]]:
     """`batch` transcription requests on different synthetic clips of equal length (seeds seed..)."""
-    from ..testing import synthetic_audio
+    from ..audio import synthetic_audio
 
     return [conversation(synthetic_audio(seconds, seed + i)) for i in range(batch)]
 
@@ -270,7 +270,7 @@ class TrtllmBackend(TorchBackend):
         return None
 
     def setup(self) -> None:
-        from ..build.manifest import Manifest
+        from ..formats.manifest import Manifest
         from ..runtime.pipeline import Pipeline
 
         self.pipe = Pipeline.from_pretrained(self.models.engine_dir, decoder="tensorrt_llm", device=self.models.device,

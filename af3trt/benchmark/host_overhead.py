@@ -65,7 +65,7 @@ class StepClock:
 def measure(pipe, batch: int, new_tokens: int, stop: str | None, repeats: int, fix: str = "min_new_tokens") -> dict:
     """Per-step host overhead (ms) of `repeats` generate calls of `batch` conversations (after one
     untimed warm-up call); `fix`: how the output length is fixed (min_new_tokens | ignore_eos)."""
-    from af3trt.testing import synthetic_audio
+    from af3trt.audio import synthetic_audio
 
     convs = [[{"role": "user", "content": [{"type": "audio", "audio": synthetic_audio(2.0 + i, i)},
                                            {"type": "text", "text": "Transcribe the input speech."}]}]

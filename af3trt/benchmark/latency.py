@@ -88,7 +88,7 @@ class Models:
             self._pipeline = built.pipeline
             self._hf = (built.hf, built.processor) if built.hf is not None else None
         else:
-            from ..testing import default_tiny_dir, make_tiny_checkpoint
+            from ..tiny import default_tiny_dir, make_tiny_checkpoint
 
             self.path = make_tiny_checkpoint(default_tiny_dir()) if cfg.model == "tiny" else Path(cfg.model)
             self.spec = ModelSpec.from_dir(self.path)
@@ -262,7 +262,7 @@ class _Inputs:
         self.stats: dict[tuple, tuple[int, int]] = {}
 
     def get(self, seconds: float, batch: int):
-        from ..testing import synthetic_audio
+        from ..audio import synthetic_audio
 
         if any(s != seconds for s, _ in self.clips):
             self.clips.clear()

@@ -234,7 +234,7 @@ def build(scale: float = 1.0, *, device: str | torch.device = "cuda", dtype: tor
     from ..runtime.encoder import TorchEncoder
     from ..runtime.generation import GenerationDefaults
     from ..runtime.pipeline import Pipeline
-    from ..testing import default_tiny_dir, make_tiny_checkpoint
+    from ..tiny import default_tiny_dir, make_tiny_checkpoint
 
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else make_tiny_checkpoint(default_tiny_dir())
     ids = _tokenizer_ids(tok_dir)

@@ -78,7 +78,7 @@ def usable_audios(audio_dir: str | Path):
 def _default_audios(count: int, seed: int) -> list[tuple[str, np.ndarray]]:
     from ..assets import SPEECH_WAV
     from ..audio import load_audio
-    from ..testing import synthetic_audio
+    from ..audio import synthetic_audio
 
     out = [(SPEECH_WAV.name, load_audio(SPEECH_WAV).samples)]
     i = 0

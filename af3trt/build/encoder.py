@@ -32,12 +32,13 @@ import torch
 from torch import nn
 
 from .. import fileio
-from ..errors import OptionError
+from ..errors import lookup
 from ..kernels.logmel import LogMelSTFT
 from ..runtime.encoder import (CONFIG_FILE, INPUT_KINDS, IO, ONNX_DATA_FILE, ONNX_FILE, AudioEncoder, EncoderIO,
                                OnnxRuntimeEncoder, TorchEncoder, valid_rows)
 from ..spec import FRAMES_PER_WINDOW, MAX_WINDOWS
-from .manifest import atomic_write_text, package_versions, staged_dir, stage_key
+from ..fileio import atomic_write_text, staged_dir
+from ..formats.manifest import package_versions, stage_key
 
 __all__ = ["EncoderIO", "IO", "AudioInputEncoder", "FRONT_END_SCOPE", "export_onnx", "quantize_onnx", "read_config",
            "relative_error", "cosine_similarity", "ExportVerificationError", "QuantizationError", "main"]
@@ -92,12 +93,6 @@ ONNX_DTYPES = MappingProxyType({
     "fp32": OnnxDtype("fp32", torch.float32, "float32", 1e-4, AUDIO_FP32_TOLERANCE),
     "fp16": OnnxDtype("fp16", torch.float16, "float16", 1e-2, 1e-2),
 })
-def lookup(registry, name: str, what: str):
-    if name not in registry:
-        raise OptionError(f"expected {what} in {sorted(registry)}, got {name!r}")
-    return registry[name]
-
-
 # -- config.json ------------------------------------------------------------------------------------
 
 def read_config(folder) -> dict:
@@ -149,7 +144,7 @@ def _verification_windows() -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], 
     partial (65.3 s: 3000, 3000, 530 frames); cached, do not modify."""
     from ..audio import split_windows
     from ..features import log_mel, pad_windows
-    from ..testing import synthetic_audio
+    from ..audio import synthetic_audio
 
     out = []
     for seconds, seed in ((30.0, 101), (65.3, 102)):
@@ -386,7 +381,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ..runtime.trtllm import MissingDependency
+    from ..errors import MissingDependency
     from .calibration import calibration_windows
     from .encoder_quant import quantize_onnx
 

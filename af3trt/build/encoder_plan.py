@@ -31,8 +31,9 @@ import torch
 from .. import fileio
 from ..runtime.encoder import CONFIG_FILE, IO, PLAN_FILE, EncoderIO, import_tensorrt
 from ..spec import MAX_WINDOWS
-from .encoder import FRONT_END_SCOPE, external_data_files, lookup, matching_section, read_config, update_config
-from .manifest import stage_key
+from .encoder import FRONT_END_SCOPE, external_data_files, matching_section, read_config, update_config
+from ..errors import lookup
+from ..formats.manifest import stage_key
 
 
 class PlanBuildError(RuntimeError):

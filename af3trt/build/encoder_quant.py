@@ -18,7 +18,8 @@ import torch
 from .. import fileio
 from ..runtime.encoder import CONFIG_FILE, IO, OnnxRuntimeEncoder
 from .encoder import (DEFAULT_CALIBRATION_WINDOWS, _verification_batches, cosine_similarity, external_data_files,
-                      lookup, read_config, update_config)
+                      read_config, update_config)
+from ..errors import lookup
 
 
 class QuantizationError(ValueError):
@@ -68,7 +69,7 @@ def _modelopt_quantize(src: Path, dst: Path, spec: QuantPrecision, cal, method, 
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as exc:
-        from ..runtime.trtllm import MissingDependency
+        from ..errors import MissingDependency
 
         raise MissingDependency(
             "ModelOpt ONNX PTQ needs nvidia-modelopt's ONNX extras: `pip install onnx-graphsurgeon==0.6.1 "

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from .. import fileio
 from ..errors import ExistingOutputError, OptionError
-from .manifest import (Manifest, ManifestError, clean_partials, output_problems, output_record, stage_key,
-                       staged_dir)
+from ..formats.manifest import Manifest, ManifestError, output_problems, output_record, stage_key
+from ..fileio import clean_partials, staged_dir
 from .stage_log import stage_output
 
 log = logging.getLogger(__name__)
@@ -341,7 +341,7 @@ def rebuild_command(model: Path, out: Path, o: BuildOptions) -> str:
     """The `af3trt build` line that completes this engine dir on a machine with TensorRT / TensorRT-LLM,
     run from inside the engine dir (`--out .`: the dir can be copied there first; finished stages are
     skipped, the manifest records the new ones). The tiny model is named `tiny`, not its cache path."""
-    from ..testing import default_tiny_dir
+    from ..tiny import default_tiny_dir
 
     lim = o.limits
     name = "tiny" if Path(model).resolve() == default_tiny_dir().resolve() else str(model)

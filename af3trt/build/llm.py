@@ -24,7 +24,7 @@ from .precision import (
     KVCacheSpec, PrecisionSpec, engine_vocab_size, get_kv_cache, get_precision, modelopt_quant_config,
     needs_calibration, resolve_dtype, trtllm_quantization,
 )
-from .trtllm_checkpoint import GLOBAL_NAMES, LAYER_NAMES, LINEARS
+from ..formats.trtllm_checkpoint import GLOBAL_NAMES, LAYER_NAMES, LINEARS
 from .trtllm_flags import build_argv
 
 DECODER_TYPE = "qwen"  # ModelOpt's decoder_type for Qwen/Qwen2 (MODEL_NAME_TO_TYPE "QWen" -> "qwen")

@@ -88,7 +88,7 @@ def _json(path: Path) -> dict:
 
 def _model_facts(root: Path, tokenizer_dir: Path) -> dict:
     if (root / "manifest.json").is_file():
-        from .manifest import Manifest
+        from ..formats.manifest import Manifest
 
         manifest = Manifest.read(root)
         # as `af3trt run` does: an engine dir serves its own LLM weights, never the source checkpoint's
@@ -163,7 +163,7 @@ def inspect_engine_dir(engine_dir: str | os.PathLike) -> EngineFacts:
     eos, pad = _generation_ids(root, tokenizer_dir)
     checkpoint = root if (root / "config.json").is_file() and any(root.glob("*.safetensors")) else None
     if checkpoint is None and (root / "manifest.json").is_file():
-        from .manifest import Manifest
+        from ..formats.manifest import Manifest
 
         path = Path(Manifest.read(root).checkpoint.get("path", ""))
         checkpoint = path if path.is_dir() and any(path.glob("*.safetensors")) else None
@@ -190,7 +190,7 @@ def inspect_engine_dir(engine_dir: str | os.PathLike) -> EngineFacts:
 def _variant(root: Path) -> dict:
     if not (root / "manifest.json").is_file():
         return {"name": "base"}
-    from .manifest import Manifest
+    from ..formats.manifest import Manifest
 
     return Manifest.read(root).variant
 
@@ -408,7 +408,7 @@ def launch_spec(plan: Plan):
     table_bytes = 4 if plan.table_dtype == "TYPE_FP32" else 2
     built = None
     if (f.engine_dir / "manifest.json").is_file():
-        from .manifest import Manifest
+        from ..formats.manifest import Manifest
 
         built = (Manifest.read(f.engine_dir).stages.get("llm_engine") or {}).get("tensorrt_llm")
     return LaunchSpec(world_size=engine_world_size(_json(f.llm_engine / "config.json")),
@@ -513,7 +513,7 @@ def write_repository(engine_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
     An existing `out_dir` is replaced only if an earlier `write_repository` made it (or it is empty).
     """
-    from .manifest import staged_dir
+    from ..fileio import staged_dir
 
     o = RepositoryOptions(llm_backend=llm_backend, max_batch_size=max_batch_size, instances=instances,
                           streaming=streaming, **options)

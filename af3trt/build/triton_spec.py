@@ -210,7 +210,7 @@ class ServingLimits:
         path = Path(engine_dir) / "manifest.json"
         if not path.is_file():
             return cls()
-        from .manifest import Manifest
+        from ..formats.manifest import Manifest
 
         lim = Manifest.read(engine_dir).limits
         picked = {k: lim[k] for k in ("max_batch_size", "max_audio_seconds", "max_windows", "max_audio_tokens",

@@ -205,7 +205,7 @@ class TorchDecoder:
     @classmethod
     def from_trtllm_checkpoint(cls, ckpt_dir, spec=None, device="cpu", dtype=torch.float32) -> "TorchDecoder":
         """Torch decoder on a TensorRT-LLM checkpoint (weights dequantized to what the engine multiplies)."""
-        from ..build.trtllm_checkpoint import load_trtllm_checkpoint, text_spec
+        from ..formats.trtllm_checkpoint import load_trtllm_checkpoint, text_spec
 
         cfg, state = load_trtllm_checkpoint(ckpt_dir)
         text = text_spec(cfg)

@@ -309,7 +309,7 @@ def import_tensorrt(command: str | None = None):
     try:
         import tensorrt
     except ImportError as exc:
-        from .trtllm import MissingDependency
+        from ..errors import MissingDependency
 
         finish = f" Finish this step on a machine with TensorRT: {command}" if command else ""
         raise MissingDependency(

@@ -1,7 +1,7 @@
 """FP8 TensorRT-LLM Qwen2 checkpoints read back *without* dequantizing: HF-named float8_e4m3fn
 weights plus their `weights_scaling_factor`, for the fast torch decoder's FP8 path.
 
-`build.trtllm_checkpoint.load_trtllm_checkpoint` turns every weight into float32 (what the engine
+`formats.trtllm_checkpoint.load_trtllm_checkpoint` turns every weight into float32 (what the engine
 multiplies with); here the FP8 bytes stay FP8 so that decode reads half the bytes of bf16. The name
 mapping is that module's (`trtllm_to_hf_names`); only the scales need their own mapping because
 the fused `attention.qkv` weight carries ONE scale that q, k and v then share.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..build.trtllm_checkpoint import INV_LAYER_NAMES, QKV_PARTS, _LAYER, _hf_names, text_spec, trtllm_to_hf_names
+from ..formats.trtllm_checkpoint import INV_LAYER_NAMES, QKV_PARTS, _LAYER, _hf_names, text_spec, trtllm_to_hf_names
 from ..spec import TextSpec
 
 WEIGHT_SCALE = "weights_scaling_factor"

@@ -145,8 +145,8 @@ class Pipeline:
         "base" for a checkpoint dir, whatever an engine dir was built as (another value is an error).
         think_suffix: the think variant ends the last user turn with its trained instruction
         (`af3trt.think.THINK_SUFFIX`); False leaves prompts as given."""
-        from ..build.manifest import MANIFEST
-        from ..testing import default_tiny_dir, make_tiny_checkpoint
+        from ..formats.manifest import MANIFEST
+        from ..tiny import default_tiny_dir, make_tiny_checkpoint
         from ..think import THINK_SUFFIX, check_variant, open_checkpoint
         from .encoder import load_encoder
 
@@ -177,7 +177,7 @@ class Pipeline:
     @classmethod
     def _from_engine_dir(cls, path: Path, encoder, decoder, device, dtype, allow_urls, cache_bytes, variant=None,
                          think_suffix=True) -> "Pipeline":
-        from ..build.manifest import Manifest, ManifestError
+        from ..formats.manifest import Manifest, ManifestError
         from .encoder import available_encoders, load_encoder
 
         manifest = Manifest.read(path)
@@ -364,7 +364,7 @@ def check_engine_dir(manifest, path: Path) -> None:
     """Refuse an engine dir built by another af3trt, from stages of different checkpoints, or missing
     the stages every backend needs; says what differs."""
     from .. import __version__
-    from ..build.manifest import ManifestError
+    from ..formats.manifest import ManifestError
 
     built_with = manifest.versions.get("af3trt")
     if built_with != __version__:
@@ -379,7 +379,7 @@ def check_engine_dir(manifest, path: Path) -> None:
 
 
 def _source_checkpoint(manifest):
-    from ..build.manifest import ManifestError
+    from ..formats.manifest import ManifestError
     from ..think import open_checkpoint
 
     src = manifest.checkpoint.get("path")

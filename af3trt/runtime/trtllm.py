@@ -23,14 +23,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MissingInputError, OptionError, UserError
+from ..errors import MissingDependency, MissingInputError, OptionError
 from .stitch import DecoderRequest, executor_arguments
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class MissingDependency(UserError, RuntimeError):
-    """An optional NVIDIA package (tensorrt, tensorrt_llm) is not importable here."""
 
 
 def import_executor():
@@ -59,7 +55,7 @@ def check_engine(config: dict, limits: dict, built_version: str | None, installe
                  vocab_size: int | None = None) -> None:
     """Refuse an engine that is not the one the manifest describes: built by another TensorRT-LLM
     than the installed one, for other limits (build_config vs manifest limits) or another vocab."""
-    from ..build.manifest import ManifestError
+    from ..formats.manifest import ManifestError
 
     if built_version != installed_version:
         raise ManifestError(f"llm/engine was built with TensorRT-LLM {built_version}, this is {installed_version}: "

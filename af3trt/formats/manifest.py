@@ -8,16 +8,13 @@ leaves a half-written stage; a stage whose key (inputs + flags) is unchanged is 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import fileio
-from ..errors import UserError, temp_dir_beside
+from ..errors import UserError
 
 FORMAT = "af3trt-engine-dir"
 FORMAT_VERSION = 1
@@ -88,7 +85,7 @@ class Manifest:
         return cls(**data)
 
     def write(self, engine_dir: str | Path) -> None:
-        atomic_write_text(Path(engine_dir) / MANIFEST, json.dumps(asdict(self), indent=2, sort_keys=True))
+        fileio.atomic_write_text(Path(engine_dir) / MANIFEST, json.dumps(asdict(self), indent=2, sort_keys=True))
 
     def stage(self, name: str) -> dict | None:
         entry = self.stages.get(name)
@@ -157,43 +154,3 @@ def output_problems(engine_dir: str | Path, entry: dict, hashes: bool = True) ->
     return out
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = fileio.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def staged_dir(final: Path):
-    """Yield a temporary folder beside `final`; on success replace `final` with it, else delete it."""
-    final = Path(final)
-    tmp = temp_dir_beside(final, f".{final.name}.partial-")
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fileio.tree_like_umask(tmp)  # what third-party writers made 0600 (safetensors, ONNX data)
-    old = final.with_name(f".{final.name}.old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def clean_partials(engine_dir: Path) -> None:
-    """Remove leftovers of an interrupted build (`.NAME.partial-*`, `.NAME.tmp-*`, `.NAME.old[-*]`)."""
-    for pattern in (".*.partial-*", ".*.tmp-*", ".*.old", ".*.old-*"):
-        for path in Path(engine_dir).rglob(pattern):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)

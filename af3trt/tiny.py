@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from . import fileio
-from .errors import ExistingOutputError, OptionError, temp_dir_beside
+from .errors import ExistingOutputError, OptionError
+from .fileio import temp_dir_beside
 from .spec import N_MELS
 
 TINY_AUDIO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
@@ -280,19 +281,6 @@ def default_tiny_dir(seed: int = 0, vocab_size: int | None = None) -> Path:
     root = Path(os.environ.get("AF3TRT_CACHE", Path.home() / ".cache" / "af3trt"))
     vocab = "" if vocab_size is None else f"-vocab{vocab_size}"
     return root / f"tiny-seed{seed}{vocab}-think{tiny_think_key()[:8]}"
-
-
-def synthetic_audio(seconds: float, seed: int = 0, rate: int = 16_000) -> np.ndarray:
-    """Deterministic speech-like test signal: (N,) float32, noise under a slow syllable envelope
-    plus a gliding harmonic voice, for tests, calibration defaults and benchmarks."""
-    rng = np.random.default_rng(seed)
-    n = int(round(seconds * rate))
-    t = np.arange(n) / rate
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t + rng.uniform(0, np.pi))  # ~3 syllables/s
-    pitch = 120 + 30 * np.sin(2 * np.pi * 0.5 * t)
-    phase = 2 * np.pi * np.cumsum(pitch) / rate
-    voice = sum(np.sin(k * phase) / k for k in range(1, 6))
-    return (envelope * (0.08 * voice + 0.03 * rng.standard_normal(n))).astype(np.float32)
 
 
 # -- AF3-Think: the think/ folder (PEFT LoRA + non-LoRA trainables), as the HF checkpoint ships it ---------
