@@ -114,10 +114,11 @@ def _cmd_build(args) -> int:
 def build_summary(done: dict) -> str:
     """One line: the stages this build skipped, rebuilt, built and left for a machine with TensorRT
     (`done`: build_engine_dir's summary), every group named even when empty."""
-    groups = {"skipped (unchanged)": [], "rebuilt": [], "built": [], "left for a machine with TensorRT / TensorRT-LLM": []}
+    left = "left for a machine with TensorRT / TensorRT-LLM"
+    groups = {"skipped (unchanged)": [], "rebuilt": [], "built": [], left: []}
     for name, did in done.items():
         group = ("skipped (unchanged)" if did.startswith("unchanged") else "rebuilt" if did.startswith("rebuilt")
-                 else "left for a machine with TensorRT / TensorRT-LLM" if did.startswith("left for") else "built")
+                 else left if did.startswith("left for") else "built")
         groups[group].append(name)
     return "af3trt build: " + "; ".join(f"{g}: {', '.join(n) if n else 'none'}" for g, n in groups.items())
 

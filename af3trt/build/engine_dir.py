@@ -424,7 +424,7 @@ def _stage_llm_engine(ckpt, out: Path, options: BuildOptions, manifest: Manifest
     with staged_dir(out / "llm" / "engine") as tmp:
         run_argv = list(argv)
         run_argv[run_argv.index("--output_dir") + 1] = str(tmp)
-        run_streamed(run_argv, "llm_engine: trtllm-build")  # its lines: logs/llm_engine.log, the latest on the terminal
+        run_streamed(run_argv, "llm_engine: trtllm-build")  # lines to logs/llm_engine.log, the latest on screen
         if not (tmp / "config.json").is_file():
             raise RuntimeError(f"trtllm-build finished without writing config.json in {tmp}")
     from importlib import metadata
