@@ -47,6 +47,12 @@ def test_tiny_build_shows_the_export_phases_and_the_summary(tmp_path):
         assert "encoder_plan: left for a machine that has TensorRT (tensorrt is not installed here)" in again.stdout
         assert summary == ("af3trt build: skipped (unchanged): tokenizer; rebuilt: encoder_onnx; built: none; "
                            "left for a machine with TensorRT / TensorRT-LLM: encoder_plan")
+    (out / "tokenizer" / "tokenizer.json").unlink()
+    third = _build(out, tmp_path, "--max-audio-seconds", "60")
+    assert "tokenizer: tokenizer (rebuilt: its outputs were damaged (tokenizer/tokenizer.json: missing))" in \
+        third.stdout
+    assert "encoder_onnx: encoder/encoder.onnx (unchanged, skipped)" in third.stdout
+    assert "encoder_onnx: tracing" not in third.stderr
 
 
 def test_plan_build_phases_show_steps_eta_and_their_time():
