@@ -94,15 +94,33 @@ def _cmd_build(args) -> int:
     manifest = build_engine_dir(model=model, out=args.out, options=options, summary=done)
     finish = []
     for name, entry in manifest.stages.items():
+        if name in done:
+            did = done[name]
+        else:  # not asked for this time (--stages): what an earlier build left
+            did = f"left for a machine that has {entry.get('needs', 'it')}" if "missing" in entry else \
+                "kept from an earlier build"
         if "missing" in entry:
-            print(f"{name}: not built here ({entry['missing']})")
+            print(f"{name}: {did} ({entry['missing']})")
             finish += [entry["command"]] if entry["command"] not in finish else []
         else:
-            print(f"{name}: {entry['path']} ({done.get(name, 'kept')})")
+            print(f"{name}: {entry['path']} ({did})")
+    print(build_summary(done))
     for command in finish:  # the same line finishes every missing stage: said once
         print(f"finish on a machine that has them, from inside the engine dir (it can be copied there):\n"
               f"  cd {shlex.quote(args.out)} && {command}")
     return 0
+
+
+def build_summary(done: dict) -> str:
+    """One line: the stages this build skipped, rebuilt, built and left for a machine with TensorRT
+    (`done`: build_engine_dir's summary), every group named even when empty."""
+    left = "left for a machine with TensorRT / TensorRT-LLM"
+    groups = {"skipped (unchanged)": [], "rebuilt": [], "built": [], left: []}
+    for name, did in done.items():
+        group = ("skipped (unchanged)" if did.startswith("unchanged") else "rebuilt" if did.startswith("rebuilt")
+                 else left if did.startswith("left for") else "built")
+        groups[group].append(name)
+    return "af3trt build: " + "; ".join(f"{g}: {', '.join(n) if n else 'none'}" for g, n in groups.items())
 
 
 def _cmd_triton(args) -> int:

@@ -124,6 +124,44 @@ def test_backends_run_or_record_why_not(tmp_path, monkeypatch):
         LatencyConfig(backends=("nope",))
 
 
+def test_every_shape_of_every_backend_warms_up_before_its_timed_calls(tmp_path, monkeypatch):
+    """Each (backend, audio seconds, batch) runs `warmup` untimed calls on that very shape, then its
+    timed ones, for the transformers reference, af3trt's torch backend and the triton client row
+    (its server calls stood in for: the harness around them is what is tested); recorded per row."""
+    from af3trt.benchmark import LatencyConfig, run_latency
+    from af3trt.benchmark import backends as bk
+    from af3trt.benchmark.random_model import hf_available
+
+    monkeypatch.setenv("AF3TRT_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    def counted(cls, fake=False):
+        real = cls.run
+
+        def run(self, convs, new_tokens):
+            audio = convs[0][0]["content"][0]["audio"]
+            seen.append((self.name, len(audio) / 16_000, len(convs)))
+            return bk.Call(total=0.01, new_tokens=new_tokens) if fake else real(self, convs, new_tokens)
+
+        monkeypatch.setattr(cls, "run", run)
+
+    names = (("hf",) if hf_available() is None else ()) + ("torch", "triton")  # hf: transformers >= 5
+    for cls in (bk.HFBackend, bk.TorchBackend):
+        counted(cls)
+    counted(bk.TritonBackend, fake=True)
+    monkeypatch.setattr(bk.TritonBackend, "unavailable", lambda self: None)
+    monkeypatch.setattr(bk.TritonBackend, "setup", lambda self: None)
+    cfg = LatencyConfig(backends=names, audio_seconds=(1.0, 2.0), batches=(1, 2), new_tokens=2, repeats=1, warmup=2,
+                        device="cpu", measure_floor=False)
+    result = run_latency(cfg)
+    shapes = [(n, s, b) for s in (1.0, 2.0) for b in (1, 2) for n in names]
+    assert seen == [shape for shape in shapes for _ in range(cfg.warmup + cfg.repeats)]  # 3 in a row per shape
+    for row in result["results"]:
+        assert row["status"] == "ok", row["status"]
+        assert row["warmup"] == 2 and len(row["warmup_s"]) == 2 and row["repeats"] == 1
+    assert result["config"]["warmup"] == 2
+
+
 def test_triton_backend_builds_the_repository_request(monkeypatch):
     """The triton backend sends the af3trt repository's request (build.triton.REQUEST_INPUTS) through
     Af3Client: encoded audio in AUDIO, PROMPT, MIN_TOKENS = MAX_TOKENS (a fixed output length), STREAM;

@@ -339,6 +339,12 @@ def fake_tensorrt(parse_errors=(), serialized=b"PLAN", signal="features", cache_
 
     trt.ILogger = ILogger
 
+    class IProgressMonitor:  # pyCore.cpp: phase_start, step_complete, phase_finish are pure virtual
+        def __init__(self):
+            self._trt_initialized = True
+
+    trt.IProgressMonitor = IProgressMonitor
+
     def logger_arg(logger):
         _check(isinstance(logger, ILogger) and getattr(logger, "_trt_initialized", False),
                f"expected an ILogger whose __init__ ran, got {logger!r}")
@@ -469,6 +475,16 @@ def fake_tensorrt(parse_errors=(), serialized=b"PLAN", signal="features", cache_
         def get_timing_cache(self):
             return self.cache
 
+        @property
+        def progress_monitor(self):
+            return getattr(self, "_monitor", None)
+
+        @progress_monitor.setter
+        def progress_monitor(self, monitor):
+            _check(isinstance(monitor, IProgressMonitor) and getattr(monitor, "_trt_initialized", False),
+                   f"progress_monitor = {monitor!r}: expected an IProgressMonitor whose __init__ ran")
+            self._monitor = monitor
+
     class Builder:
         def __init__(self, logger):
             self._logger = rec.logger = logger_arg(logger)
@@ -496,6 +512,18 @@ def fake_tensorrt(parse_errors=(), serialized=b"PLAN", signal="features", cache_
                    f"expected one optimization profile with shapes for {inputs}, "
                    f"got {[p.shapes for p in config.profiles]}")
             rec.built += 1
+            monitor = config.progress_monitor
+            if monitor is not None:  # two phases, one nested, as TensorRT reports them (names of 10.x builds)
+                monitor.phase_start("Building engine", None, 2)
+                monitor.phase_start("Tactic selection", "Building engine", 3)
+                for step in range(3):
+                    if not monitor.step_complete("Tactic selection", step):
+                        monitor.phase_finish("Tactic selection")
+                        monitor.phase_finish("Building engine")
+                        return None  # a cancelled build returns nullptr
+                monitor.phase_finish("Tactic selection")
+                monitor.step_complete("Building engine", 0)
+                monitor.phase_finish("Building engine")
             if serialized is None:
                 self._logger.log(severity.ERROR, "fake: no implementation obeys reformatting-free rules")
                 return None
@@ -505,12 +533,13 @@ def fake_tensorrt(parse_errors=(), serialized=b"PLAN", signal="features", cache_
     return trt, rec
 
 
-def test_build_plan_tensorrt_calls(engine, int8_onnx, tmp_path, monkeypatch):
+def test_build_plan_tensorrt_calls(engine, int8_onnx, tmp_path, monkeypatch, capsys):
     trt, rec = fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     cache = tmp_path / "timing.cache"
     res = enc.build_plan(engine.onnx_path, tmp_path / "fp16", precision="fp16", profile=(1, 2, 4),
                          timing_cache=cache, workspace_gib=2)
+    assert "encoder_plan: Building engine: done in " in capsys.readouterr().err  # through the progress monitor
     assert (res.plan_path.read_bytes(), cache.read_bytes(), rec.cache_in) == (b"PLAN", b"CACHE", b"")
     assert rec.flags == ["FP16"] and rec.network_flags == 0 and not res.strongly_typed
     assert rec.cleared == [] and all(layer.precision is None for layer in rec.layers)  # features graph: TF32 allowed
@@ -551,6 +580,24 @@ def test_build_plan_raises_every_parser_error_and_failed_build(engine, tmp_path,
         with pytest.raises(enc.PlanBuildError, match="rejected the timing cache"):
             enc.build_plan(engine.onnx_path, tmp_path, precision="fp16", timing_cache=tmp_path / "timing.cache")
         assert rec.built == 0
+
+
+def test_ctrl_c_in_the_progress_monitor_cancels_the_plan_build(engine, tmp_path, monkeypatch):
+    """A KeyboardInterrupt inside a monitor callback (where the signal lands while TensorRT builds)
+    makes step_complete return False; TensorRT then returns no plan and build_plan raises
+    KeyboardInterrupt (the CLI's one "interrupted" line), not PlanBuildError."""
+    from af3trt.build.encoder_plan import BuildProgress
+
+    trt, rec = fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+
+    def interrupted(self, name, step):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BuildProgress, "_step", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="was cancelled"):
+        enc.build_plan(engine.onnx_path, tmp_path / "fp16", precision="fp16", profile=(1, 2, 4))
+    assert rec.built == 1 and not (tmp_path / "fp16" / "encoder.plan").exists()
 
 
 def test_fake_tensorrt_rejects_what_the_bindings_reject(tmp_path):

@@ -41,7 +41,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_ints, default=(1,), help="comma list of batch sizes (one generate call each)")
     p.add_argument("--new-tokens", type=int, default=32, help="fixed output length (min = max new tokens)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per row")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed calls before each row's timed ones, on that row's own backend, audio length and batch")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 (GPU default) | float16 | float32 (CPU default)")
     p.add_argument("--engine-dir", default=None, help="engine dir for the trtllm backend")

@@ -204,8 +204,13 @@ def _peak_gb(device: str) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 1e9
 
 
+STILL_WARMING = 1.5  # first timed call / median of the later ones past which a row says warm-up fell short
+
+
 def measure_row(backend, convs, row: dict, cfg: LatencyConfig, device: str) -> dict:
-    """Warm up, then time `repeats` calls of one backend on one batch; fills `row` in place."""
+    """Warm up on this very shape (`cfg.warmup` untimed calls of the same backend, audio length and
+    batch: per-shape allocations, kernel choices and compiles happen there), then time `repeats`
+    calls; fills `row` in place (`warmup_s`: each warm-up call's seconds)."""
     _memory_reset(device)
     warm = []
     for _ in range(cfg.warmup):
@@ -217,6 +222,11 @@ def measure_row(backend, convs, row: dict, cfg: LatencyConfig, device: str) -> d
     if not all(c.new_tokens == cfg.new_tokens for c in calls):
         row["tpot_ms"], row["throughput"]["decode_tokens_per_s"] = None, None
         row["notes"].append("output length not enforced by this backend: per-token figures omitted")
+    later = sorted(c.total for c in calls[1:])
+    if later and calls[0].total > STILL_WARMING * later[len(later) // 2]:
+        row["notes"].append(f"timed calls were still getting faster (first {calls[0].total * 1e3:.1f} ms, median of "
+                            f"the rest {later[len(later) // 2] * 1e3:.1f} ms): warm-up fell short, raise --warmup "
+                            f"(now {cfg.warmup})")
     row.update(status="ok", warmup_s=warm, peak_memory_gb=_peak_gb(device), precision=backend.precision,
                kv_precision=getattr(backend, "kv_precision", "auto"))
     return row

@@ -22,6 +22,7 @@ import functools
 import json
 import shutil
 import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from ..runtime.encoder import (CONFIG_FILE, INPUT_KINDS, IO, ONNX_DATA_FILE, ONN
 from ..spec import FRAMES_PER_WINDOW, MAX_WINDOWS
 from ..fileio import atomic_write_text, staged_dir
 from ..formats.manifest import package_versions, stage_key
+from .stage_log import clock, phase, progress, say
 
 __all__ = ["EncoderIO", "IO", "AudioInputEncoder", "FRONT_END_SCOPE", "export_onnx", "quantize_onnx", "read_config",
            "relative_error", "cosine_similarity", "ExportVerificationError", "QuantizationError", "main"]
@@ -58,6 +60,7 @@ def __getattr__(name: str):
             return getattr(importlib.import_module(f"{__package__}.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+STAGE = "encoder_onnx"  # the name its progress lines carry (af3trt build's stage)
 CONFIG_FORMAT = "af3trt-encoder"
 CONFIG_VERSION = 1
 _CONFIG_KEYS = frozenset({"format", "format_version", "io", "onnx", "quantized", "plan"})
@@ -191,30 +194,37 @@ def _module_for_export(ckpt, dtype: OnnxDtype) -> AudioEncoder:
 
 
 def _export_graph(module: nn.Module, path: Path, opset: int, external: bool, io: EncoderIO = IO) -> None:
-    """torch.onnx.export (TorchScript exporter), then re-save with all weights in one external file if asked."""
+    """torch.onnx.export (TorchScript exporter), then re-save with all weights in one external file if asked;
+    each step a progress line of STAGE with its elapsed time (the size it works on in the first)."""
     import onnx
 
     raw = Path(fileio.mkdtemp(prefix=".raw-", dir=path.parent)) / path.name
     example = (torch.zeros(io.signal_shape(2)), torch.tensor([FRAMES_PER_WINDOW, FRAMES_PER_WINDOW // 3]))
+    params = sum(p.numel() for p in module.parameters())
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with phase(f"{STAGE}: tracing and exporting {params / 1e6:.1f} M parameters ({size / 1e9:.2f} GB) with "
+                   f"torch.onnx.export, opset {opset}"), \
+                torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # reflect Pad's pads
             torch.onnx.export(module.eval(), example, str(raw), input_names=list(io.inputs),
                               output_names=list(io.outputs), dynamic_axes=io.dynamic_axes(), opset_version=opset,
                               dynamo=False)
-        model = onnx.load(str(raw))  # also pulls in the per-tensor files torch writes beside a > 2 GiB graph
+        with phase(f"{STAGE}: saving the graph" + (f" with its weights in {ONNX_DATA_FILE}" if external else "")):
+            model = onnx.load(str(raw))  # also pulls in the per-tensor files torch writes beside a > 2 GiB graph
+            if external:
+                onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=ONNX_DATA_FILE, size_threshold=1024)
+            else:
+                onnx.save_model(model, str(path))
     finally:
         shutil.rmtree(raw.parent, ignore_errors=True)
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=ONNX_DATA_FILE, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
     for name in (path.name, *([ONNX_DATA_FILE] if external else [])):
         fileio.like_umask(path.parent / name)  # onnx may write the data file 0600
-    onnx.checker.check_model(str(path))
+    with phase(f"{STAGE}: onnx.checker.check_model"):
+        onnx.checker.check_model(str(path))
 
 
 def _verify_export(path: Path, reference: AudioEncoder, dtype: OnnxDtype, where: Path, io: EncoderIO = IO) -> dict:
@@ -222,18 +232,29 @@ def _verify_export(path: Path, reference: AudioEncoder, dtype: OnnxDtype, where:
     (af3trt.features.log_mel); raise past the tolerance. A graph that takes audio gets the padded
     windows that log-mel came from. where: the final path named in errors (`path` lies in the
     stage's temporary folder)."""
-    ort_encoder = OnnxRuntimeEncoder(path)
+    with phase(f"{STAGE}: ONNX Runtime session (graph optimization)"):
+        ort_encoder = OnnxRuntimeEncoder(path)
     torch_encoder = TorchEncoder(reference)
     tolerance = dtype.tolerance_for(io.takes)
     errors = []
-    for audio, feats, frames in _verification_windows():
+    batches = _verification_windows()
+    t0 = time.perf_counter()
+    # windows as the unit: the cost of a batch is its windows, so the bar's ETA holds across batch sizes
+    bar = progress(None, f"{STAGE}: ONNX Runtime vs torch", total=sum(len(f) for _, _, f in batches), unit="window")
+    for audio, feats, frames in batches:
         ref = torch_encoder(feats, frames)
         got = ort_encoder(audio if io.takes == "audio" else feats, frames)
         if tuple(got.shape) != tuple(ref.shape):
             raise ExportVerificationError(f"expected ONNX Runtime output {tuple(ref.shape)} from {where}, "
                                           f"got {tuple(got.shape)}")
         errors.append(relative_error(got, ref, frames))
+        if bar is not None:
+            bar.update(len(frames))
+    if bar is not None:
+        bar.close()
     worst = max(errors)
+    say(f"{STAGE}: ONNX Runtime vs torch: done in {clock(time.perf_counter() - t0)} ({len(errors)} batches, "
+        f"max relative error {worst:.1e})")
     if not worst <= tolerance:  # `not <=` also catches NaN
         raise ExportVerificationError(
             f"ONNX Runtime output of {where} differs from the torch reference: max relative error {worst:.3e} on "

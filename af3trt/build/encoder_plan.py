@@ -11,7 +11,10 @@ with the precision's BuilderFlag (deprecated since TensorRT 10.12, still honoure
 that takes audio keeps its log-mel front end (the conv STFT) in true FP32: TF32 cleared and, in a
 weakly typed build, its layers pinned to float32 (af3trt.kernels.logmel explains why). `tensorrt` is
 imported only here and lazily: where it is missing, `build_plan` raises MissingDependency with the
-CLI line that finishes the step elsewhere.
+CLI line that finishes the step elsewhere. The build reports its phases through a
+`trt.IProgressMonitor` (`IBuilderConfig.progress_monitor`, TensorRT >= 10: phase_start(phase_name,
+parent_phase, num_steps), step_complete(phase_name, step) -> bool, phase_finish(phase_name)), drawn
+by `BuildProgress`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import os
 import shlex
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -239,6 +243,108 @@ def _keep_front_end_fp32(trt, network, config, strongly_typed: bool, src: Path) 
     config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
 
 
+class BuildProgress:
+    """TensorRT's build phases as progress bars named `stage: PHASE` (steps done, elapsed, and the
+    ETA tqdm draws from the phase's step rate), a `done in T` line per top-level phase: the logic of
+    the IProgressMonitor `_progress_monitor` gives TensorRT (its three callbacks). TensorRT calls it
+    from its own threads: one lock. Phases deeper than `max_depth` count in their parent's time only.
+    The callbacks cannot raise into TensorRT (noexcept C++): Ctrl-C sets `cancelled`, and the next
+    `step_complete` returns False, which cancels the build; any other error stops the display with a
+    line saying so, and the build goes on."""
+
+    def __init__(self, stage: str = "encoder_plan", file=None, max_depth: int = 1, mininterval: float = 0.5):
+        self.stage, self.file, self.max_depth, self.mininterval = stage, file, max_depth, mininterval
+        self.cancelled = False
+        self.failed: BaseException | None = None
+        self._phases: dict[str, tuple[int, object, float]] = {}  # name -> (depth, bar, start)
+        self._lock = threading.Lock()
+
+    def _out(self):
+        from .stage_log import terminal
+
+        return self.file or terminal()
+
+    def _guard(self, fn, *args, cancel_value=None):
+        if self.failed is not None:
+            return cancel_value
+        try:
+            with self._lock:
+                return fn(*args)
+        except KeyboardInterrupt:
+            self.cancelled = True
+        except Exception as exc:  # a display bug must not end TensorRT's process (noexcept callbacks)
+            self.failed = exc
+            print(f"{self.stage}: progress display stopped ({type(exc).__name__}: {exc}); the build goes on",
+                  file=self._out(), flush=True)
+        return cancel_value
+
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        self._guard(self._start, phase_name, parent_phase, num_steps)
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        """step: the index of the step just done, in [0, num_steps). False asks TensorRT to cancel."""
+        self._guard(self._step, phase_name, step)
+        return not self.cancelled
+
+    def phase_finish(self, phase_name: str) -> None:
+        self._guard(self._finish, phase_name)
+
+    def close(self) -> None:
+        """Close the bars of phases TensorRT left open (a failed or cancelled build)."""
+        with self._lock:
+            for _, bar, _ in self._phases.values():
+                if bar is not None:
+                    bar.close()
+            self._phases.clear()
+
+    def _start(self, name, parent, steps):
+        depth = self._phases[parent][0] + 1 if parent in self._phases else 0
+        bar = None
+        if depth <= self.max_depth:
+            from tqdm import tqdm
+
+            bar = tqdm(total=max(int(steps), 1), desc=f"{self.stage}: {name}", unit="step", file=self._out(),
+                       leave=False, position=depth, mininterval=self.mininterval)
+        self._phases[name] = (depth, bar, time.perf_counter())
+
+    def _step(self, name, step):
+        entry = self._phases.get(name)
+        if entry is not None and entry[1] is not None:
+            entry[1].update(int(step) + 1 - entry[1].n)
+
+    def _finish(self, name):
+        from .stage_log import clock
+
+        entry = self._phases.pop(name, None)
+        if entry is None:
+            return
+        depth, bar, start = entry
+        if bar is not None:
+            bar.close()
+        if depth == 0:
+            print(f"{self.stage}: {name}: done in {clock(time.perf_counter() - start)}", file=self._out(), flush=True)
+
+
+def _progress_monitor(trt, progress: BuildProgress):
+    """A trt.IProgressMonitor (TensorRT >= 10: `IBuilderConfig.progress_monitor`) handing its three
+    callbacks to `progress`. It must outlive the build: build_plan holds it until the plan is built."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            progress.phase_start(phase_name, parent_phase, num_steps)
+
+        def step_complete(self, phase_name, step):
+            return progress.step_complete(phase_name, step)
+
+        def phase_finish(self, phase_name):
+            progress.phase_finish(phase_name)
+
+    return Monitor()
+
+
 def _atomic_write_bytes(path: Path, data) -> None:
     fd, tmp = fileio.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -294,7 +400,15 @@ def build_plan(onnx_path, out_dir=None, *, precision: str = "fp16", profile=None
     config = _builder_config(trt, builder, spec, strongly_typed, prof, cache, workspace_gib, facts.io)
     if facts.takes == "audio":
         _keep_front_end_fp32(trt, network, config, strongly_typed, src)
-    serialized = builder.build_serialized_network(network, config)
+    progress = BuildProgress()
+    config.progress_monitor = monitor = _progress_monitor(trt, progress)
+    try:
+        serialized = builder.build_serialized_network(network, config)
+    finally:
+        progress.close()
+    del monitor  # held until here: TensorRT calls it during the build
+    if progress.cancelled:
+        raise KeyboardInterrupt(f"the TensorRT build of {src} was cancelled")
     if serialized is None:
         raise PlanBuildError(f"TensorRT {trt.__version__} failed to build the {precision} plan from {src} "
                              f"(build_serialized_network returned None): {logger.errors or 'no error logged'}")

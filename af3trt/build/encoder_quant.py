@@ -20,6 +20,7 @@ from ..runtime.encoder import CONFIG_FILE, IO, OnnxRuntimeEncoder
 from .encoder import (DEFAULT_CALIBRATION_WINDOWS, _verification_batches, cosine_similarity, external_data_files,
                       read_config, update_config)
 from ..errors import lookup
+from .stage_log import phase
 
 
 class QuantizationError(ValueError):
@@ -134,9 +135,13 @@ def quantize_onnx(onnx_path, out_path=None, precision: str = "int8", calibration
         extra = external_data_files(src)
         for name in [src.name, *extra]:  # ModelOpt writes beside its input: work on a copy
             shutil.copyfile(src.parent / name, tmp / name)
-        _modelopt_quantize(tmp / src.name, tmp / out.name, spec, cal, calibration_method, high_precision_dtype,
-                           eps, external=bool(extra))
-        cos = _quantized_cosine(src, tmp / out.name) if verify else (None, None)
+        with phase(f"encoder_plan: ModelOpt {precision} Q/DQ quantization on {len(cal)} calibration windows"):
+            _modelopt_quantize(tmp / src.name, tmp / out.name, spec, cal, calibration_method, high_precision_dtype,
+                               eps, external=bool(extra))
+        cos = (None, None)
+        if verify:
+            with phase(f"encoder_plan: {precision} Q/DQ graph vs the float graph on ONNX Runtime"):
+                cos = _quantized_cosine(src, tmp / out.name)
         if verify and not cos[0] >= budget:
             raise QuantizationError(f"{precision} Q/DQ graph strays from {src}: min per-row cosine {cos[0]:.4f} "
                                     f"(mean {cos[1]:.4f}), expected >= {budget}")

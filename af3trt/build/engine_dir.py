@@ -16,7 +16,6 @@ import json
 import logging
 import shlex
 import shutil
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,7 +121,9 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
                      summary: dict | None = None) -> Manifest:
     """Build (or complete) the engine dir `out` from the AF3 checkpoint `model` (its think/ weights for
     variant "think": every stage, calibration included, runs on them). Returns the manifest.
-    `summary` (a dict), when given, receives {stage: "built" | "unchanged, skipped" | "not built here"}."""
+    `summary` (a dict), when given, receives {stage: what this run did}: "built" (new), "rebuilt: WHY"
+    (an earlier build of it was there: changed flags or checkpoint, damaged outputs, --force),
+    "unchanged, skipped", or "left for a machine that has MODULE" (tensorrt / tensorrt_llm missing)."""
     from ..think import open_checkpoint
 
     ckpt = open_checkpoint(model, options.variant)
@@ -138,6 +139,7 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
         target = target_gpu(options.target_sm)
         plugins = (target, check_build(options.precision, options.kv_cache, target))
     fingerprint = ckpt.fingerprint()  # a think checkpoint's covers its think/ files: every stage key does
+    earlier = _earlier_stages(out, fingerprint)
     manifest = _start_manifest(out, ckpt, fingerprint, options)
     manifest.variant = _variant_record(ckpt)
     if plugins is not None:  # what trtllm-build will make of the flags on that GPU (the engine's own, once built)
@@ -164,6 +166,8 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
                     summary[name] = "unchanged, skipped"
             else:  # a damaged stage is redone from scratch: the stage functions skip nothing of their own
                 stage_options = dataclasses.replace(options, force=True) if problems else options
+                if bar is not None:
+                    bar.clear()  # the stage's progress lines take the bar's line until it is redrawn below
                 with stage_output(out / "logs" / f"{name}.log"):  # third-party chatter off the terminal
                     record = run(ckpt, out, stage_options, manifest)
                 entry = {"key": key, "checkpoint": fingerprint, **record}
@@ -172,7 +176,7 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
                 manifest.stages[name] = entry
                 manifest.write(out)
                 if summary is not None:
-                    summary[name] = "not built here" if "missing" in record else "built"
+                    summary[name] = _outcome(record, earlier.get(name), problems, options.force)
             if bar is not None:
                 bar.set_postfix_str(name)
                 bar.update()
@@ -181,6 +185,28 @@ def build_engine_dir(*, model: str | Path, out: str | Path, options: BuildOption
             bar.close()
     manifest.write(out)
     return manifest
+
+
+def _earlier_stages(out: Path, fingerprint: str) -> dict[str, str]:
+    """{stage: why a new build of it is a rebuild} for the stages an earlier build completed in `out`."""
+    try:
+        old = Manifest.read(out)
+    except ManifestError:
+        return {}
+    same = old.checkpoint.get("fingerprint") == fingerprint
+    why = "its flags or inputs changed" if same else "the checkpoint changed"
+    return {name: why for name, entry in old.stages.items() if "missing" not in entry}
+
+
+def _outcome(record: dict, earlier: str | None, problems: list[str] | None, force: bool) -> str:
+    """The build summary's word for a stage that ran (see build_engine_dir's `summary`)."""
+    if "missing" in record:
+        return f"left for a machine that has {record['needs']}"
+    if earlier is None:
+        return "built"
+    if problems:
+        return f"rebuilt: its outputs were damaged ({problems[0]})"
+    return "rebuilt: --force" if force else f"rebuilt: {earlier}"
 
 
 def _start_manifest(out: Path, ckpt, fingerprint: str, options: BuildOptions) -> Manifest:
@@ -327,7 +353,8 @@ def _stage_encoder_plan(ckpt, out: Path, options: BuildOptions, manifest: Manife
         entry.update(qdq_onnx=str(onnx_path.relative_to(out)), qdq_cosine_min=q.cosine_min)
     profile = _plan_profile(options)
     if not has_module("tensorrt"):
-        return {**entry, "missing": "tensorrt is not installed here", "command": rebuild_command(ckpt.path, out, options),
+        return {**entry, "missing": "tensorrt is not installed here", "needs": "TensorRT",
+                "command": rebuild_command(ckpt.path, out, options),
                 "manual": plan_command(onnx_path.relative_to(out), "encoder", options.encoder_precision, profile)}
     from .encoder_plan import build_plan
 
@@ -390,12 +417,14 @@ def _stage_llm_engine(ckpt, out: Path, options: BuildOptions, manifest: Manifest
                       'cd "$(dirname "$0")"\n' + shlex.join(portable) + "\n")
     fileio.like_umask(script, executable=True)
     if not has_module("tensorrt_llm"):
-        return {"path": "llm/engine", "missing": "tensorrt_llm is not installed here",
+        return {"path": "llm/engine", "missing": "tensorrt_llm is not installed here", "needs": "TensorRT-LLM",
                 "command": rebuild_command(ckpt.path, out, options), "manual": "bash llm/build_engine.sh", "argv": argv}
+    from .stage_log import run_streamed
+
     with staged_dir(out / "llm" / "engine") as tmp:
         run_argv = list(argv)
         run_argv[run_argv.index("--output_dir") + 1] = str(tmp)
-        subprocess.run(run_argv, check=True)
+        run_streamed(run_argv, "llm_engine: trtllm-build")  # lines to logs/llm_engine.log, the latest on screen
         if not (tmp / "config.json").is_file():
             raise RuntimeError(f"trtllm-build finished without writing config.json in {tmp}")
     from importlib import metadata
