@@ -351,3 +351,85 @@ def test_disconnected_stream_frees_its_slot(small, engine_pipe):
     per_token = full.timings["decode"] / 59
     print(f"slot free {freed:.2f} s after closing; 500 tokens would take ~{500 * per_token:.1f} s")
     assert r.choices and freed < 500 * per_token / 2
+
+
+@BOTH
+def test_stop_penalties_and_extensions_equal_the_pipeline(api, engine_pipe):
+    """stop, presence/frequency penalties and the extensions (repetition_penalty, ignore_eos, min_tokens)
+    travel to the backend (in --triton-url mode: as af3's request inputs) and give Pipeline.generate's answer."""
+    x = synthetic_audio(2.0, 36)
+    messages = [{"role": "user", "content": [audio_part(x), {"type": "text", "text": "Describe."}]}]
+    conv = [{"role": "user", "content": [{"type": "audio", "audio": x}, {"type": "text", "text": "Describe."}]}]
+    pens = dict(presence_penalty=0.5, frequency_penalty=0.25)
+    free = engine_pipe.generate(conv, do_sample=False, max_new_tokens=24, repetition_penalty=1.1, **pens)[0]
+    stop = free.text[len(free.text) // 2:][:2]
+    assert stop.strip(), free.text
+    cases = [(dict(stop=[stop]), dict(stop=[stop])),
+             (dict(extra_body={"ignore_eos": True, "min_tokens": 20}), dict(ignore_eos=True, min_new_tokens=20))]
+    for sent, opts in cases:
+        want = engine_pipe.generate(conv, do_sample=False, max_new_tokens=24, repetition_penalty=1.1, **pens, **opts)[0]
+        extra = {"repetition_penalty": 1.1, **sent.pop("extra_body", {})}
+        kw = dict(model=MODEL, messages=messages, temperature=0, max_tokens=24, extra_body=extra, **pens, **sent)
+        got = api.client.chat.completions.create(**kw)
+        chunks = list(api.client.chat.completions.create(**kw, stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        print(opts, repr(got.choices[0].message.content), "| want", repr(want.text), want.finish_reason)
+        assert got.choices[0].message.content == streamed == want.text
+        assert got.choices[0].finish_reason == ("length" if want.finish_reason == "length" else "stop")
+        assert got.usage.completion_tokens == len(want.token_ids)
+        assert "stop" not in opts or want.finish_reason == "stop_string"
+    assert want.finish_reason == "length" and len(want.token_ids) == 24  # ignore_eos: the whole max_tokens
+
+
+def test_triton_backend_maps_errors(monkeypatch):
+    """What the repository refuses is a 400 with its message; an af3trt internal error a 500 without
+    details for the client; an unreachable server a 503."""
+    from af3trt.errors import UserError
+    from af3trt.serving.client import RequestFailed
+    from af3trt.serving.openai_schema import ApiError
+    from af3trt.serving.openai_triton import TritonBackend
+
+    backend = object.__new__(TritonBackend)
+    backend.url, backend.model, backend.allow_urls = "127.0.0.1:1", "af3", False
+    from af3trt.serving.openai_triton import _option_keywords
+
+    backend.keywords = _option_keywords()
+
+    class Failing:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def inputs(self, **kw):
+            return []
+
+        def responses(self, inputs, model):
+            raise self.exc
+            yield
+
+    conv = [{"role": "user", "content": "hi"}]
+    backend.client = Failing(RequestFailed("in preprocessing: expected at most 512 MAX_TOKENS, got 600"))
+    with pytest.raises(UserError, match="expected at most 512 MAX_TOKENS"):
+        backend.generate(conv, {"max_new_tokens": 600})
+    backend.client = Failing(RequestFailed("in preprocessing: af3trt internal error (KeyError): 'x'"))
+    with pytest.raises(RuntimeError, match="internal error"):
+        backend.generate(conv, {})
+    backend.client = Failing(RequestFailed("failed to connect", "StatusCode.UNAVAILABLE"))
+    with pytest.raises(ApiError) as info:
+        list(backend.stream(conv, {}))
+    assert info.value.status == 503
+
+
+def test_openai_command_line_modes(capsys):
+    """Exactly one of --model / --triton-url; no in-process backend options with --triton-url; a Triton
+    URL where nothing answers is one clear line, not a traceback."""
+    from af3trt.cli import main
+
+    free = f"127.0.0.1:{_free_port()}"
+    for argv, message in [(["--model", "tiny", "--triton-url", free], "exactly one, got both"),
+                          ([], "exactly one, got neither"),
+                          (["--triton-url", free, "--decoder", "torch"], "expected no in-process backend options"),
+                          (["--triton-url", free], f"expected an af3trt Triton server answering gRPC at {free}")]:
+        assert main(["openai", *argv]) == 2
+        err = capsys.readouterr().err
+        print(err)
+        assert err.startswith("af3trt openai: error: ") and message in err and "Traceback" not in err
