@@ -17,7 +17,8 @@ Models (every config.pbtxt rendered from the typed specs of `triton_spec` with `
                             response's tokens alone and takes no STRIP_PREFIX: stream through `af3`)
     ensemble        preprocessing -> audio_encoder -> prompt_table -> tensorrt_llm -> postprocessing
     af3             python BLS, decoupled: the same chain; STREAM=true streams text pieces
-                            (incremental detokenization); text-only requests skip the encoder
+                            (AnswerStream: incremental detokenization, STOP strings); text-only
+                            requests skip the encoder; answers FINISH_REASON, token counts, WARNINGS
 
 Prompt table (DESIGN §4): valid rows are gathered in `prompt_table` (on the GPU via DLPack when the
 encoder output lives there), so a request's table is exactly the in-process Pipeline's: its audios'
