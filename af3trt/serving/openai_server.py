@@ -86,8 +86,12 @@ class InProcess:
         """Text pieces, then the Answer."""
         from ..runtime.pipeline import Result
 
-        for item in self.pipe.stream_result(conv, **opts):
-            yield Answer.from_result(item) if isinstance(item, Result) else item
+        inner = self.pipe.stream_result(conv, **opts)
+        try:
+            for item in inner:
+                yield Answer.from_result(item) if isinstance(item, Result) else item
+        finally:  # closed early (the client left): the pipeline's generator frees the decoder now
+            inner.close()
 
 
 class _Slots:
