@@ -819,6 +819,9 @@ def test_non_streaming_ensemble_returns_warnings(tiny_dir, tmp_path, monkeypatch
                 pre._process(request(cut))
         else:
             assert [w.decode() for w in pre._process(request(cut))["warnings"]] == notes
+            # past the model's 10 minutes (this engine allows 600 s): truncated as the reference does, said so
+            long = [w.decode() for w in pre._process(request(_wav(660)))["warnings"]]
+            assert long == ["AUDIO[0]: audio <21120044 bytes> lasts 660.0 s; truncating to the first 600 s"], long
 
 
 def test_stream_reaches_the_llm_only_when_it_is_decoupled(tiny_dir, tmp_path, monkeypatch):

@@ -13,8 +13,9 @@ fake ids `vocab_size + row`, prompt_table_extra_ids, sampling tensors, penalties
 ids, stop words; IGNORE_EOS sends end_id -1 and no stop words, as TensorRT-LLM ignores eos), and
 `warnings` (BYTES [n], [0] when there is nothing to say: audio truncated to 10 minutes, a file that
 decoded short; a streaming ensemble cannot return them, so a request that has some is refused
-unless `af3` sent it with returns_warnings=true). STOP strings are not LLM tensors: `af3` checks them on the text. An option the LLM
-tensors cannot carry (MIN_P: the C++ backend has no such input) is refused. Audio past the model's
+unless `af3` sent it with returns_warnings=true). STOP strings are not LLM tensors: `af3` checks
+them on the text. An option the LLM tensors cannot carry (MIN_P: the C++ backend has no such
+input) is refused. Audio past the model's
 10 minutes is truncated as the reference does; past a lower limit of the engine it is refused,
 naming the `af3trt build` option that raises it. A bad request gets an error naming expected vs
 got, others go on.
