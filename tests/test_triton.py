@@ -166,6 +166,14 @@ def test_production_repository(prod_repo, cpu_repo, tmp_path):
     assert inputs["prompt_embedding_table"].data_type == model_config_pb2.TYPE_BF16  # the bfloat16 engine's
     assert inputs["prompt_table_extra_ids"].data_type == model_config_pb2.TYPE_UINT64
     assert "prompt_vocab_size" in inputs and "end_id" in inputs and "pad_id" in inputs
+    for name in ("presence_penalty", "frequency_penalty"):  # the C++ backend's names: FP32 [1] -> [], optional
+        t = inputs[name]
+        assert (t.data_type, list(t.dims), list(t.reshape.shape), t.optional) == (model_config_pb2.TYPE_FP32, [1], [], True)
+    steps = {st.model_name: st for st in configs["ensemble"].ensemble_scheduling.step}
+    assert steps["preprocessing"].output_map["presence_penalty"] == steps["tensorrt_llm"].input_map["presence_penalty"]
+    assert "STOP" not in {t.name for t in configs["ensemble"].input} and "STOP" in {t.name for t in configs["af3"].input}
+    assert {"FINISH_REASON", "PROMPT_TOKENS", "AUDIO_TOKENS", "COMPLETION_TOKENS", "WARNINGS"} <= \
+        {t.name for t in configs["af3"].output}
     check_table_dtype(configs, model_config_pb2.TYPE_BF16, "bfloat16")
     check_min_tokens(configs)  # the C++ backend's min_tokens, as its inflight_batcher_llm config names it
     python_llm = parse_config(cpu_repo.path / "tensorrt_llm" / "config.pbtxt")
