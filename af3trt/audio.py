@@ -223,6 +223,13 @@ def load_audio(source, sampling_rate: int | None = None, *, allow_urls: bool = F
     return Audio(np.ascontiguousarray(samples), name, truncated, original_seconds, tuple(notes))
 
 
+def audio_warnings(audios) -> list[str]:
+    """What was done to a request's audios, one line each: "AUDIO[i]: <what>" (i: the audio's index in the
+    request, in prompt order for a conversation). The one form of `Result.warnings`, `af3`'s and the
+    ensemble's WARNINGS and the OpenAI API's `af3trt.warnings`."""
+    return [f"AUDIO[{i}]: {w}" for i, a in enumerate(audios) for w in a.warnings]
+
+
 def split_windows(samples: np.ndarray) -> list[np.ndarray]:
     """Cut (N,) samples into consecutive 30 s windows; the last may be partial. At least one window."""
     n = samples.shape[0]

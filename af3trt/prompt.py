@@ -110,6 +110,51 @@ def normalize_conversation(conversation) -> list[dict]:
     return messages
 
 
+def audio_references(conversation) -> tuple[list[dict], list]:
+    """A conversation -> (the same conversation with each audio item's source replaced by its index,
+    the sources in prompt order): the CONVERSATION + AUDIO form of the Triton repository's request.
+    Sources are what the items held (bytes, paths, arrays); the messages are otherwise unchanged."""
+    sources: list = []
+    out = []
+    for msg in normalize_conversation(conversation):
+        items = []
+        for item in msg["content"]:
+            if item["type"] == "audio":
+                items.append({"type": "audio", "audio": len(sources)})
+                sources.append(item["audio"])
+            else:
+                items.append(item)
+        out.append({"role": msg["role"], "content": msg["content"][0]["text"] if msg["string"] else items})
+    return out, sources
+
+
+def resolve_audio_references(conversation, audios: list, name: str = "AUDIO") -> list[dict]:
+    """Inverse of `audio_references`: each audio item {"type": "audio", "audio": i} gets `audios[i]`.
+    Every element of `audios` must be referenced (none is silently dropped); `name` names the list in
+    errors."""
+    used: set[int] = set()
+    out = []
+    for i, msg in enumerate(normalize_conversation(conversation)):
+        items = []
+        for j, item in enumerate(msg["content"]):
+            if item["type"] == "audio":
+                ref = item["audio"]
+                if not isinstance(ref, int) or isinstance(ref, bool) or not 0 <= ref < len(audios):
+                    raise PromptError(f"expected message {i} item {j} audio as an index into {name} "
+                                      f"(0..{len(audios) - 1}), got {ref!r:.40}" if audios else
+                                      f"expected message {i} item {j} audio as an index into {name}, got {ref!r:.40} "
+                                      f"and no {name}")
+                used.add(ref)
+                item = {"type": "audio", "audio": audios[ref]}
+            items.append(item)
+        out.append({"role": msg["role"], "content": items})
+    unused = sorted(set(range(len(audios))) - used)
+    if unused:
+        raise PromptError(f"expected every {name} element referenced by an audio item of the conversation, got "
+                          f"{name}{unused} unreferenced")
+    return out
+
+
 def append_to_last_user(messages: list[dict], suffix: str) -> list[dict]:
     """Normalized messages with `suffix` ending the last user turn's text (after one space; no text:
     the suffix alone), as AF3-Think's harnesses write `user_text + " " + suffix`. A turn that

@@ -67,3 +67,37 @@ def engine_pipe(engine_dir):
     from af3trt.runtime import Pipeline
 
     return Pipeline.from_pretrained(engine_dir, device="cpu", dtype="float32")
+
+
+# The CPU Triton repository's limits (lower than the engine dir's, so that the server's refusals show)
+TRITON_LIMITS = dict(max_audio_seconds=60.0, max_input_len=2048, max_new_tokens=512, max_seq_len=4096,
+                     max_text_tokens=1024)
+
+
+@pytest.fixture(scope="session")
+def cpu_repo(engine_dir, tmp_path_factory):
+    """The CPU repository of `af3trt build --model tiny`'s engine dir (ONNX Runtime encoder, python LLM on
+    llm/checkpoint): what the server tests serve, compared against `engine_pipe` on the same engine dir."""
+    from af3trt.build.triton import ServingLimits, write_repository
+
+    return write_repository(engine_dir, tmp_path_factory.mktemp("triton") / "repo", llm_backend="python",
+                            streaming=True, limits=ServingLimits(**TRITON_LIMITS))
+
+
+@pytest.fixture(scope="session")
+def server(cpu_repo, tmp_path_factory):
+    """ONE real tritonserver (nvidia-pytriton's binary) on 127.0.0.1 for the session: tests/test_triton.py's
+    server tests and tests/test_openai.py's --triton-url mode share it (its start takes a minute)."""
+    pytest.importorskip("pytriton", reason="the tritonserver binary comes from the nvidia-pytriton wheel")
+    from af3trt.serving.server import start_server
+
+    log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
+    with start_server(cpu_repo.path, startup_timeout_s=300, log_path=log) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from af3trt.serving.client import Af3Client
+
+    return Af3Client(server.http_url, server.grpc_url, timeout_s=120)

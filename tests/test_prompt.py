@@ -99,3 +99,26 @@ def test_strip_prefix():
     assert strip_transcription_prefix(' The spoken content of the audio is "hello world". ') == "hello world"
     assert strip_transcription_prefix("The transcription of the audio is 'yes'.") == "yes"
     assert strip_transcription_prefix("plain answer") == "plain answer"
+
+
+def test_audio_references_round_trip():
+    """The Triton request's CONVERSATION form: audio items become indices into a parallel list, and back;
+    an index out of range or a list element no item names is refused."""
+    import pytest
+
+    from af3trt.prompt import PromptError, audio_references, resolve_audio_references
+
+    conv = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "audio", "audio": b"a"}, {"type": "text", "text": "x"},
+                                         {"type": "audio", "audio": "b.wav"}]},
+            {"role": "assistant", "content": "ok"}, {"role": "user", "content": [{"type": "audio", "audio": b"c"}]}]
+    refs, sources = audio_references(conv)
+    assert sources == [b"a", "b.wav", b"c"] and refs[0] == {"role": "system", "content": "Be brief."}
+    assert refs[1]["content"] == [{"type": "audio", "audio": 0}, {"type": "text", "text": "x"},
+                                  {"type": "audio", "audio": 1}]
+    back = resolve_audio_references(refs, sources)
+    assert [it["audio"] for m in back for it in m["content"] if it["type"] == "audio"] == sources
+    with pytest.raises(PromptError, match=r"index into AUDIO \(0\.\.2\), got 3"):
+        resolve_audio_references([{"role": "user", "content": [{"type": "audio", "audio": 3}]}], sources)
+    with pytest.raises(PromptError, match=r"got AUDIO\[1, 2\] unreferenced"):
+        resolve_audio_references([{"role": "user", "content": [{"type": "audio", "audio": 0}]}], sources)

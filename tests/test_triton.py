@@ -1,7 +1,8 @@
 """Triton model repository (af3trt.build.triton) and a real tritonserver on CPU (af3trt.serving).
 
 Config tests parse every generated config.pbtxt with Triton's protobuf schema. Server tests
-(`-m triton_server`) start ONE tritonserver from the nvidia-pytriton wheel for the module, on
+(`-m triton_server`) share ONE tritonserver from the nvidia-pytriton wheel for the session
+(conftest's `server`, also behind tests/test_openai.py's --triton-url mode), on
 127.0.0.1 with free ports, serving the CPU repository (python LLM backend) of the tiny model's
 engine dir (`engine_dir`, as `af3trt build --model tiny` writes it); answers are compared with the
 in-process Pipeline on the same engine dir (`engine_pipe`).
@@ -28,8 +29,6 @@ from af3trt.build.triton import (
 
 PROMPT = "Transcribe the input speech."
 MAX_TOKENS = 16
-LIMITS = ServingLimits(max_audio_seconds=60.0, max_input_len=2048, max_new_tokens=512, max_seq_len=4096,
-                       max_text_tokens=1024)
 MODELS = {"preprocessing", "audio_encoder", "prompt_table", "tensorrt_llm", "postprocessing", "ensemble", "af3"}
 
 
@@ -93,14 +92,6 @@ def conversation(prompt=PROMPT, audio=SPEECH_WAV):
 
 
 # ------------------------------------------------------------------------------ repository configs
-
-
-@pytest.fixture(scope="module")
-def cpu_repo(engine_dir, tmp_path_factory):
-    """The CPU repository of `af3trt build --model tiny`'s engine dir (ONNX Runtime encoder, python LLM on
-    llm/checkpoint): what the server tests serve, compared against `engine_pipe` on the same engine dir."""
-    return write_repository(engine_dir, tmp_path_factory.mktemp("triton") / "repo", llm_backend="python",
-                            streaming=True, limits=LIMITS)
 
 
 def fake_engine_dir(tiny_dir, root, dtype="bfloat16"):
@@ -175,6 +166,14 @@ def test_production_repository(prod_repo, cpu_repo, tmp_path):
     assert inputs["prompt_embedding_table"].data_type == model_config_pb2.TYPE_BF16  # the bfloat16 engine's
     assert inputs["prompt_table_extra_ids"].data_type == model_config_pb2.TYPE_UINT64
     assert "prompt_vocab_size" in inputs and "end_id" in inputs and "pad_id" in inputs
+    for name in ("presence_penalty", "frequency_penalty"):  # the C++ backend's names: FP32 [1] -> [], optional
+        t = inputs[name]
+        assert (t.data_type, list(t.dims), list(t.reshape.shape), t.optional) == (model_config_pb2.TYPE_FP32, [1], [], True)
+    steps = {st.model_name: st for st in configs["ensemble"].ensemble_scheduling.step}
+    assert steps["preprocessing"].output_map["presence_penalty"] == steps["tensorrt_llm"].input_map["presence_penalty"]
+    assert "STOP" not in {t.name for t in configs["ensemble"].input} and "STOP" in {t.name for t in configs["af3"].input}
+    assert {"FINISH_REASON", "PROMPT_TOKENS", "AUDIO_TOKENS", "COMPLETION_TOKENS", "WARNINGS"} <= \
+        {t.name for t in configs["af3"].output}
     check_table_dtype(configs, model_config_pb2.TYPE_BF16, "bfloat16")
     check_min_tokens(configs)  # the C++ backend's min_tokens, as its inflight_batcher_llm config names it
     python_llm = parse_config(cpu_repo.path / "tensorrt_llm" / "config.pbtxt")
@@ -367,23 +366,6 @@ def test_writer_errors(tiny_dir, tmp_path):
 # -------------------------------------------------------------------------------- real server
 
 
-@pytest.fixture(scope="module")
-def server(cpu_repo, tmp_path_factory):
-    pytest.importorskip("pytriton", reason="the tritonserver binary comes from the nvidia-pytriton wheel")
-    from af3trt.serving.server import start_server
-
-    log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
-    with start_server(cpu_repo.path, startup_timeout_s=300, log_path=log) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    from af3trt.serving.client import Af3Client
-
-    return Af3Client(server.http_url, server.grpc_url, timeout_s=120)
-
-
 @pytest.mark.triton_server
 def test_repository_loads(server):
     import tritonclient.http as httpclient
@@ -449,6 +431,81 @@ def test_min_tokens_fixes_the_length(client, engine_pipe, model, prompt, audio, 
     print(f"free     {free.text!r}\nexpected {fixed.text!r}\ngot      {got!r}")
     assert got == fixed.text and (got != free.text) == held
     assert client.infer(prompt, audio, model=model, do_sample=False, max_tokens=tokens, min_tokens=tokens) == fixed.text
+
+
+def _outputs(client, **request):
+    """af3's answer over gRPC: (joined TEXT, {FINISH_REASON, PROMPT_TOKENS, AUDIO_TOKENS, COMPLETION_TOKENS})."""
+    stream = request.pop("stream", False)
+    text, final = [], {}
+    for result in client.responses(client.inputs(stream=stream, **request)):
+        if result.as_numpy("TEXT") is not None:
+            text += [t.decode() for t in result.as_numpy("TEXT").reshape(-1)]
+        for name in ("FINISH_REASON", "PROMPT_TOKENS", "AUDIO_TOKENS", "COMPLETION_TOKENS"):
+            if result.as_numpy(name) is not None:
+                value = result.as_numpy(name).reshape(-1)[0]
+                final[name] = value.decode() if isinstance(value, bytes) else int(value)
+    return "".join(text), final
+
+
+@pytest.mark.triton_server
+def test_conversation_with_every_option_matches_pipeline(client, engine_pipe):
+    """CONVERSATION (system, two user turns with an audio each, an assistant turn) with penalties, stop
+    strings and ignore_eos: af3's TEXT, FINISH_REASON and token counts are Pipeline.generate's."""
+    from af3trt.audio import synthetic_audio
+
+    a, b = synthetic_audio(1.5, 61), synthetic_audio(2.5, 62)
+    conv = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "audio", "audio": a}, {"type": "text", "text": "First?"}]},
+            {"role": "assistant", "content": "A tone."},
+            {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "audio", "audio": b}]}]
+    base = dict(do_sample=False, presence_penalty=0.4, frequency_penalty=0.2, repetition_penalty=1.1)
+    free = engine_pipe.generate(conv, max_new_tokens=24, **base)[0]
+    stop = free.text[len(free.text) // 2:][:2]
+    assert stop.strip(), free.text
+    cases = [({}, {}), ({"stop": [stop, "never"]}, {"stop": [stop, "never"]}),
+             ({"ignore_eos": True}, {"ignore_eos": True})]
+    for sent, opts in cases:
+        want = engine_pipe.generate(conv, max_new_tokens=24, **base, **opts)[0]
+        for stream in (False, True):
+            got, final = _outputs(client, conversation=conv, max_tokens=24, stream=stream, **base, **sent)
+            print(sent, stream, repr(got), final, "| want", repr(want.text), want.finish_reason)
+            assert got == want.text
+            assert final == {"FINISH_REASON": "length" if want.finish_reason == "length" else "stop",
+                             "PROMPT_TOKENS": want.prompt_tokens, "AUDIO_TOKENS": want.num_audio_tokens,
+                             "COMPLETION_TOKENS": len(want.token_ids)}
+        if "stop" in opts:
+            assert want.finish_reason == "stop_string" and len(want.text) < len(free.text)
+
+
+@pytest.mark.triton_server
+def test_conversation_and_option_refusals(client):
+    """The request's new form and options, refused with what was expected and what came."""
+    import tritonclient.grpc as grpcclient
+
+    from af3trt.serving.client import RequestFailed
+
+    def fails(match, inputs, model="af3"):
+        with pytest.raises(RequestFailed, match=match):
+            list(client.stream_inputs(inputs, model=model))
+
+    conv = [{"role": "user", "content": [{"type": "audio", "audio": SPEECH_WAV}, {"type": "text", "text": "Hi"}]}]
+    both = client.inputs(conversation=conv)
+    both.append(client.inputs("hello")[0])  # PROMPT too
+    fails(r"expected PROMPT \(text\) or CONVERSATION \(JSON messages\), exactly one, got both", both)
+    bad_json = grpcclient.InferInput("CONVERSATION", [1], "BYTES")
+    bad_json.set_data_from_numpy(np.array([b"[{"], np.object_))
+    fails(r"expected CONVERSATION as JSON messages, got invalid JSON", [bad_json])
+    extra = client.inputs(conversation=conv)
+    extra[[t.name() for t in extra].index("AUDIO")] = client.inputs("x", [SPEECH_WAV, SPEECH_WAV])[2]
+    fails(r"CONVERSATION: expected every AUDIO element referenced by an audio item of the conversation, got "
+          r"AUDIO\[1\] unreferenced", extra)
+    no_audio = [t for t in client.inputs(conversation=conv) if t.name() != "AUDIO"]
+    fails(r"CONVERSATION: expected message 0 item 0 audio as an index into AUDIO, got 0 and no AUDIO", no_audio)
+    for model in ("af3", "ensemble"):
+        fails(r"this repository's LLM tensors carry no \['MIN_P'\]", client.inputs("hi", do_sample=True, min_p=0.1),
+              model)
+        fails(r"expected PRESENCE_PENALTY a finite number", client.inputs("hi", presence_penalty=float("nan")), model)
+    fails(r"unexpected inference input 'STOP'", client.inputs("hi", stop=["x"]), "ensemble")
 
 
 @pytest.mark.triton_server
@@ -642,17 +699,19 @@ def test_bad_requests(client, server, model):
     fails(r"expected AUDIO\[0\] of at most 60 s \(the engine's limit; `af3trt build --max-audio-seconds` raises "
           r"it, up to 600 s\), got 660.0 s", client.inputs(PROMPT, _wav(660)))
     fails(r"expected at most 60 s of audio per request .*, got 80.0 s in 2 files", client.inputs(PROMPT, [_wav(40)] * 2))
-    fails(r"expected a prompt of at most 2048 tokens .*, got \d+", client.inputs("hello world " * 1500, SPEECH_WAV))
+    fails(r"expected at most 2048 prompt tokens \(engine limit; `af3trt build --max-audio-seconds / --max-text-tokens` "
+          r"raises it\), got \d+", client.inputs("hello world " * 1500, SPEECH_WAV))
     fails(r"expected at most 1024 text tokens besides audio \(engine limit; `af3trt build --max-text-tokens` raises "
           r"it\), got \d+", client.inputs("hello world " * 600, SPEECH_WAV))
-    fails(r"expected MAX_TOKENS in \[1, 512\], got 100000", client.inputs(PROMPT, SPEECH_WAV, max_tokens=100000))
+    fails(r"expected at most 512 MAX_TOKENS \(engine limit; `af3trt build --max-new-tokens` raises it\), got 100000",
+          client.inputs(PROMPT, SPEECH_WAV, max_tokens=100000))
     fails(r"expected MIN_TOKENS an integer in \[0, MAX_TOKENS=8\], got 9",
           client.inputs(PROMPT, SPEECH_WAV, max_tokens=8, min_tokens=9))
     fails(r"expected MIN_TOKENS an integer in \[0, MAX_TOKENS=\d+\], got -1", client.inputs(PROMPT, min_tokens=-1))
     fails(r"expected TEMPERATURE a finite number > 0, got inf", client.inputs(PROMPT, temperature=float("inf")))
     fails(r"expected DO_SAMPLE=True with \{'TEMPERATURE': 0.5\} .*got DO_SAMPLE=False from the call",
           client.inputs(PROMPT, do_sample=False, temperature=0.5))
-    fails(r"expected PROMPT with 1 element \(text\), got none",
+    fails(r"expected PROMPT \(text\) or CONVERSATION \(JSON messages\), exactly one, got none",
           [t for t in client.inputs(PROMPT, SPEECH_WAV) if t.name() != "PROMPT"])
     wrong = grpcclient.InferInput("MAX_TOKENS", [1], "FP32")
     wrong.set_data_from_numpy(np.array([8.0], np.float32))
@@ -711,6 +770,66 @@ def test_af3_answers_warnings(client):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ServerWarning)
         assert client.generate(PROMPT, mp3, max_tokens=4) and list(client.stream(PROMPT, mp3, max_tokens=4))
+    # the streaming ensemble cannot carry WARNINGS (a decoupled ensemble's outputs come from one decoupled
+    # model): it refuses what it would have to warn about, saying where the warnings are returned
+    from af3trt.serving.client import RequestFailed
+
+    for call in (lambda: client.generate(PROMPT, mp3[: len(mp3) // 2], model="ensemble", max_tokens=4),
+                 lambda: list(client.stream(PROMPT, mp3[: len(mp3) // 2], model="ensemble", max_tokens=4))):
+        with pytest.raises(RequestFailed, match=r"this repository's streaming ensemble cannot return WARNINGS .*"
+                                                r"header declares.*send it to `af3`.*af3trt triton --no-streaming"):
+            call()
+    assert client.generate(PROMPT, mp3, model="ensemble", max_tokens=4)
+
+
+class _Request(dict):
+    """A stub python-backend request: its inputs by name, no parameters."""
+
+    def parameters(self):
+        return "{}"
+
+
+def test_non_streaming_ensemble_returns_warnings(tiny_dir, tmp_path, monkeypatch):
+    """Issue 16 item 3: a repository without streaming maps preprocessing's `warnings` ([0] when none) to
+    the ensemble's WARNINGS; a streaming one has no WARNINGS output (Triton refuses outputs of two
+    decoupled origins) and its preprocessing refuses what it would warn about, unless `af3` asks."""
+    from google.protobuf import json_format
+
+    stub = _stub_backend_utils(monkeypatch)
+    Tensor = _stub_tensors(stub)
+    engine = fake_engine_dir(tiny_dir, tmp_path / "engine")
+    whole = io.BytesIO()
+    import soundfile as sf
+
+    sf.write(whole, np.sin(np.arange(5 * 16_000) / 20).astype(np.float32) * 0.3, 16_000, format="MP3")
+    cut = whole.getvalue()[: len(whole.getvalue()) // 2]
+    for streaming in (False, True):
+        repo = write_repository(engine, tmp_path / f"repo-{streaming}", streaming=streaming).path
+        configs = parse_repository(repo)
+        outputs = [t.name for t in configs["ensemble"].output]
+        steps = {st.model_name: st for st in configs["ensemble"].ensemble_scheduling.step}
+        assert outputs == (["TEXT"] if streaming else ["TEXT", "WARNINGS"])
+        assert steps["preprocessing"].output_map.get("warnings") == (None if streaming else "WARNINGS")
+        config = json_format.MessageToDict(configs["preprocessing"], preserving_proto_field_name=True)
+        pre = _import_model(repo / "preprocessing" / "1" / "model.py", f"af3trt_test_warn_{streaming}").TritonPythonModel()
+        pre.initialize({"model_config": json.dumps(config)})
+
+        def request(audio, **extra):
+            return _Request(PROMPT=Tensor("PROMPT", np.array([PROMPT.encode()], np.object_)),
+                            AUDIO=Tensor("AUDIO", np.array([audio], np.object_)), **extra)
+
+        assert pre._process(request(whole.getvalue()))["warnings"].shape == (0,)
+        asked = request(cut, returns_warnings=Tensor("returns_warnings", np.array([True])))
+        notes = [w.decode() for w in pre._process(asked)["warnings"]]
+        assert len(notes) == 1 and notes[0].startswith("AUDIO[0]: ") and "header declares" in notes[0]
+        if streaming:
+            with pytest.raises(Exception, match="streaming ensemble cannot return WARNINGS"):
+                pre._process(request(cut))
+        else:
+            assert [w.decode() for w in pre._process(request(cut))["warnings"]] == notes
+            # past the model's 10 minutes (this engine allows 600 s): truncated as the reference does, said so
+            long = [w.decode() for w in pre._process(request(_wav(660)))["warnings"]]
+            assert long == ["AUDIO[0]: audio <21120044 bytes> lasts 660.0 s; truncating to the first 600 s"], long
 
 
 def test_stream_reaches_the_llm_only_when_it_is_decoupled(tiny_dir, tmp_path, monkeypatch):
@@ -730,4 +849,4 @@ def test_stream_reaches_the_llm_only_when_it_is_decoupled(tiny_dir, tmp_path, mo
         pre = model.TritonPythonModel()
         pre.initialize({"model_config": json.dumps(config)})
         request = {"STREAM": Tensor("STREAM", np.array([True])), "MAX_TOKENS": Tensor("MAX_TOKENS", np.array([4], np.int32))}
-        assert pre._options(request, prompt_len=10)["streaming"].tolist() == [[streaming]]
+        assert pre._llm_tensors(request, pre._options(request))["streaming"].tolist() == [[streaming]]

@@ -217,6 +217,7 @@ def test_run_says_what_it_did_to_the_audio(capsys, tmp_path, monkeypatch):
     captured = capsys.readouterr()
     out = json.loads(captured.out.strip().splitlines()[-1])
     assert len(out["warnings"]) == 1 and "its header declares" in out["warnings"][0]
-    assert captured.err.count("af3trt run: warning: ") == 1 and out["warnings"][0] in captured.err
+    assert out["warnings"][0].startswith("AUDIO[0]: ")  # Result.warnings, worded as the server's WARNINGS
+    assert captured.err.count("af3trt run: warning: ") == 1 and out["warnings"][0][len("AUDIO[0]: "):] in captured.err
     assert main(["run", "--model", "tiny", "--audio", str(whole), "--max-new-tokens", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["warnings"] == []

@@ -17,7 +17,8 @@ Models (every config.pbtxt rendered from the typed specs of `triton_spec` with `
                             response's tokens alone and takes no STRIP_PREFIX: stream through `af3`)
     ensemble        preprocessing -> audio_encoder -> prompt_table -> tensorrt_llm -> postprocessing
     af3             python BLS, decoupled: the same chain; STREAM=true streams text pieces
-                            (incremental detokenization); text-only requests skip the encoder
+                            (AnswerStream: incremental detokenization, STOP strings); text-only
+                            requests skip the encoder; answers FINISH_REASON, token counts, WARNINGS
 
 Prompt table (DESIGN §4): valid rows are gathered in `prompt_table` (on the GPU via DLPack when the
 encoder output lives there), so a request's table is exactly the in-process Pipeline's: its audios'
@@ -50,7 +51,7 @@ from ..spec import FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW
 from .triton_spec import (  # also the names callers import from here
     BLS, BLSParams, ENCODER, ENGINE_TABLE_DTYPES, ENSEMBLE, EncoderIO, EncoderParams, LLM, LLMParams, LLM_BACKENDS,
     LLM_INPUTS, LLM_OUTPUTS, MARKER, ModelConfig, NUMPY_TO_TRITON, POSTPROCESSING, PREPROCESSING, PROMPT_TABLE,
-    BLS_OUTPUTS, PostprocessingParams, PreprocessingParams, PromptTableParams, REQUEST_INPUTS, REQUEST_OUTPUTS,
+    BLS_ONLY_INPUTS, BLS_OUTPUTS, ENSEMBLE_OUTPUTS, RETURNS_WARNINGS, PostprocessingParams, PreprocessingParams, PromptTableParams, REQUEST_INPUTS, REQUEST_OUTPUTS,
     ServingLimits, Step, TABLE_INPUTS, TEMPLATES, TensorSpec, from_preprocessing, llm_inputs, param_pairs, tensor,
     render_ensemble, render_model, variant_pairs,
 )
@@ -324,7 +325,7 @@ def preprocessing_config(plan: Plan) -> ModelConfig:
         limits=dataclasses.asdict(plan.limits),
         features=io.features, frames=io.frames, features_dtype=_numpy_dtype(io.features_dtype),
         frames_dtype=_numpy_dtype(io.frames_dtype), llm_decoupled=o.streaming)
-    return ModelConfig(PREPROCESSING, 'backend: "python"', 0, REQUEST_INPUTS, outputs, o.instances,
+    return ModelConfig(PREPROCESSING, 'backend: "python"', 0, REQUEST_INPUTS + (RETURNS_WARNINGS,), outputs, o.instances,
                        parameters=param_pairs(params))
 
 
@@ -452,7 +453,8 @@ def ensemble_steps(plan: Plan) -> list[Step]:
     llm_from_prep = [t.name for t in LLM_INPUTS if t.name not in TABLE_INPUTS]
     prep_out = [io.features, io.frames, "rows", *llm_from_prep]
     return [
-        Step(PREPROCESSING, tuple((t.name, t.name) for t in ensemble_inputs(plan)), tuple((n, f"_{n}") for n in prep_out)),
+        Step(PREPROCESSING, tuple((t.name, t.name) for t in ensemble_inputs(plan)),
+             tuple((n, f"_{n}") for n in prep_out) + ((("warnings", "WARNINGS"),) if not plan.options.streaming else ())),
         Step(ENCODER, ((io.features, f"_{io.features}"), (io.frames, f"_{io.frames}")),
              ((io.embeddings, f"_{io.embeddings}"),)),
         Step(PROMPT_TABLE, ((io.embeddings, f"_{io.embeddings}"), ("rows", "_rows")),
@@ -463,10 +465,17 @@ def ensemble_steps(plan: Plan) -> list[Step]:
     ]
 
 
+def ensemble_outputs(plan: Plan) -> tuple[TensorSpec, ...]:
+    """TEXT, and WARNINGS unless the ensemble is decoupled (triton_spec.ENSEMBLE_OUTPUTS says why)."""
+    return REQUEST_OUTPUTS if plan.options.streaming else ENSEMBLE_OUTPUTS
+
+
 def ensemble_inputs(plan: Plan) -> tuple[TensorSpec, ...]:
-    """The request inputs; a streaming ensemble has no STRIP_PREFIX: Triton refuses a step fed by both a
-    decoupled model (the LLM) and the request, and streamed pieces cannot be stripped (use `af3`)."""
-    return tuple(t for t in REQUEST_INPUTS if not (plan.options.streaming and t.name == "STRIP_PREFIX"))
+    """The request inputs but `af3`'s own (BLS_ONLY_INPUTS: STOP strings, which Triton then refuses by
+    name); a streaming ensemble has no STRIP_PREFIX: Triton refuses a step fed by both a decoupled model
+    (the LLM) and the request, and streamed pieces cannot be stripped (use `af3`)."""
+    return tuple(t for t in REQUEST_INPUTS if t.name not in BLS_ONLY_INPUTS
+                 and not (plan.options.streaming and t.name == "STRIP_PREFIX"))
 
 
 # ------------------------------------------------------------------------------------- writing
@@ -491,7 +500,7 @@ def render_repository(plan: Plan) -> dict[str, str]:
     configs = [dataclasses.replace(c, parameters=c.parameters + meta) if c.backend == 'backend: "python"' else c
                for c in configs]
     out = {c.name: render_model(c) for c in configs}
-    out[ENSEMBLE] = render_ensemble(ENSEMBLE, ensemble_inputs(plan), REQUEST_OUTPUTS, ensemble_steps(plan), meta)
+    out[ENSEMBLE] = render_ensemble(ENSEMBLE, ensemble_inputs(plan), ensemble_outputs(plan), ensemble_steps(plan), meta)
     return out
 
 

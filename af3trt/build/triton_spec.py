@@ -56,22 +56,52 @@ def _scalar(name, dtype, optional=True) -> TensorSpec:
 
 
 # User-facing request (ensemble and af3): AUDIO elements are whole encoded files, never URLs or paths.
-# PROMPT is required but declared optional: preprocessing then answers its absence with an error
-# naming it, where Triton's ensemble would skip the step and return an empty answer.
+# The text comes as PROMPT (one user turn: the audios, then the text) or as CONVERSATION (JSON: the
+# messages as `Pipeline.generate` takes them, roles system/user/assistant, each audio item written
+# {"type": "audio", "audio": i} with i an index into AUDIO); exactly one of the two. Both are
+# declared optional: preprocessing then answers a request with neither (or both) by an error naming
+# them, where Triton's ensemble would skip the step and return an empty answer.
 REQUEST_INPUTS = (
     tensor("AUDIO", "bytes", -1, optional=True), tensor("AUDIO_BASE64", "bytes", -1, optional=True),
-    tensor("PROMPT", "bytes", 1, optional=True),
+    tensor("PROMPT", "bytes", 1, optional=True), tensor("CONVERSATION", "bytes", 1, optional=True),
     tensor("MAX_TOKENS", "int32", 1, optional=True), tensor("MIN_TOKENS", "int32", 1, optional=True),
     tensor("DO_SAMPLE", "bool", 1, optional=True), tensor("TEMPERATURE", "float32", 1, optional=True),
     tensor("TOP_P", "float32", 1, optional=True), tensor("TOP_K", "int32", 1, optional=True),
-    tensor("REPETITION_PENALTY", "float32", 1, optional=True), tensor("SEED", "uint64", 1, optional=True),
+    tensor("MIN_P", "float32", 1, optional=True),
+    tensor("REPETITION_PENALTY", "float32", 1, optional=True),
+    tensor("PRESENCE_PENALTY", "float32", 1, optional=True), tensor("FREQUENCY_PENALTY", "float32", 1, optional=True),
+    tensor("SEED", "uint64", 1, optional=True), tensor("IGNORE_EOS", "bool", 1, optional=True),
+    tensor("STOP", "bytes", -1, optional=True),
     tensor("STREAM", "bool", 1, optional=True), tensor("STRIP_PREFIX", "bool", 1, optional=True),
 )
+# request input -> af3trt generation option (`GenerationDefaults.options`; absent = the model's
+# generation_config.json default). Errors about an option name the input.
+REQUEST_OPTIONS = {"MAX_TOKENS": "max_new_tokens", "MIN_TOKENS": "min_new_tokens", "DO_SAMPLE": "do_sample",
+                   "TEMPERATURE": "temperature", "TOP_P": "top_p", "TOP_K": "top_k", "MIN_P": "min_p",
+                   "REPETITION_PENALTY": "repetition_penalty", "PRESENCE_PENALTY": "presence_penalty",
+                   "FREQUENCY_PENALTY": "frequency_penalty", "SEED": "seed", "IGNORE_EOS": "ignore_eos",
+                   "STOP": "stop"}
+# Inputs only `af3` reads: stop strings are checked on the detokenized text, which the ensemble never
+# sees (its LLM stops on token ids only); the ensemble does not declare them, so Triton refuses them there.
+BLS_ONLY_INPUTS = ("STOP",)
 REQUEST_OUTPUTS = (tensor("TEXT", "bytes", -1),)
-# `af3` also answers WARNINGS (BYTES [n], only when there are any): what was done to the request that
-# the client should know, e.g. audio past the model's 10 minutes truncated, or a file that decoded to
-# less than its header declares. Preprocessing hands them on as its `warnings` output.
-BLS_OUTPUTS = REQUEST_OUTPUTS + (tensor("WARNINGS", "bytes", -1),)
+# `af3` also answers, beside TEXT (in the final response when streaming): FINISH_REASON ("stop": an
+# end id or a stop string, "length": MAX_TOKENS reached), PROMPT_TOKENS (audio rows included),
+# AUDIO_TOKENS and COMPLETION_TOKENS (the end id included, as `Result.token_ids` counts it), and
+# WARNINGS (BYTES [n], only when there are any; first when streaming): what was done to the request
+# that the client should know, e.g. audio past the model's 10 minutes truncated, or a file that
+# decoded to less than its header declares. Preprocessing hands them on as its `warnings` output.
+BLS_OUTPUTS = REQUEST_OUTPUTS + (tensor("FINISH_REASON", "bytes", 1), tensor("PROMPT_TOKENS", "int32", 1),
+                                 tensor("AUDIO_TOKENS", "int32", 1), tensor("COMPLETION_TOKENS", "int32", 1),
+                                 tensor("WARNINGS", "bytes", -1))
+# The ensemble's outputs: TEXT (postprocessing) and, in a repository without streaming, WARNINGS
+# (preprocessing's, always sent: [0] when none). A streaming (decoupled) ensemble cannot carry
+# WARNINGS: Triton refuses an ensemble whose outputs originate from different decoupled models
+# ("step of model 'ensemble' receives inputs originated from different decoupled models"; here the
+# LLM and preprocessing), so there preprocessing refuses a request it would have to warn about,
+# unless `af3` asks (RETURNS_WARNINGS), which returns them itself.
+ENSEMBLE_OUTPUTS = REQUEST_OUTPUTS + (tensor("WARNINGS", "bytes", -1),)
+RETURNS_WARNINGS = tensor("returns_warnings", "bool", 1, optional=True)  # af3 -> preprocessing only
 
 # The TensorRT-LLM C++ backend's tensors this repository uses: names, dtypes and dims as in TensorRT-LLM
 # 1.2 triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt (input_ids is optional
@@ -90,7 +120,7 @@ LLM_INPUTS = (
     tensor("stop_words_list", "int32", 2, -1, optional=True, ragged=True),
     tensor("bad_words_list", "int32", 2, -1, optional=True, ragged=True), _scalar("runtime_top_k", "int32"),
     _scalar("runtime_top_p", "float32"), _scalar("temperature", "float32"), _scalar("repetition_penalty", "float32"),
-    _scalar("min_tokens", "int32"), _scalar("seed", "uint64"), _scalar("streaming", "bool"),
+    _scalar("presence_penalty", "float32"), _scalar("frequency_penalty", "float32"), _scalar("min_tokens", "int32"), _scalar("seed", "uint64"), _scalar("streaming", "bool"),
     tensor("prompt_embedding_table", "float16", -1, -1, optional=True, ragged=True),
     _scalar("prompt_vocab_size", "int32"), tensor("prompt_table_extra_ids", "uint64", -1, optional=True, ragged=True),
 )
@@ -370,6 +400,16 @@ def render_ensemble(name: str, inputs, outputs, steps: list[Step], parameters: t
 
 
 # ------------------------------------------------------------------------------ request checks
+
+# Marks an error message of af3trt's python models that is not the request's fault (a bug, a broken
+# install): the decoupled gRPC stream carries messages only, no status, so clients (the OpenAI
+# server's Triton backend: 500, not 400) tell the two apart by it.
+INTERNAL_ERROR = "af3trt internal error"
+
+
+def internal_error(exc: BaseException) -> str:
+    return f"{INTERNAL_ERROR} ({type(exc).__name__}): {exc}"
+
 
 
 def unknown_request_keys(parameters_json: str) -> str | None:

@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..audio import audio_warnings
 from ..errors import OptionError
 from ..features import log_mel, padded_windows
 from ..prompt import DEFAULT_TRANSCRIBE_PROMPT, Prompt, PromptBuilder, PromptError, strip_transcription_prefix
@@ -26,7 +27,10 @@ class Result:
     """One conversation's answer. finish_reason: "stop" (an eos id), "stop_string", "length";
     prompt_tokens: the prompt's length, audio rows included. timings in seconds: features, encoder,
     prefill (to the first token), decode (the rest), total, ttft; tokens_per_second over the decode
-    phase; decode_host_per_step (torch decoders) the loop's time outside the decoder's step calls."""
+    phase; decode_host_per_step (torch decoders) the loop's time outside the decoder's step calls.
+    warnings: what was done to the conversation's audios, "AUDIO[i]: ..." (i in prompt order; e.g.
+    audio past 10 minutes truncated, a file that decoded short), as `af3trt.audio.audio_warnings`
+    words them for every entry point (CLI --json, the Triton models' WARNINGS, the OpenAI API)."""
 
     text: str
     token_ids: list[int]
@@ -34,10 +38,12 @@ class Result:
     finish_reason: str
     timings: dict[str, float] = field(default_factory=dict)
     prompt_tokens: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "num_audio_tokens": self.num_audio_tokens,
-                "prompt_tokens": self.prompt_tokens, "finish_reason": self.finish_reason, "timings": self.timings}
+                "prompt_tokens": self.prompt_tokens, "finish_reason": self.finish_reason, "timings": self.timings,
+                "warnings": self.warnings}
 
 
 def _is_single_conversation(conversations) -> bool:
@@ -357,7 +363,7 @@ class Pipeline:
         if stats.steps:  # torch decoders: time of the loop outside the decoder's step calls, per step
             timings["decode_host_per_step"] = max(0.0, timings["decode"] - stats.model_seconds) / stats.steps
         results.extend(Result(a.text, list(a.tokens), p.num_audio_tokens, a.finish_reason or "length", dict(timings),
-                              len(p.input_ids)) for a, p in zip(answers, prompts))
+                              len(p.input_ids), audio_warnings(p.audios)) for a, p in zip(answers, prompts))
 
 
 def check_engine_dir(manifest, path: Path) -> None:

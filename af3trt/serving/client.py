@@ -4,6 +4,9 @@
     text = client.generate("Transcribe the input speech.", audio="speech.wav")   # HTTP generate
     for piece in client.stream("Describe the audio.", audio=wav_bytes):         # gRPC streaming
         print(piece, end="", flush=True)
+    conv = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "audio", "audio": "speech.wav"}, {"type": "text", "text": "Who?"}]}]
+    text = client.infer(conversation=conv, stop=["\n"])                         # CONVERSATION + AUDIO
 
 Audio is sent as the bytes of encoded files (WAV/FLAC/MP3/OGG): a local path is read here, on the
 client, never passed to the server; a numpy array (16 kHz mono float) is encoded as WAV first.
@@ -38,12 +41,19 @@ PARAMS = {
     "do_sample": ("DO_SAMPLE", np.bool_, "BOOL"), "temperature": ("TEMPERATURE", np.float32, "FP32"),
     "top_p": ("TOP_P", np.float32, "FP32"), "top_k": ("TOP_K", np.int32, "INT32"),
     "repetition_penalty": ("REPETITION_PENALTY", np.float32, "FP32"), "seed": ("SEED", np.uint64, "UINT64"),
-    "strip_prefix": ("STRIP_PREFIX", np.bool_, "BOOL"),
+    "min_p": ("MIN_P", np.float32, "FP32"), "presence_penalty": ("PRESENCE_PENALTY", np.float32, "FP32"),
+    "frequency_penalty": ("FREQUENCY_PENALTY", np.float32, "FP32"), "ignore_eos": ("IGNORE_EOS", np.bool_, "BOOL"),
+    "stop": ("STOP", np.object_, "BYTES"), "strip_prefix": ("STRIP_PREFIX", np.bool_, "BOOL"),
 }
 
 
 class RequestFailed(RuntimeError):
-    """The server answered with an error; the message is Triton's (it names what was wrong)."""
+    """The server answered with an error; the message is Triton's (it names what was wrong). status: the
+    gRPC status name where known ("StatusCode.INVALID_ARGUMENT", "StatusCode.UNAVAILABLE", ...)."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class ServerWarning(UserWarning):
@@ -79,6 +89,20 @@ def audio_bytes(audio) -> list[bytes]:
     raise TypeError(f"expected audio as bytes, a path, a numpy array or a list of them, got {type(audio).__name__}")
 
 
+def _text_input(prompt, audio, conversation) -> tuple[dict, list[bytes]]:
+    """({"PROMPT": text} or {"CONVERSATION": JSON}, the AUDIO files): the request's two forms."""
+    if conversation is None:
+        if prompt is None:
+            raise TypeError("expected a prompt or a conversation, got neither")
+        return {"PROMPT": prompt}, audio_bytes(audio)
+    if prompt is not None or audio is not None:
+        raise TypeError("expected a conversation (its audios inside it) or a prompt + audio, got both")
+    from ..prompt import audio_references
+
+    messages, sources = audio_references(conversation)
+    return {"CONVERSATION": json.dumps(messages)}, [b for s in sources for b in audio_bytes(s)]
+
+
 def _check_params(params: dict) -> None:
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
@@ -93,11 +117,14 @@ class Af3Client:
         self.http_url, self.grpc_url, self.model, self.timeout_s = http_url, grpc_url, model, timeout_s
 
     # -- HTTP -----------------------------------------------------------------------------------
-    def generate(self, prompt: str, audio=None, *, model: str | None = None, **params) -> str:
-        """POST /v2/models/{model}/generate (JSON; audio base64 in AUDIO_BASE64) -> the answer's text."""
+    def generate(self, prompt: str | None = None, audio=None, *, conversation=None, model: str | None = None,
+                 **params) -> str:
+        """POST /v2/models/{model}/generate (JSON; audio base64 in AUDIO_BASE64) -> the answer's text.
+        `conversation` (messages as `Pipeline.generate` takes them) instead of prompt + audio."""
         _check_params(params)
-        body = {"PROMPT": prompt, **{PARAMS[k][0]: v for k, v in params.items() if v is not None}}
-        files = audio_bytes(audio)
+        text, files = _text_input(prompt, audio, conversation)
+        body = {**text, **{PARAMS[k][0]: ([v] if k == "stop" and isinstance(v, str) else v)
+                           for k, v in params.items() if v is not None}}
         if files:
             body["AUDIO_BASE64"] = [base64.b64encode(f).decode("ascii") for f in files]
         url = f"http://{self.http_url}/v2/models/{model or self.model}/generate"
@@ -117,20 +144,26 @@ class Af3Client:
         return "".join(text) if isinstance(text, list) else text
 
     # -- gRPC -----------------------------------------------------------------------------------
-    def inputs(self, prompt: str, audio=None, stream: bool = False, **params):
-        """The gRPC InferInput list of a request (raw audio bytes in AUDIO)."""
+    def inputs(self, prompt: str | None = None, audio=None, stream: bool = False, *, conversation=None, **params):
+        """The gRPC InferInput list of a request (raw audio bytes in AUDIO): PROMPT + audio, or
+        `conversation` (CONVERSATION, its audios in AUDIO)."""
         import tritonclient.grpc as grpcclient
 
         _check_params(params)
-        tensors = [("PROMPT", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES"),
+        text, files = _text_input(prompt, audio, conversation)
+        (key, value), = text.items()
+        tensors = [(key, np.array([value.encode("utf-8")], dtype=np.object_), "BYTES"),
                    ("STREAM", np.array([stream]), "BOOL")]
-        files = audio_bytes(audio)
         if files:
             tensors.append(("AUDIO", np.array(files, dtype=np.object_), "BYTES"))
         for key, value in params.items():
             if value is not None:
                 name, dtype, triton = PARAMS[key]
-                tensors.append((name, np.array([value], dtype=dtype), triton))
+                if key == "stop":
+                    value = [s.encode("utf-8") for s in ([value] if isinstance(value, str) else value)]
+                    tensors.append((name, np.array(value, dtype=np.object_), triton))
+                else:
+                    tensors.append((name, np.array([value], dtype=dtype), triton))
         out = []
         for name, array, triton in tensors:
             t = grpcclient.InferInput(name, list(array.shape), triton)
@@ -138,16 +171,31 @@ class Af3Client:
             out.append(t)
         return out
 
-    def stream(self, prompt: str, audio=None, *, model: str | None = None, **params) -> Iterator[str]:
+    def stream(self, prompt: str | None = None, audio=None, *, conversation=None, model: str | None = None,
+               **params) -> Iterator[str]:
         """Yield the answer's text pieces as the server streams them (gRPC, STREAM=true)."""
-        yield from self.stream_inputs(self.inputs(prompt, audio, stream=True, **params), model=model)
+        yield from self.stream_inputs(self.inputs(prompt, audio, stream=True, conversation=conversation, **params),
+                                      model=model)
 
-    def infer(self, prompt: str, audio=None, *, model: str | None = None, **params) -> str:
+    def infer(self, prompt: str | None = None, audio=None, *, conversation=None, model: str | None = None,
+              **params) -> str:
         """One whole answer over gRPC (STREAM=false; works for decoupled and plain models)."""
-        return "".join(self.stream_inputs(self.inputs(prompt, audio, stream=False, **params), model=model))
+        return "".join(self.stream_inputs(self.inputs(prompt, audio, stream=False, conversation=conversation,
+                                                      **params), model=model))
 
     def stream_inputs(self, inputs, *, model: str | None = None) -> Iterator[str]:
-        """Send prepared InferInputs on a gRPC stream; yield TEXT pieces until the final response.
+        """Send prepared InferInputs on a gRPC stream; yield TEXT pieces until the final response
+        (WARNINGS raised as ServerWarning). Closing the iterator early cancels the request (`responses`)."""
+        for result in self.responses(inputs, model=model):
+            _warn(result.as_numpy("WARNINGS"))
+            text = result.as_numpy("TEXT")
+            if text is not None:
+                for piece in text.reshape(-1):
+                    yield piece.decode("utf-8") if isinstance(piece, bytes) else str(piece)
+
+    def responses(self, inputs, *, model: str | None = None) -> Iterator:
+        """Send prepared InferInputs on a gRPC stream; yield each response (`tritonclient.grpc.InferResult`)
+        until the final one. An error response raises RequestFailed (with its gRPC status).
 
         Closing the iterator early (`close()`, `break` out of a for loop, garbage collection) cancels
         the gRPC stream, and with it the request on the server."""
@@ -167,15 +215,13 @@ class Af3Client:
                     raise RequestFailed(f"expected a response within {self.timeout_s:.0f} s, got none") from None
                 if error is not None:  # an error response ends its request: nothing left to cancel
                     finished = True
-                    raise RequestFailed(error.message() if hasattr(error, "message") else str(error))
-                _warn(result.as_numpy("WARNINGS"))
-                text = result.as_numpy("TEXT")
-                if text is not None:
-                    for piece in text.reshape(-1):
-                        yield piece.decode("utf-8") if isinstance(piece, bytes) else str(piece)
+                    raise RequestFailed(error.message() if hasattr(error, "message") else str(error),
+                                        error.status() if hasattr(error, "status") else None)
                 final = result.get_response().parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
-                    finished = True
+                finished = final is not None and final.bool_param  # before yielding: the caller may stop there
+                if result.get_response().outputs:
+                    yield result
+                if finished:
                     return
         finally:  # closed early (or failed): cancel the request on the server rather than wait for its end
             client.stop_stream(cancel_requests=not finished)

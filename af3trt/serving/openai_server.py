@@ -5,7 +5,9 @@
     GET  /v1/models                the served model, with its limits
     GET  /health
 
-The pipeline runs in-process (`Pipeline.from_pretrained(PATH)`, the best backends available). Requests
+The pipeline runs in-process (`InProcess`: `Pipeline.from_pretrained(PATH)`, the best backends
+available), or in a Triton server (`af3trt.serving.openai_triton.TritonBackend`: each request goes
+to the repository's `af3` model over gRPC streaming; `serve(triton_url=...)`). Requests
 run concurrently: a decoder that batches in flight (TensorRT-LLM) takes them all at once, the torch
 decoders one batch at a time; at most `max_queue` requests wait or run, the next gets 503. A client
 that disconnects mid-stream cancels its generation (the stream's producer stops between tokens and
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 200 * 1024 * 1024  # 10 min of 48 kHz stereo 16-bit WAV is 115 MB, 154 MB in base64
 DEFAULT_MAX_QUEUE = 64
+WARNINGS_HEADER = "X-Af3trt-Warnings"  # a response_format=text transcription's warnings (JSON list)
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -46,6 +49,25 @@ class ServerOptions:
     allow_urls: bool = False
 
 
+@dataclass
+class Answer:
+    """What a backend returns for one request: the text, OpenAI's finish_reason ("stop" | "length"),
+    token counts (prompt_tokens with the audio rows; completion_tokens with the end id, as
+    `Result.token_ids`) and the warnings about the request's audio (`af3trt.audio.audio_warnings`)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    audio_tokens: int
+    warnings: list[str]
+
+    @classmethod
+    def from_result(cls, result) -> "Answer":
+        return cls(result.text, finish_reason(result.finish_reason), result.prompt_tokens, len(result.token_ids),
+                   result.num_audio_tokens, list(result.warnings))
+
+
 class InProcess:
     """The pipeline in this process. `generate` / `stream` run in worker threads."""
 
@@ -53,16 +75,23 @@ class InProcess:
         self.pipe = pipe
 
     def info(self) -> dict:
-        return {"limits": dict(self.pipe.limits), "encoder": type(self.pipe.encoder).__name__,
+        return {"backend": "in-process", "limits": dict(self.pipe.limits), "encoder": type(self.pipe.encoder).__name__,
                 "decoder": getattr(self.pipe.decoder, "name", type(self.pipe.decoder).__name__),
                 "generation_defaults": {k: v for k, v in self.pipe.defaults.as_dict().items() if k != "stop"}}
 
-    def generate(self, conv: list[dict], opts: dict):
-        return self.pipe.generate(conv, **opts)[0]
+    def generate(self, conv: list[dict], opts: dict) -> Answer:
+        return Answer.from_result(self.pipe.generate(conv, **opts)[0])
 
     def stream(self, conv: list[dict], opts: dict):
-        """Text pieces, then the Result."""
-        return self.pipe.stream_result(conv, **opts)
+        """Text pieces, then the Answer."""
+        from ..runtime.pipeline import Result
+
+        inner = self.pipe.stream_result(conv, **opts)
+        try:
+            for item in inner:
+                yield Answer.from_result(item) if isinstance(item, Result) else item
+        finally:  # closed early (the client left): the pipeline's generator frees the decoder now
+            inner.close()
 
 
 class _Slots:
@@ -87,8 +116,13 @@ def _error_body(message: str, kind: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def _extension(answer: Answer) -> dict:
+    """af3trt's extension key of a response body: what was done to the request's audio."""
+    return {"warnings": answer.warnings}
+
+
 def create_app(backend, opts: ServerOptions | None = None):
-    """The FastAPI app serving `backend` (InProcess)."""
+    """The FastAPI app serving `backend` (InProcess or openai_triton.TritonBackend)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -169,8 +203,8 @@ def create_app(backend, opts: ServerOptions | None = None):
             slots.give()
         return {"id": rid, "object": "chat.completion", "created": created, "model": opts.served_model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": finish_reason(result.finish_reason), "logprobs": None}],
-                "usage": _usage(result)}
+                             "finish_reason": result.finish_reason, "logprobs": None}],
+                "usage": _usage(result), "af3trt": _extension(result)}
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
@@ -201,14 +235,15 @@ def create_app(backend, opts: ServerOptions | None = None):
         finally:
             slots.give()
         text = strip_transcription_prefix(result.text)
-        if spec.response_format == "text":
-            return PlainTextResponse(text)
+        if spec.response_format == "text":  # no body to extend: the warnings travel in a header
+            return PlainTextResponse(text, headers={WARNINGS_HEADER: json.dumps(result.warnings)})
         if spec.response_format == "json":
-            return {"text": text}
+            return {"text": text, "af3trt": _extension(result)}
         return {"task": "transcribe", "language": None, "duration": _duration(data), "text": text,
                 "usage": {"type": "tokens", "input_tokens": result.prompt_tokens,
-                          "output_tokens": len(result.token_ids), "total_tokens": result.prompt_tokens + len(result.token_ids),
-                          "audio_tokens": result.num_audio_tokens}}
+                          "output_tokens": result.completion_tokens,
+                          "total_tokens": result.prompt_tokens + result.completion_tokens,
+                          "audio_tokens": result.audio_tokens}, "af3trt": _extension(result)}
 
     return app
 
@@ -255,10 +290,10 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
-def _usage(result) -> dict:
-    n = len(result.token_ids)
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n,
-            "prompt_tokens_details": {"audio_tokens": result.num_audio_tokens}}
+def _usage(answer: Answer) -> dict:
+    n = answer.completion_tokens
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": n, "total_tokens": answer.prompt_tokens + n,
+            "prompt_tokens_details": {"audio_tokens": answer.audio_tokens}}
 
 
 def _duration(data: bytes) -> float:
@@ -287,6 +322,8 @@ async def _stream_chat(backend, slots, conv, gen_opts, rid, created, model, incl
                         break
             finally:
                 gen.close()
+        except ApiError as exc:  # a backend's own status (e.g. 503: Triton unreachable)
+            loop.call_soon_threadsafe(events.put_nowait, ("error", exc))
         except user_errors as exc:
             loop.call_soon_threadsafe(events.put_nowait, ("error", ApiError(str(exc))))
         except Exception as exc:  # reaches the client as a server_error, with the log holding the trace
@@ -302,17 +339,17 @@ async def _stream_chat(backend, slots, conv, gen_opts, rid, created, model, incl
         await events.get()  # the producer's "end"
         raise first[1]
 
-    def chunk(delta: dict, reason=None, usage=None) -> str:
+    def chunk(delta: dict, reason=None, usage=None, extension=None) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": reason,
                                                            "logprobs": None}]}
         if usage is not None:
             body["usage"] = usage
+        if extension is not None:
+            body["af3trt"] = extension
         return f"data: {json.dumps(body)}\n\n"
 
     async def sse():
-        from ..runtime.pipeline import Result
-
         event = first
         try:
             yield chunk({"role": "assistant", "content": ""})
@@ -323,8 +360,8 @@ async def _stream_chat(backend, slots, conv, gen_opts, rid, created, model, incl
                                       f"internal server error ({type(item).__name__}); see the server log",
                                       "invalid_request_error" if isinstance(item, ApiError) else "server_error")
                     yield f"data: {json.dumps(err)}\n\n"
-                elif isinstance(item, Result):
-                    yield chunk({}, finish_reason(item.finish_reason))
+                elif isinstance(item, Answer):
+                    yield chunk({}, item.finish_reason, extension=_extension(item))
                     if include_usage:
                         yield chunk({}, usage=_usage(item))
                 elif item:
@@ -337,17 +374,35 @@ async def _stream_chat(backend, slots, conv, gen_opts, rid, created, model, incl
     return StreamingResponse(sse(), media_type="text/event-stream")
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_name: str = "af3",
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, served_model_name: str = "af3",
           allow_urls: bool = False, max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-          encoder: str = "auto", decoder: str = "auto", device: str | None = None, dtype: str | None = None) -> int:
-    """Load the pipeline, then serve until interrupted (what `af3trt openai` runs)."""
+          encoder: str = "auto", decoder: str = "auto", device: str | None = None, dtype: str | None = None,
+          triton_url: str | None = None) -> int:
+    """Load the pipeline (`model`) or connect to a Triton server's `af3` model (`triton_url`, gRPC
+    HOST:PORT), then serve until interrupted (what `af3trt openai` runs)."""
     import uvicorn
 
-    from ..runtime import Pipeline
+    from ..errors import OptionError
 
-    pipe = Pipeline.from_pretrained(model, encoder=encoder, decoder=decoder, device=device, dtype=dtype,
-                                    allow_urls=allow_urls)
-    app = create_app(InProcess(pipe), ServerOptions(served_model_name, max_queue, max_body_bytes, allow_urls))
-    print(f"af3trt openai: serving {served_model_name!r} ({model}) on http://{host}:{port}/v1", flush=True)
+    if (model is None) == (triton_url is None):
+        raise OptionError(f"expected --model (in-process) or --triton-url (forward to Triton), exactly one, got "
+                          f"{'both' if model is not None else 'neither'}")
+    if triton_url is not None:
+        given = {k: v for k, v in (("--encoder", encoder), ("--decoder", decoder)) if v != "auto"}
+        given.update({k: v for k, v in (("--device", device), ("--dtype", dtype)) if v is not None})
+        if given:
+            raise OptionError(f"expected no in-process backend options with --triton-url (the Triton repository "
+                              f"chose its backends), got {given}")
+        from .openai_triton import TritonBackend
+
+        backend, what = TritonBackend(triton_url, allow_urls=allow_urls), f"Triton af3 at {triton_url}"
+    else:
+        from ..runtime import Pipeline
+
+        pipe = Pipeline.from_pretrained(model, encoder=encoder, decoder=decoder, device=device, dtype=dtype,
+                                        allow_urls=allow_urls)
+        backend, what = InProcess(pipe), model
+    app = create_app(backend, ServerOptions(served_model_name, max_queue, max_body_bytes, allow_urls))
+    print(f"af3trt openai: serving {served_model_name!r} ({what}) on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

@@ -1,12 +1,16 @@
 """af3trt `af3` (Triton python backend, BLS, decoupled): the whole chain in one model, streaming text.
 
-Same request as the ensemble (AUDIO / AUDIO_BASE64, PROMPT, generation params, STREAM, STRIP_PREFIX).
-Runs preprocessing -> audio_encoder -> prompt_table -> tensorrt_llm through BLS calls (a text-only
-request skips the encoder and sends no prompt table) and detokenizes incrementally: with STREAM=true
-each response carries the next text piece (af3trt.runtime.generation's incremental detokenizer: an
-incomplete UTF-8 character waits for its next token), pieces joined = the full answer; otherwise one
-response with the whole TEXT. WARNINGS (only when there are any, e.g. audio truncated to 10 minutes)
-come in the first response when streaming, else beside TEXT. Requests are served by a
+Same request as the ensemble (AUDIO / AUDIO_BASE64, PROMPT or CONVERSATION, generation options,
+STREAM, STRIP_PREFIX), plus STOP strings. Runs preprocessing -> audio_encoder -> prompt_table ->
+tensorrt_llm through BLS calls (a text-only request skips the encoder and sends no prompt table) and
+reads the LLM's tokens with af3trt.runtime.generation's AnswerStream, as the in-process pipeline does:
+incremental detokenization (an incomplete UTF-8 character waits for its next token), stop strings
+found on the text (spanning tokens; the LLM request is then cancelled, the answer ends before the
+string), text held back while it may begin one. With STREAM=true each response carries the next
+text piece, pieces joined = the full answer; otherwise one response with the whole TEXT. The last
+response carries FINISH_REASON ("stop" | "length"), PROMPT_TOKENS, AUDIO_TOKENS and COMPLETION_TOKENS
+(the end id counted, which the LLM leaves out of its output). WARNINGS (only when there are any,
+e.g. audio truncated to 10 minutes) come in the first response when streaming, else beside TEXT. Requests are served by a
 thread pool, so one instance keeps `workers` requests in flight (in-flight batching in the LLM).
 A cancelled request (the client closed its stream or went away: `request.is_cancelled()`, checked
 between steps and at every LLM response) stops there: its LLM request is cancelled (the response
@@ -63,12 +67,20 @@ def _cancel_llm(responses, request_id):
         clear(request_id)
 
 
-def _text(text, notes=None):
-    """A response with TEXT and, when `notes` (preprocessing's `warnings` tensor) is given, WARNINGS."""
-    tensors = [pb_utils.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_))]
-    if notes is not None:
+def _text(text, notes=None, counts=None):
+    """A response with TEXT (None: none), WARNINGS when `notes` (preprocessing's `warnings` tensor) holds
+    any, and the answer's FINISH_REASON and token counts when `counts` ({output name: value}) is given."""
+    tensors = [] if text is None else [pb_utils.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_))]
+    if notes is not None and notes.as_numpy().size:
         tensors.append(pb_utils.Tensor("WARNINGS", notes.as_numpy()))
+    for name, value in (counts or {}).items():
+        array = np.array([value.encode("utf-8")], np.object_) if isinstance(value, str) else np.array([value], np.int32)
+        tensors.append(pb_utils.Tensor(name, array))
     return pb_utils.InferenceResponse(tensors)
+
+
+def _one(tensor):
+    return tensor.as_numpy().reshape(-1)[0].item()
 
 
 class TritonPythonModel:
@@ -98,9 +110,13 @@ class TritonPythonModel:
         except Cancelled:
             sender.send(pb_utils.InferenceResponse(error=_cancelled()), flags=FINAL)
         except Exception as exc:
+            message = str(exc)
             if not isinstance(exc, StepError):
+                from af3trt.build.triton_spec import internal_error
+
                 pb_utils.Logger.log_error(f"af3: {type(exc).__name__}: {exc}")
-            sender.send(pb_utils.InferenceResponse(error=_error(str(exc))), flags=FINAL)
+                message = f"af3: {internal_error(exc)}"
+            sender.send(pb_utils.InferenceResponse(error=_error(message)), flags=FINAL)
 
     def _call(self, model, inputs, outputs, request_id=""):
         from af3trt.build.triton_spec import LLM
@@ -114,31 +130,48 @@ class TritonPythonModel:
             raise StepError(f"in {model}: {resp.error().message()}")
         return {n: pb_utils.get_output_tensor_by_name(resp, n) for n in outputs}
 
+    def _answer_options(self, request, prep):
+        """What AnswerStream needs of the request, as preprocessing resolved it: max tokens, end and stop
+        ids (none under IGNORE_EOS: end_id -1), STOP strings (preprocessing checked them)."""
+        from af3trt.build.triton_spec import words_of
+        from af3trt.runtime.generation import GenerationOptions
+
+        end_id = int(_one(prep["end_id"]))
+        stop_ids = [w[0] for w in words_of(prep["stop_words_list"].as_numpy()) if len(w) == 1]
+        stop = pb_utils.get_input_tensor_by_name(request, "STOP")
+        strings = () if stop is None else tuple(bytes(x).decode("utf-8") for x in stop.as_numpy().reshape(-1))
+        return GenerationOptions(max_new_tokens=int(_one(prep["request_output_len"])), stop=strings,
+                                 eos_token_ids=tuple(([end_id] if end_id >= 0 else []) + stop_ids),
+                                 ignore_eos=end_id < 0), end_id
+
     def _run(self, request, sender):
         from af3trt.build.triton_spec import (ENCODER, LLM, PREPROCESSING, PROMPT_TABLE, TABLE_INPUTS,
                                               unknown_request_keys)
         from af3trt.prompt import strip_transcription_prefix
-        from af3trt.runtime.generation import IncrementalDetokenizer
+        from af3trt.runtime.generation import AnswerStream
         from af3trt.formats.cancel import new_request_id
 
         _check(request)
         if (unknown := unknown_request_keys(request.parameters())) is not None:
             raise StepError(unknown)
         inputs = [t for n in self.p.preprocessing_inputs if (t := pb_utils.get_input_tensor_by_name(request, n)) is not None]
+        inputs.append(pb_utils.Tensor("returns_warnings", np.array([True])))  # af3 passes them on
         prep = self._call(PREPROCESSING, inputs, [*self.p.encoder_inputs, "rows", *self.p.llm_inputs, "warnings"])
-        stream = bool(prep["streaming"].as_numpy().reshape(-1)[0])
-        notes = prep["warnings"]  # None: nothing to warn about
-        if stream and notes is not None:  # first, before any text
-            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("WARNINGS", notes.as_numpy())]))
+        stream = bool(_one(prep["streaming"]))
+        notes = prep["warnings"]  # [0]: nothing to warn about
+        if stream and notes is not None and notes.as_numpy().size:  # first, before any text
+            sender.send(_text(None, notes))
         llm = [prep[n] for n in self.p.llm_inputs if n != "streaming"]
         llm.append(pb_utils.Tensor("streaming", np.array([[stream and self.p.llm_decoupled]], bool)))
-        if int(prep["rows"].as_numpy().sum()) > 0:
+        audio_tokens = int(prep["rows"].as_numpy().sum())
+        if audio_tokens > 0:
             _check(request)
             emb = self._call(ENCODER, [prep[n] for n in self.p.encoder_inputs], [self.p.embeddings])
             table = self._call(PROMPT_TABLE, [emb[self.p.embeddings], prep["rows"]], list(TABLE_INPUTS))
             llm += [table[n] for n in TABLE_INPUTS]  # passed on as they are, never as_numpy (BF16 has none)
         _check(request)
-        detok, llm_id = IncrementalDetokenizer(self.tokenizer), new_request_id()  # O(new tokens) per piece
+        opts, end_id = self._answer_options(request, prep)
+        answer, llm_id, generated = AnswerStream(self.tokenizer, opts, streaming=True), new_request_id(), 0
         responses = self._call(LLM, llm, ["output_ids", "sequence_length"], request_id=llm_id)
         for resp in responses:
             if request.is_cancelled():
@@ -149,21 +182,31 @@ class TritonPythonModel:
             ids = pb_utils.get_output_tensor_by_name(resp, "output_ids")
             if ids is None:  # the empty final response of a decoupled model
                 continue
-            length = int(pb_utils.get_output_tensor_by_name(resp, "sequence_length").as_numpy().reshape(-1)[0])
-            piece = detok.add(ids.as_numpy().reshape(-1, ids.as_numpy().shape[-1])[0, :length].tolist())
-            if stream and piece:
+            length = int(_one(pb_utils.get_output_tensor_by_name(resp, "sequence_length")))
+            tokens = ids.as_numpy().reshape(-1, ids.as_numpy().shape[-1])[0, :length].tolist()
+            generated += len(tokens)
+            answer.feed(tokens)
+            piece = answer.pending() if stream else ""
+            if piece:
                 sender.send(_text(piece))
-        want = int(prep["min_tokens"].as_numpy().reshape(-1)[0]) if "min_tokens" in prep else 0
-        if len(detok.ids) < want:  # the C++ backend's min_tokens holds back end_id only, not the stop words
-            raise StepError(f"expected at least {want} tokens (MIN_TOKENS), {LLM} stopped after {len(detok.ids)}")
-        rest = detok.flush()
+            if answer.finish_reason == "stop_string":  # the rest is not needed
+                _cancel_llm(responses, llm_id)
+                break
+        if not answer.done and end_id >= 0:  # the LLM stopped at end_id, which it leaves out of output_ids
+            answer.feed([end_id])
+        want = int(_one(prep["min_tokens"])) if "min_tokens" in prep else 0
+        if generated < want and answer.finish_reason != "stop_string":
+            # the C++ backend's min_tokens holds back end_id only, not the stop words
+            raise StepError(f"expected at least {want} tokens (MIN_TOKENS), {LLM} stopped after {generated}")
+        counts = {"FINISH_REASON": "length" if answer.finish_reason in (None, "length") else "stop",
+                  "PROMPT_TOKENS": int(_one(prep["input_lengths"])), "AUDIO_TOKENS": audio_tokens,
+                  "COMPLETION_TOKENS": len(answer.tokens)}
         if stream:
-            if rest:
-                sender.send(_text(rest))
-            sender.send(flags=FINAL)
+            rest = answer.pending()
+            sender.send(_text(rest or None, counts=counts), flags=FINAL)
             return
-        text = detok.text
+        text = answer.text
         strip = pb_utils.get_input_tensor_by_name(request, "STRIP_PREFIX")
-        if strip is not None and bool(strip.as_numpy().reshape(-1)[0]):
+        if strip is not None and bool(_one(strip)):
             text = strip_transcription_prefix(text)
-        sender.send(_text(text, notes), flags=FINAL)
+        sender.send(_text(text, notes, counts), flags=FINAL)

@@ -2,8 +2,9 @@
 
 Same inputs/outputs (names, dtypes, dims) as the `tensorrtllm` backend config this replaces where
 TensorRT-LLM is absent: input_ids with fake ids `vocab_size + row` reading prompt_embedding_table
-[1, rows, H] FP16, request_output_len, min_tokens (no stop id before it), end_id, stop_words_list,
-runtime_top_k (1 = greedy), runtime_top_p, temperature, repetition_penalty, seed, streaming ->
+[1, rows, H] FP16, request_output_len, min_tokens (no stop id before it), end_id (-1: none, as
+TensorRT-LLM ignores eos), stop_words_list, bad_words_list, runtime_top_k (1 = greedy),
+runtime_top_p, temperature, repetition_penalty, presence_penalty, frequency_penalty, seed, streaming ->
 output_ids [1, 1, T] (generated tokens only, as with exclude_input_in_output) and sequence_length
 [1, 1]. Decoupled (streaming repositories): one response per token when `streaming`, else one with
 all tokens. The decoder is af3trt's TorchDecoder on ENGINE_DIR/llm/checkpoint (the TensorRT-LLM
@@ -18,6 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+
+def internal_error(exc):
+    from af3trt.build.triton_spec import internal_error
+
+    return internal_error(exc)
 
 
 def _error(message):
@@ -74,7 +81,7 @@ class TritonPythonModel:
                 sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             except Exception as exc:
                 pb_utils.Logger.log_error(f"tensorrt_llm (torch): {type(exc).__name__}: {exc}")
-                sender.send(pb_utils.InferenceResponse(error=_error(f"tensorrt_llm: {exc}")),
+                sender.send(pb_utils.InferenceResponse(error=_error(f"tensorrt_llm: {internal_error(exc)}")),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
@@ -84,7 +91,7 @@ class TritonPythonModel:
             return self._response(tokens)
         except Exception as exc:
             pb_utils.Logger.log_error(f"tensorrt_llm (torch): {type(exc).__name__}: {exc}")
-            return pb_utils.InferenceResponse(error=_error(f"tensorrt_llm: {exc}"))
+            return pb_utils.InferenceResponse(error=_error(f"tensorrt_llm: {internal_error(exc)}"))
 
     @staticmethod
     def _response(tokens):
@@ -110,13 +117,15 @@ class TritonPythonModel:
 
         ids = get("input_ids").reshape(-1).astype(np.int64)[: int(one("input_lengths", -1))]
         end_id = one("end_id", None)
-        eos = tuple(([] if end_id is None else [int(end_id)]) + stop_ids(get("stop_words_list")))
+        end_id = None if end_id is None or end_id < 0 else int(end_id)  # -1: no end id (ignore eos)
+        eos = tuple(([] if end_id is None else [end_id]) + stop_ids(get("stop_words_list")))
         top_k, top_p = int(one("runtime_top_k", 0)), float(one("runtime_top_p", 0.0))
         greedy = top_k == 1 or (top_k == 0 and top_p == 0.0)  # TensorRT-LLM's greedy cases
         opts = GenerationOptions(
             max_new_tokens=int(one("request_output_len", 0)), min_new_tokens=int(one("min_tokens", 0)),
             do_sample=not greedy, temperature=float(one("temperature", 1.0)), top_p=top_p if 0 < top_p <= 1 else 1.0,
             top_k=top_k if top_k > 1 else 0, repetition_penalty=float(one("repetition_penalty", 1.0)),
+            presence_penalty=float(one("presence_penalty", 0.0)), frequency_penalty=float(one("frequency_penalty", 0.0)),
             bad_words=tuple(words_of(get("bad_words_list"))), eos_token_ids=eos)
         table = get("prompt_embedding_table")
         table = np.zeros((0, self.hidden), np.float32) if table is None else table.reshape(-1, table.shape[-1])
