@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 from ..errors import OptionError
 
-DTYPES = ("bfloat16", "float16")
+DTYPES = ("bfloat16", "float16")  # `--dtype` of a decoder build (names of af3trt.dtypes.DTYPES)
 
 
 @dataclass(frozen=True)
@@ -149,5 +149,10 @@ def engine_vocab_size(vocab_size: int, precision: str | PrecisionSpec) -> int:
     """vocab_size of the TensorRT-LLM checkpoint and engine for a model of `vocab_size` rows exported
     at `precision` (151672 -> 151680 for int4_awq; unchanged otherwise). Fake ids start there."""
     if get_precision(precision).quant_algo in VOCAB_PADDING_ALGOS:
-        return -(-int(vocab_size) // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+        return padded_vocab_size(vocab_size)
     return int(vocab_size)
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    """`vocab_size` rounded up to ModelOpt's VOCAB_PAD_MULTIPLE (151672 -> 151680)."""
+    return -(-int(vocab_size) // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import LM_PREFIX
-from ..formats.precision import VOCAB_PAD_MULTIPLE
+from ..formats.precision import VOCAB_PAD_MULTIPLE, padded_vocab_size
 from ..formats.trtllm_checkpoint import load_trtllm_checkpoint, text_spec
 from ..prompt import left_pad
 from ..spec import TextSpec
@@ -154,7 +154,7 @@ def check_valid_vocab(valid_vocab: int | None, rows: int) -> int:
 
 def check_trtllm_text(text: TextSpec, spec, ckpt_dir) -> None:
     """A TensorRT-LLM checkpoint's TextSpec against the AF3 config's: same dims, and a vocab of at
-    least the model's (more only where the export padded it, `precision.engine_vocab_size`)."""
+    least the model's (more only where the export padded it, `formats.precision.engine_vocab_size`)."""
     if spec is None:
         return
     want = spec.text
@@ -162,7 +162,7 @@ def check_trtllm_text(text: TextSpec, spec, ckpt_dir) -> None:
         if getattr(text, field) != getattr(want, field):
             raise ValueError(f"TensorRT-LLM checkpoint {ckpt_dir}: {field} {getattr(text, field)}, "
                              f"the AF3 config says {getattr(want, field)}")
-    padded = -(-want.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+    padded = padded_vocab_size(want.vocab_size)
     if text.vocab_size not in (want.vocab_size, padded):
         raise ValueError(f"TensorRT-LLM checkpoint {ckpt_dir}: vocab_size {text.vocab_size}, expected the AF3 "
                          f"config's {want.vocab_size} or it padded to a multiple of {VOCAB_PAD_MULTIPLE} ({padded})")
