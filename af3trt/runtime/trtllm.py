@@ -15,7 +15,6 @@ backend raises `MissingDependency` with the install hint.
 from __future__ import annotations
 
 import queue
-import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from .. import dtypes
 from ..errors import MissingDependency, OptionError
 from ..formats.manifest import ManifestError
 from ..formats.trtllm_engine import engine_config
-from .stitch import DecoderRequest, executor_arguments
+from .stitch import DecoderRequest, executor_arguments, request_seed
 
 def import_executor():
     try:
@@ -123,9 +122,8 @@ class TensorRTLLMDecoder:
         tl = self._tl
         args = executor_arguments(req, self.end_id, self.pad_id, streaming, valid_vocab=self.valid_vocab,
                                   vocab_size=self.vocab_size)
-        sampling = {k: v for k, v in args["sampling_config"].items() if v is not None}
-        if sampling.get("top_k") != 1 and "seed" not in sampling:
-            sampling["seed"] = secrets.randbits(63)  # the executor's default seed is 0 for every request
+        sampling = {**args["sampling_config"], "seed": request_seed(req.options)}
+        sampling = {k: v for k, v in sampling.items() if v is not None}
         args["sampling_config"] = tl.SamplingConfig(**sampling)
         args["output_config"] = tl.OutputConfig(**args["output_config"])
         if args["prompt_tuning_config"] is not None:
