@@ -29,7 +29,7 @@ from .. import dtypes
 from ..checkpoint import ENCODER_PREFIX, PROJECTOR_PREFIX, Checkpoint
 from ..errors import MissingDependency, MissingInputError, OptionError
 from ..spec import (FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW, WINDOW_SAMPLES, AudioSpec, ModelSpec,
-                    audio_token_count)
+                    audio_token_count, conv_frames)
 
 
 class EncoderLayer(nn.Module):
@@ -95,7 +95,7 @@ class AudioEncoder(nn.Module):
         x = F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # (W, 1500, d)
         x = x + self.embed_positions.weight[: x.shape[1]]
-        valid = (frames.to(torch.long) - 1) // 2 + 1  # conv2 positions holding real frames
+        valid = conv_frames(frames.to(torch.long))  # conv2 positions holding real frames
         keep = torch.arange(x.shape[1], device=x.device)[None, :] < valid[:, None]
         bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, -math.inf)
         bias = bias[:, None, None, :]
