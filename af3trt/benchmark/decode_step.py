@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import dtypes
 from ..runtime.fast_decoder import FastTorchDecoder
 from ..runtime.fast_weights import FastWeights, random_fast_weights
 from ..spec import ModelSpec, TextSpec
@@ -92,7 +93,7 @@ def decode_step_benchmark(spec_or_full_size="full", batch: int = 1, kv_len: int 
     bandwidth = hw["copy_gbps"] * 1e9
     out = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-        "batch": batch, "kv_len": kv_len, "attended_kv": attended, "dtype": str(dtype).removeprefix("torch."),
+        "batch": batch, "kv_len": kv_len, "attended_kv": attended, "dtype": dtypes.dtype(dtype).name,
         "fp8": fp8, "kernels": dec.kernels, "cuda_graph": dec.use_graphs,
         "shapes": {k: getattr(text, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
                                                  "num_kv_heads", "head_dim", "vocab_size")},
