@@ -18,10 +18,15 @@ import shlex
 import sys
 import traceback
 import warnings
+from pathlib import Path
+
+from . import __version__
+from .build.precision import KV_CACHES, PRECISIONS  # the one registry: build, floors, labels, these choices
+from .errors import UserError
 
 
 def _cmd_tiny(args) -> int:
-    from .tiny import make_tiny_checkpoint
+    from .tiny import make_tiny_checkpoint  # numpy: each command imports what it runs, so --help stays light
 
     print(make_tiny_checkpoint(args.out, seed=args.seed, vocab_size=args.vocab_size))
     return 0
@@ -97,13 +102,12 @@ def _cmd_build(args) -> int:
         if name in done:
             did = done[name]
         else:  # not asked for this time (--stages): what an earlier build left
-            did = f"left for a machine that has {entry.get('needs', 'it')}" if "missing" in entry else \
-                "kept from an earlier build"
-        if "missing" in entry:
-            print(f"{name}: {did} ({entry['missing']})")
-            finish += [entry["command"]] if entry["command"] not in finish else []
+            did = "kept from an earlier build" if entry.built else f"left for a machine that has {entry.needs or 'it'}"
+        if not entry.built:
+            print(f"{name}: {did} ({entry.missing})")
+            finish += [entry.command] if entry.command not in finish else []
         else:
-            print(f"{name}: {entry['path']} ({did})")
+            print(f"{name}: {entry.path} ({did})")
     print(build_summary(done))
     for command in finish:  # the same line finishes every missing stage: said once
         print(f"finish on a machine that has them, from inside the engine dir (it can be copied there):\n"
@@ -251,8 +255,6 @@ def _model_defaults(argv: list[str]) -> str | None:
     for a request), for the help's generation section; None without --model or a readable config."""
     if "--model" not in argv or argv.index("--model") + 1 >= len(argv):
         return None
-    from pathlib import Path
-
     model = argv[argv.index("--model") + 1]
     if model == "tiny":
         from .tiny import default_tiny_dir
@@ -283,9 +285,6 @@ def _add_generation(p, defaults: str | None = None) -> None:
 
 
 def build_parser(run_defaults: str | None = None) -> argparse.ArgumentParser:
-    from . import __version__
-    from .build.precision import KV_CACHES, PRECISIONS
-
     parser = argparse.ArgumentParser(prog="af3trt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"af3trt {__version__}")
@@ -304,8 +303,6 @@ def build_parser(run_defaults: str | None = None) -> argparse.ArgumentParser:
                        formatter_class=defaults)
     p.add_argument("--model", required=True, help="AF3 checkpoint dir (HF layout) or 'tiny'")
     p.add_argument("--out", required=True, help="engine dir to write")
-    from .build.precision import KV_CACHES, PRECISIONS  # the one registry: build, floors, labels, these choices
-
     p.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
                    help="decoder precision: " + "; ".join(f"{k}: {v.description}" for k, v in PRECISIONS.items()))
     p.add_argument("--kv-cache", default="auto", choices=list(KV_CACHES),
@@ -366,9 +363,6 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from . import __version__
-    from .errors import UserError
-
     try:
         return _cmd_bench(rest) if args.command == "bench" else args.func(args)
     except UserError as exc:  # the user's to fix: one line
