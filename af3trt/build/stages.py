@@ -219,7 +219,8 @@ class BuildFlag:
 BUILD_FLAGS = (
     BuildFlag("precision", "--precision"), BuildFlag("kv_cache", "--kv-cache"), BuildFlag("tp_size", "--tp-size"),
     BuildFlag("encoder_precision", "--encoder-precision"), BuildFlag("encoder_input", "--encoder-input"),
-    BuildFlag("limits.max_batch_size", "--max-batch-size"), BuildFlag("limits.max_audio_seconds", "--max-audio-seconds"),
+    BuildFlag("limits.max_batch_size", "--max-batch-size"),
+    BuildFlag("limits.max_audio_seconds", "--max-audio-seconds"),
     BuildFlag("limits.max_text_tokens", "--max-text-tokens"), BuildFlag("limits.max_new_tokens", "--max-new-tokens"),
     BuildFlag("calib_size", "--calib-size"), BuildFlag("calib_max_tokens", "--calib-max-tokens"),
     BuildFlag("stages", "--stages"),
