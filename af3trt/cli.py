@@ -5,7 +5,7 @@
     af3trt build  --model M --out ENGINE_DIR         engine dir (af3trt.build.engine_dir.build_engine_dir)
     af3trt triton --engine-dir E --out REPO          Triton model repository (af3trt.build.triton.write_repository)
     af3trt serve  --repo REPO                        tritonserver on it, in the foreground (af3trt.serving.server.serve)
-    af3trt openai --model M | --triton-url H:P       OpenAI-compatible API (af3trt.serving.openai_server.serve)
+    af3trt openai --model M                          OpenAI-compatible API (af3trt.serving.openai_server.serve)
     af3trt bench  ARGS                               latency benchmark (af3trt.benchmark.cli; = benchmarks/latency.py)
 """
 
@@ -18,10 +18,15 @@ import shlex
 import sys
 import traceback
 import warnings
+from pathlib import Path
+
+from . import __version__
+from .formats.precision import KV_CACHES, PRECISIONS  # the one registry: build, floors, labels, these choices
+from .errors import UserError
 
 
 def _cmd_tiny(args) -> int:
-    from .tiny import make_tiny_checkpoint
+    from .tiny import make_tiny_checkpoint  # numpy: each command imports what it runs, so --help stays light
 
     print(make_tiny_checkpoint(args.out, seed=args.seed, vocab_size=args.vocab_size))
     return 0
@@ -67,10 +72,10 @@ def _cmd_run(args) -> int:
                 print(piece, end="", flush=True)
         print()
         return 0
-    with _audio_warnings("run"):
+    with _audio_warnings("run") as notes:
         result = pipe.generate(conv, **kw)[0]
     if args.json:
-        print(json.dumps({**result.to_dict(), "backends": backends}))  # warnings: Result.warnings
+        print(json.dumps({**result.to_dict(), "backends": backends, "warnings": notes}))
     else:
         print(result.text)
     return 0
@@ -97,13 +102,12 @@ def _cmd_build(args) -> int:
         if name in done:
             did = done[name]
         else:  # not asked for this time (--stages): what an earlier build left
-            did = f"left for a machine that has {entry.get('needs', 'it')}" if "missing" in entry else \
-                "kept from an earlier build"
-        if "missing" in entry:
-            print(f"{name}: {did} ({entry['missing']})")
-            finish += [entry["command"]] if entry["command"] not in finish else []
+            did = "kept from an earlier build" if entry.built else f"left for a machine that has {entry.needs or 'it'}"
+        if not entry.built:
+            print(f"{name}: {did} ({entry.missing})")
+            finish += [entry.command] if entry.command not in finish else []
         else:
-            print(f"{name}: {entry['path']} ({did})")
+            print(f"{name}: {entry.path} ({did})")
     print(build_summary(done))
     for command in finish:  # the same line finishes every missing stage: said once
         print(f"finish on a machine that has them, from inside the engine dir (it can be copied there):\n"
@@ -206,28 +210,23 @@ def _cmd_openai(args) -> int:
 
     return serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
                  allow_urls=args.allow_urls, max_queue=args.max_queue, max_body_bytes=args.max_body_mb * 1024 * 1024,
-                 encoder=args.encoder, decoder=args.decoder, device=args.device, dtype=args.dtype,
-                 triton_url=args.triton_url)
+                 encoder=args.encoder, decoder=args.decoder, device=args.device, dtype=args.dtype)
 
 
 def _add_openai(sub) -> None:
     p = sub.add_parser("openai", help="OpenAI-compatible API (chat completions with audio, transcriptions)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="serve in-process: engine dir (af3trt build), AF3 checkpoint dir, "
-                   "or 'tiny' (exactly one of --model / --triton-url)")
-    p.add_argument("--triton-url", default=None, metavar="HOST:PORT",
-                   help="forward every request to the `af3` model of a running af3trt Triton repository over gRPC "
-                        "(`af3trt serve`'s gRPC address, e.g. 127.0.0.1:8001); limits come from the repository")
+    p.add_argument("--model", required=True, help="engine dir (af3trt build), AF3 checkpoint dir, or 'tiny'")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless you mean otherwise)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default="af3", help="the `model` clients send and /v1/models lists")
     p.add_argument("--allow-urls", action="store_true", help="fetch http(s) audio_url parts (size-capped, with a timeout)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 503")
     p.add_argument("--max-body-mb", type=int, default=200, help="request body limit (413 past it)")
-    p.add_argument("--encoder", default="auto", help="encoder backend (in-process only)")
-    p.add_argument("--decoder", default="auto", help="decoder backend (in-process only)")
-    p.add_argument("--device", default=None, help="cuda or cpu (in-process only; default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (in-process only; default: by device)")
+    p.add_argument("--encoder", default="auto", help="encoder backend")
+    p.add_argument("--decoder", default="auto", help="decoder backend")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: by device)")
     p.set_defaults(func=_cmd_openai)
 
 
@@ -256,8 +255,6 @@ def _model_defaults(argv: list[str]) -> str | None:
     for a request), for the help's generation section; None without --model or a readable config."""
     if "--model" not in argv or argv.index("--model") + 1 >= len(argv):
         return None
-    from pathlib import Path
-
     model = argv[argv.index("--model") + 1]
     if model == "tiny":
         from .tiny import default_tiny_dir
@@ -288,9 +285,6 @@ def _add_generation(p, defaults: str | None = None) -> None:
 
 
 def build_parser(run_defaults: str | None = None) -> argparse.ArgumentParser:
-    from . import __version__
-    from .formats.precision import KV_CACHES, PRECISIONS
-
     parser = argparse.ArgumentParser(prog="af3trt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"af3trt {__version__}")
@@ -309,8 +303,6 @@ def build_parser(run_defaults: str | None = None) -> argparse.ArgumentParser:
                        formatter_class=defaults)
     p.add_argument("--model", required=True, help="AF3 checkpoint dir (HF layout) or 'tiny'")
     p.add_argument("--out", required=True, help="engine dir to write")
-    from .formats.precision import KV_CACHES, PRECISIONS  # the one registry: build, floors, labels, these choices
-
     p.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
                    help="decoder precision: " + "; ".join(f"{k}: {v.description}" for k, v in PRECISIONS.items()))
     p.add_argument("--kv-cache", default="auto", choices=list(KV_CACHES),
@@ -371,9 +363,6 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from . import __version__
-    from .errors import UserError
-
     try:
         return _cmd_bench(rest) if args.command == "bench" else args.func(args)
     except UserError as exc:  # the user's to fix: one line

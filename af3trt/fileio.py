@@ -114,11 +114,7 @@ def file_digest(path: str | os.PathLike) -> str:
         _DIGESTS[key] = digest
         cache = _digest_cache_file()
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = mkstemp(prefix=f".{cache.name}.", dir=cache.parent)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(_DIGESTS, fh)
-            os.replace(tmp, cache)
+            atomic_write(cache, json.dumps(_DIGESTS))
         except OSError:  # a read-only cache only costs re-hashing next time
             pass
     return digest
@@ -136,17 +132,24 @@ def temp_dir_beside(final: str | os.PathLike, prefix: str) -> Path:
                           f"{exc.strerror or exc}") from exc
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write `data` (text, or bytes / any buffer: a TensorRT plan) to `path` through a temporary file
+    beside it renamed into place: readers see the old file or the new one, never a torn one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "w" if isinstance(data, str) else "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return path
+
+
+atomic_write_text = atomic_write  # the earlier name
 
 
 @contextlib.contextmanager
@@ -160,6 +163,13 @@ def staged_dir(final: Path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     tree_like_umask(tmp)  # what third-party writers made 0600 (safetensors, ONNX data)
+    replace_dir(tmp, final)
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the folder `tmp` in the place of `final` (a folder, or nothing): the old one is renamed aside
+    (`.NAME.old`, which `clean_partials` removes if this is interrupted) and deleted after the swap."""
+    tmp, final = Path(tmp), Path(final)
     old = final.with_name(f".{final.name}.old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

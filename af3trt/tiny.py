@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from . import fileio
 from .errors import ExistingOutputError, OptionError
-from .fileio import temp_dir_beside
 from .spec import N_MELS, ModelSpec
 
 TINY_AUDIO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
@@ -251,8 +249,7 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, vocab_size: 
                                       f"key {cfg.get('af3trt_tiny_think')}, expected {tiny_think_key()}): remove it")
         raise ExistingOutputError(f"{out} already holds a checkpoint (tiny seed {meta}, vocab_size {have}); expected "
                                   f"seed {seed}, vocab_size {vocab_size}, or an empty dir")
-    tmp = temp_dir_beside(out, ".tiny-")
-    try:
+    with fileio.staged_dir(out) as tmp:
         ids = _tokenizer_files(tmp)
         tokens = max(ids.values()) + 1
         if vocab_size is not None and vocab_size < tokens:
@@ -266,13 +263,8 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, vocab_size: 
         make_tiny_think(tmp / "think", config, seed)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        fileio.tree_like_umask(tmp)  # safetensors writes model.safetensors 0600
-        if out.exists():
+        if out.exists():  # staged_dir fixes the modes safetensors made 0600, then renames tmp into place
             out.rmdir()  # only an empty dir may be replaced
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

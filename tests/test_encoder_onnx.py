@@ -699,7 +699,7 @@ def test_build_plan_keeps_the_audio_front_end_fp32(audio_engine, tiny_dir, tmp_p
 
 def test_build_options_and_stage_keys_carry_the_encoder_input():
     from af3trt.build.engine_dir import ENCODER_INPUTS, BuildOptions, _stage_flags
-    from af3trt.runtime.encoder import INPUT_KINDS
+    from af3trt.formats.encoder_io import INPUT_KINDS
 
     assert ENCODER_INPUTS == INPUT_KINDS
     with pytest.raises(ValueError, match=r"expected encoder input in \('features', 'audio'\), got 'wav'"):

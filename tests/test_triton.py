@@ -97,9 +97,9 @@ def conversation(prompt=PROMPT, audio=SPEECH_WAV):
 def fake_engine_dir(tiny_dir, root, dtype="bfloat16"):
     """An engine dir whose TensorRT artifacts are stand-in files (config generation only); `dtype`: the
     LLM engine's pretrained_config.dtype (bfloat16, as `af3trt build`'s default precision makes it)."""
-    from af3trt.build.encoder import update_config
+    from af3trt.formats.encoder_io import update_config
     from af3trt.formats.manifest import Manifest
-    from af3trt.runtime.encoder import IO
+    from af3trt.formats.encoder_io import IO
     from af3trt.spec import ModelSpec
 
     spec = ModelSpec.from_dir(tiny_dir)

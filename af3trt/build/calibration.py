@@ -15,7 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..assets import SPEECH_WAV
+from ..audio import AudioError, load_audio, split_windows, synthetic_audio
 from ..errors import MissingInputError
+from ..features import extract_features
+from ..prompt import left_pad
+from .stage_log import progress
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")  # what af3trt.audio decodes (libsndfile)
 # default synthetic clip lengths in seconds: full windows and partial last windows of several sizes
@@ -60,7 +65,6 @@ class CalibrationFileSkipped(UserWarning):
 def usable_audios(audio_dir: str | Path):
     """Yield (name, 16 kHz samples) of the folder's audio files in name order; a file that does not
     decode is skipped with a CalibrationFileSkipped warning. A folder with no usable file is an error."""
-    from ..audio import AudioError, load_audio
 
     files, used = audio_files(audio_dir), 0
     for path in files:
@@ -76,10 +80,6 @@ def usable_audios(audio_dir: str | Path):
 
 
 def _default_audios(count: int, seed: int) -> list[tuple[str, np.ndarray]]:
-    from ..assets import SPEECH_WAV
-    from ..audio import load_audio
-    from ..audio import synthetic_audio
-
     out = [(SPEECH_WAV.name, load_audio(SPEECH_WAV).samples)]
     i = 0
     while sum(_windows_of(a) for _, a in out) < count:
@@ -90,8 +90,6 @@ def _default_audios(count: int, seed: int) -> list[tuple[str, np.ndarray]]:
 
 
 def _windows_of(samples: np.ndarray) -> int:
-    from ..audio import split_windows
-
     return len(split_windows(samples))
 
 
@@ -101,7 +99,6 @@ def calibration_windows(audio_dir: str | Path | None = None, count: int = 16, se
     audio_dir: a folder of real audio (the recommended source: audio like the deployment's); None =
     the bundled speech clip plus synthetic speech-like signals (seeded by `seed`), enough for `count`.
     """
-    from ..features import extract_features
 
     if count < 1:
         raise ValueError(f"expected at least 1 calibration window, got count={count}")
@@ -158,7 +155,6 @@ def llm_calibration_batches(checkpoint_dir, audio_dir=None, count: int = 16, max
     """
     import torch
 
-    from ..prompt import left_pad
     from ..runtime.pipeline import Pipeline
 
     if count < 1 or max_tokens < 16:
@@ -167,7 +163,6 @@ def llm_calibration_batches(checkpoint_dir, audio_dir=None, count: int = 16, max
                                     variant=variant)
     audios = _calibration_audios(audio_dir, count, seed)
     budget_s = max(1.0, (max_tokens - 96) / 25.0)  # 25 audio tokens per second; keep ~96 tokens for text
-    from .stage_log import progress
 
     batches = []
     for i in progress(range(count), "llm_checkpoint: calibration prompts (encoder embeddings)", unit="prompt"):

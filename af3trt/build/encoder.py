@@ -11,14 +11,13 @@ the thin CLI:
   calibrated on log-mel windows of real audio.
 - `build_plan` (af3trt.build.encoder_plan, re-exported here): TensorRT Python API -> encoder.plan.
 Each stage records itself in encoder/config.json (sections io, onnx, quantized, plan).
-The graph's I/O (names, dtypes, dynamic axis) is `EncoderIO`, declared once in af3trt.runtime.encoder
-(the runtime backends read it too) and re-exported here.
+The graph's I/O (names, dtypes, dynamic axis) is `EncoderIO` and config.json's format is `read_config`, both
+declared once in af3trt.formats.encoder_io (the runtime backends read them too) and re-exported here.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import shutil
 import sys
@@ -28,44 +27,35 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-import numpy as np
 import torch
 from torch import nn
 
 from .. import fileio
-from ..errors import lookup
-from ..kernels.logmel import LogMelSTFT
-from ..runtime.encoder import (CONFIG_FILE, INPUT_KINDS, IO, ONNX_DATA_FILE, ONNX_FILE, AudioEncoder, EncoderIO,
-                               OnnxRuntimeEncoder, TorchEncoder, valid_rows)
-from ..spec import FRAMES_PER_WINDOW, MAX_WINDOWS
-from ..fileio import atomic_write_text, staged_dir
+from ..checkpoint import Checkpoint
+from ..errors import MissingDependency, lookup
+from ..fileio import staged_dir
+from ..formats.encoder_io import (CONFIG_FILE, CONFIG_FORMAT, CONFIG_VERSION, FRONT_END_SCOPE,  # noqa: F401
+                                  INPUT_KINDS, IO, ONNX_DATA_FILE, ONNX_FILE, EncoderIO, external_data_files,
+                                  matching_section, read_config, update_config)
 from ..formats.manifest import package_versions, stage_key
+from ..kernels.logmel import LogMelSTFT
+from ..runtime.encoder import AudioEncoder, OnnxRuntimeEncoder, TorchEncoder
+from ..spec import FRAMES_PER_WINDOW, MAX_WINDOWS
+from . import encoder_plan
+from .calibration import calibration_windows
+from .encoder_check import (DEFAULT_CALIBRATION_WINDOWS, _verification_batches,  # noqa: F401
+                            _verification_windows, cosine_similarity, relative_error)
+from .encoder_plan import (PLAN_PRECISIONS, GraphFacts, PlanBuildError, PlanResult, build_plan,  # noqa: F401
+                           graph_facts, plan_command)
+from .encoder_quant import QUANT_PRECISIONS, QuantizationError, QuantizeResult, quantize_onnx  # noqa: F401
 from .stage_log import clock, phase, progress, say
 
 __all__ = ["EncoderIO", "IO", "AudioInputEncoder", "FRONT_END_SCOPE", "export_onnx", "quantize_onnx", "read_config",
-           "relative_error", "cosine_similarity", "ExportVerificationError", "QuantizationError", "main"]
-# names served on first use from the later stages' modules (they import this one)
-_LATER_STAGES = {
-    "encoder_plan": frozenset({"build_plan", "PlanBuildError", "PlanResult", "PLAN_PRECISIONS", "GraphFacts",
-                               "graph_facts", "plan_command"}),
-    "encoder_quant": frozenset({"quantize_onnx", "QuantizeResult", "QuantizationError", "QUANT_PRECISIONS"}),
-}
-
-
-def __getattr__(name: str):
-    import importlib
-
-    for module, names in _LATER_STAGES.items():
-        if name in names:
-            return getattr(importlib.import_module(f"{__package__}.{module}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+           "update_config", "relative_error", "cosine_similarity", "ExportVerificationError", "QuantizationError",
+           "QuantizeResult", "QUANT_PRECISIONS", "build_plan", "PlanBuildError", "PlanResult", "PLAN_PRECISIONS",
+           "GraphFacts", "graph_facts", "plan_command", "main"]
 STAGE = "encoder_onnx"  # the name its progress lines carry (af3trt build's stage)
-CONFIG_FORMAT = "af3trt-encoder"
-CONFIG_VERSION = 1
-_CONFIG_KEYS = frozenset({"format", "format_version", "io", "onnx", "quantized", "plan"})
 EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB of weights: beyond it, weights go to encoder.onnx.data (protobuf caps at 2 GiB)
-DEFAULT_CALIBRATION_WINDOWS = 32
 # fp32 graph that takes audio vs the torch module on the reference log-mel: the graph's conv STFT
 # log-mel is up to 4.9e-5 (absolute) off the reference on the verification windows (ONNX Runtime CPU),
 # which the tiny model turns into 2.6e-6 relative on its embeddings; 1e-3 leaves a deep encoder room
@@ -96,71 +86,6 @@ ONNX_DTYPES = MappingProxyType({
     "fp32": OnnxDtype("fp32", torch.float32, "float32", 1e-4, AUDIO_FP32_TOLERANCE),
     "fp16": OnnxDtype("fp16", torch.float16, "float16", 1e-2, 1e-2),
 })
-# -- config.json ------------------------------------------------------------------------------------
-
-def read_config(folder) -> dict:
-    """encoder/config.json, strictly: our format and version, known sections only."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"expected an encoder config at {path}, found none")
-    data = json.loads(path.read_text())
-    if data.get("format") != CONFIG_FORMAT or data.get("format_version") != CONFIG_VERSION:
-        raise ValueError(f"expected {CONFIG_FORMAT!r} version {CONFIG_VERSION} in {path}, "
-                         f"got {data.get('format')!r} version {data.get('format_version')!r}")
-    unknown = set(data) - _CONFIG_KEYS
-    if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)} in {path}; expected only {sorted(_CONFIG_KEYS)}")
-    return data
-
-
-def update_config(folder: Path, **sections) -> Path:
-    path = Path(folder) / CONFIG_FILE
-    data = read_config(folder) if path.is_file() else {"format": CONFIG_FORMAT, "format_version": CONFIG_VERSION}
-    data.update(sections)
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
-    return path
-
-
-# -- comparisons (valid rows only: padding rows of a partial window are not compared) -----------------
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor, frames) -> float:
-    """max |got - ref| / max |ref| over each window's valid rows; got, ref (W, 750, H)."""
-    worst = 0.0
-    for i, rows in enumerate(valid_rows(frames)):
-        g, r = got[i, :rows].float(), ref[i, :rows].float()
-        worst = max(worst, float((g - r).abs().max() / r.abs().max().clamp_min(1e-30)))
-    return worst
-
-
-def cosine_similarity(got: torch.Tensor, ref: torch.Tensor, frames) -> tuple[float, float]:
-    """(min, mean) cosine similarity of the valid embedding rows; got, ref (W, 750, H)."""
-    rows = [torch.nn.functional.cosine_similarity(got[i, :n].float(), ref[i, :n].float(), dim=-1)
-            for i, n in enumerate(valid_rows(frames))]
-    cos = torch.cat(rows)
-    return float(cos.min()), float(cos.mean())
-
-
-@functools.lru_cache(maxsize=1)
-def _verification_windows() -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]:
-    """(audio, features, frames): the zero-padded 16 kHz windows, their reference log-mel
-    (af3trt.features.log_mel) and valid frames of 1 full window and of 3 windows whose last is
-    partial (65.3 s: 3000, 3000, 530 frames); cached, do not modify."""
-    from ..audio import split_windows
-    from ..features import log_mel, pad_windows
-    from ..audio import synthetic_audio
-
-    out = []
-    for seconds, seed in ((30.0, 101), (65.3, 102)):
-        audio, mask = pad_windows(split_windows(synthetic_audio(seconds, seed)))
-        out.append((audio, log_mel(audio).numpy(), mask.sum(axis=1).astype(np.int64)))
-    return tuple(out)
-
-
-def _verification_batches() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """(features, frames) of `_verification_windows`."""
-    return tuple((feats, frames) for _, feats, frames in _verification_windows())
-
-
 # -- export -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -171,9 +96,6 @@ class ExportResult:
     external_data: bool
     max_rel_error: float | None
     skipped: bool = False
-
-
-FRONT_END_SCOPE = "/logmel/"  # ONNX node names of AudioInputEncoder.logmel (the exporter's module scope)
 
 
 class AudioInputEncoder(nn.Module):
@@ -264,8 +186,6 @@ def _verify_export(path: Path, reference: AudioEncoder, dtype: OnnxDtype, where:
 
 
 def _open_checkpoint(checkpoint):
-    from ..checkpoint import Checkpoint
-
     return checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
 
 
@@ -281,15 +201,6 @@ def _check_replaceable(final: Path) -> None:
         if any(final.iterdir()):
             raise FileExistsError(f"expected an empty folder or an earlier encoder export at {final}, got a folder "
                                   f"with other files (it would be replaced): pass e.g. ENGINE_DIR/encoder") from None
-
-
-def matching_section(folder: Path, section: str, key: str, artifact: str) -> dict | None:
-    """config.json's `section` of `folder` when it was written for `key` and `artifact` is there, else None."""
-    try:
-        found = read_config(folder).get(section) or {}
-    except (FileNotFoundError, ValueError):
-        return None
-    return found if found.get("key") == key and (folder / artifact).is_file() else None
 
 
 def _existing_export(final: Path, key: str, verify: bool) -> ExportResult | None:
@@ -351,23 +262,9 @@ def export_onnx(*, checkpoint, out_dir, dtype: str = "fp32", opset: int = 17, ve
     return ExportResult(final / ONNX_FILE, final / CONFIG_FILE, dtype, external, check and check["max_rel_error"])
 
 
-# -- quantization ------------------------------------------------------------------------------------
-
-def external_data_files(onnx_path) -> list[str]:
-    """Names of the external-data files an ONNX graph references (relative to its folder)."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    locations = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
-    return sorted(locations)
-
-
 # -- CLI -----------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    from . import encoder_plan
-    from .encoder_quant import QUANT_PRECISIONS
-
     p = argparse.ArgumentParser(prog="python -m af3trt.build.encoder", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="stage", required=True)
     o = sub.add_parser("onnx", help="export + verify OUT/encoder.onnx")
@@ -402,10 +299,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ..errors import MissingDependency
-    from .calibration import calibration_windows
-    from .encoder_quant import quantize_onnx
-
     args = _parser().parse_args(argv)
     try:
         if args.stage == "onnx":
@@ -417,8 +310,6 @@ def main(argv=None) -> int:
                                    calibration_method=args.calibration_method,
                                    high_precision_dtype=args.high_precision_dtype, verify=args.verify)
         else:
-            from .encoder_plan import build_plan
-
             result = build_plan(args.onnx, args.out, precision=args.precision, profile=args.profile,
                                 timing_cache=args.timing_cache, workspace_gib=args.workspace_gib, force=args.force)
     except MissingDependency as exc:

@@ -20,7 +20,6 @@ by `BuildProgress`.
 from __future__ import annotations
 
 import hashlib
-import os
 import shlex
 import sys
 import threading
@@ -33,11 +32,13 @@ from types import MappingProxyType
 import torch
 
 from .. import fileio
-from ..runtime.encoder import CONFIG_FILE, IO, PLAN_FILE, EncoderIO, import_tensorrt
-from ..spec import MAX_WINDOWS
-from .encoder import FRONT_END_SCOPE, external_data_files, matching_section, read_config, update_config
 from ..errors import lookup
+from ..formats.encoder_io import (CONFIG_FILE, FRONT_END_SCOPE, IO, PLAN_FILE, EncoderIO, external_data_files,
+                                  matching_section, read_config, update_config)
 from ..formats.manifest import stage_key
+from ..runtime.encoder import import_tensorrt
+from ..spec import MAX_WINDOWS
+from .stage_log import clock, terminal
 
 
 class PlanBuildError(RuntimeError):
@@ -260,8 +261,6 @@ class BuildProgress:
         self._lock = threading.Lock()
 
     def _out(self):
-        from .stage_log import terminal
-
         return self.file or terminal()
 
     def _guard(self, fn, *args, cancel_value=None):
@@ -313,8 +312,6 @@ class BuildProgress:
             entry[1].update(int(step) + 1 - entry[1].n)
 
     def _finish(self, name):
-        from .stage_log import clock
-
         entry = self._phases.pop(name, None)
         if entry is None:
             return
@@ -343,17 +340,6 @@ def _progress_monitor(trt, progress: BuildProgress):
             progress.phase_finish(phase_name)
 
     return Monitor()
-
-
-def _atomic_write_bytes(path: Path, data) -> None:
-    fd, tmp = fileio.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _onnx_fingerprint(path: Path) -> str:
@@ -413,10 +399,10 @@ def build_plan(onnx_path, out_dir=None, *, precision: str = "fp16", profile=None
         raise PlanBuildError(f"TensorRT {trt.__version__} failed to build the {precision} plan from {src} "
                              f"(build_serialized_network returned None): {logger.errors or 'no error logged'}")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(out / PLAN_FILE, serialized)
+    fileio.atomic_write(out / PLAN_FILE, serialized)
     if cache_path:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(cache_path, config.get_timing_cache().serialize())
+        fileio.atomic_write(cache_path, config.get_timing_cache().serialize())
     seconds = time.perf_counter() - t0
     io = {network.get_input(i).name: network.get_input(i).dtype.name for i in range(network.num_inputs)}
     io.update({network.get_output(i).name: network.get_output(i).dtype.name for i in range(network.num_outputs)})

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from .. import fileio
-from ..runtime.encoder import CONFIG_FILE, IO, OnnxRuntimeEncoder
-from .encoder import (DEFAULT_CALIBRATION_WINDOWS, _verification_batches, cosine_similarity, external_data_files,
-                      read_config, update_config)
-from ..errors import lookup
+from ..errors import MissingDependency, lookup
+from ..formats.encoder_io import CONFIG_FILE, IO, external_data_files, read_config, update_config
+from ..runtime.encoder import OnnxRuntimeEncoder
+from .calibration import CalibrationWindows, calibration_windows
+from .encoder_check import DEFAULT_CALIBRATION_WINDOWS, _verification_batches, cosine_similarity
+from .encoder_plan import graph_facts
 from .stage_log import phase
 
 
@@ -53,8 +55,6 @@ class QuantizeResult:
 
 
 def _calibration(calibration):
-    from .calibration import CalibrationWindows, calibration_windows
-
     if calibration is None:
         return calibration_windows(count=DEFAULT_CALIBRATION_WINDOWS)
     if isinstance(calibration, CalibrationWindows):
@@ -70,8 +70,6 @@ def _modelopt_quantize(src: Path, dst: Path, spec: QuantPrecision, cal, method, 
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as exc:
-        from ..errors import MissingDependency
-
         raise MissingDependency(
             "ModelOpt ONNX PTQ needs nvidia-modelopt's ONNX extras: `pip install onnx-graphsurgeon==0.6.1 "
             f"onnxslim==0.1.98 onnxscript==0.7.2 lief==1.0.0`; import failed: {exc}") from exc
@@ -99,8 +97,6 @@ def _quantized_cosine(float_onnx: Path, qdq_onnx: Path) -> tuple[float, float]:
 def _check_quantizable(src: Path) -> None:
     """Only a features-input graph: calibration feeds log-mel windows, and an audio-input graph's
     conv STFT must stay float32 (af3trt.kernels.logmel)."""
-    from .encoder_plan import graph_facts
-
     takes = graph_facts(src).takes
     if takes != "features":
         raise ValueError(f"expected a features-input encoder graph to quantize (export_onnx(inputs='features')), "

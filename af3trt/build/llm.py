@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import fileio
+from ..checkpoint import LM_PREFIX, Checkpoint
 from ..errors import OptionError
 from ..spec import MAX_AUDIO_SECONDS, ModelSpec, TextSpec, audio_tokens_for_seconds, check_limit_fields
 from ..formats.precision import (
@@ -26,6 +25,7 @@ from ..formats.precision import (
 )
 from .precision import modelopt_quant_config
 from ..formats.trtllm_checkpoint import GLOBAL_NAMES, LAYER_NAMES, LINEARS
+from .stage_log import progress
 from .trtllm_flags import build_argv
 
 DECODER_TYPE = "qwen"  # ModelOpt's decoder_type for Qwen/Qwen2 (MODEL_NAME_TO_TYPE "QWen" -> "qwen")
@@ -145,7 +145,6 @@ def load_qwen2_from_af3(checkpoint_dir, dtype: str = "bfloat16", device="cpu"):
     """AF3 checkpoint dir or `Checkpoint` (`language_model.model.*`, `language_model.lm_head.weight`) -> Qwen2ForCausalLM."""
     import torch
 
-    from ..checkpoint import LM_PREFIX, Checkpoint
 
     ckpt = checkpoint_dir if isinstance(checkpoint_dir, Checkpoint) else Checkpoint.open(checkpoint_dir)
     state = ckpt.load(LM_PREFIX, dtype=getattr(torch, dtype))
@@ -191,8 +190,6 @@ def quantize_lm(model, precision, kv_cache="auto", calib_batches: Iterable | Non
     param = next(model.parameters())
 
     def forward_loop(m):
-        from .stage_log import progress
-
         with torch.no_grad():
             for b in progress(batches, f"llm_checkpoint: {p.name} calibration", unit="prompt"):
                 m(inputs_embeds=b["inputs_embeds"].to(param.device, param.dtype),
@@ -287,16 +284,6 @@ def _verify_export(path: Path, cfg: dict, p: PrecisionSpec, kv: KVCacheSpec) -> 
             raise RuntimeError(f"rank{r}.safetensors lacks {len(missing)} expected tensors, e.g. {sorted(missing)[:6]}")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-
-
 @contextlib.contextmanager
 def _qwen_config_without_tensorrt_llm():
     """ModelOpt 0.37 (the TensorRT-LLM 1.2 containers' pin) builds a Qwen config.json only through
@@ -355,18 +342,11 @@ def export_checkpoint(*, checkpoint_dir, out_dir, precision, kv_cache="auto", tp
     model = load_qwen2_from_af3(checkpoint_dir, dtype, device)
     quantize_lm(model, p, kv, calib_batches)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(fileio.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with fileio.staged_dir(out) as tmp:  # ModelOpt writes rank*.safetensors 0600: staged_dir fixes the modes
         with _qwen_config_without_tensorrt_llm():
             export_tensorrt_llm_checkpoint(model, DECODER_TYPE, getattr(torch, dtype), export_dir=tmp,
                                            inference_tensor_parallel=tp_size)
         cfg = _postfix_config(tmp, spec.text, p, kv, dtype, tp_size)
         _verify_export(tmp, cfg, p, kv)
-        fileio.tree_like_umask(tmp)  # ModelOpt writes rank*.safetensors 0600 through safetensors
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 

@@ -126,12 +126,12 @@ _TRT_TO_TRITON = {"FLOAT": "TYPE_FP32", "HALF": "TYPE_FP16", "BF16": "TYPE_BF16"
 def _encoder_facts(enc: Path) -> tuple[EncoderIO, int | None]:
     """Encoder tensor names/dtypes and the plan's profile maximum, from encoder/config.json (its `io`
     section, the `plan` section's TensorRT I/O dtypes and profile) or runtime.encoder.IO's defaults."""
-    from ..runtime.encoder import IO
+    from ..formats.encoder_io import IO
 
     if not (enc / "config.json").is_file():
         return EncoderIO(IO.features, IO.frames, IO.embeddings, NUMPY_TO_TRITON[IO.features_dtype],
                          NUMPY_TO_TRITON[IO.frames_dtype], "TYPE_FP32"), None
-    from .encoder import read_config
+    from ..formats.encoder_io import read_config
 
     cfg = read_config(enc)
     takes = (cfg.get("io") or {}).get("takes", "features")

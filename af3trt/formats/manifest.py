@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 
 from .. import fileio
 from ..errors import UserError
@@ -19,7 +21,7 @@ from ..errors import UserError
 FORMAT = "af3trt-engine-dir"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-STAGES = ("tokenizer", "encoder_onnx", "encoder_plan", "llm_checkpoint", "llm_engine")
+STAGE_NAMES = ("tokenizer", "encoder_onnx", "encoder_plan", "llm_checkpoint", "llm_engine")  # build order
 
 
 class ManifestError(UserError):
@@ -44,10 +46,60 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class StageRecord(Mapping):
+    """manifest.json `stages[name]`: the stage's key and checkpoint fingerprint, its `path` (relative
+    to the engine dir), and either `outputs` ({file: {"size", "sha256"}}, once built) or `missing`
+    (why it was not built here), `needs` (the tool), `command` (the `af3trt build` line that finishes
+    it) and `manual` (the stage's own command). `facts`: what the stage reported (dtype, vocab_size,
+    profile, argv, ...). A read-only Mapping over the JSON record: `entry["path"]`, `entry.get(...)`."""
+
+    key: str | None = None
+    checkpoint: str | None = None
+    path: str | None = None
+    outputs: dict | None = None
+    missing: str | None = None
+    needs: str | None = None
+    command: str | None = None
+    manual: str | None = None
+    facts: Mapping = field(default_factory=dict)
+
+    @property
+    def built(self) -> bool:
+        return self.missing is None
+
+    @classmethod
+    def read(cls, data: Mapping) -> "StageRecord":
+        """From the JSON record: known keys become fields, the rest `facts`."""
+        if isinstance(data, StageRecord):
+            return data
+        if not isinstance(data, Mapping):
+            raise ManifestError(f"expected a stage record (a JSON object), got {type(data).__name__}")
+        known = {f.name for f in fields(cls)} - {"facts"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   facts=MappingProxyType({k: v for k, v in data.items() if k not in known}))
+
+    def record(self) -> dict:
+        """The JSON record: the fields that are set, and the facts."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "facts"}
+        return {**{k: v for k, v in out.items() if v is not None}, **self.facts}
+
+    def __getitem__(self, name: str):
+        return self.record()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.record())
+
+    def __len__(self) -> int:
+        return len(self.record())
+
+    def __repr__(self) -> str:
+        return f"StageRecord({self.record()!r})"
+
+
 @dataclass
 class Manifest:
-    """manifest.json content. `stages[name]` holds `key`, `path`, and stage facts, or `missing`
-    (why it was not built) and `command` (how to finish it elsewhere)."""
+    """manifest.json content. `stages[name]` is a `StageRecord`, in build order."""
 
     checkpoint: dict
     model: dict
@@ -58,6 +110,9 @@ class Manifest:
     variant: dict = field(default_factory=lambda: {"name": "base"})  # af3trt.think.variant_record
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        self.stages = {name: StageRecord.read(entry) for name, entry in self.stages.items()}
 
     @classmethod
     def read(cls, engine_dir: str | Path) -> "Manifest":
@@ -85,11 +140,14 @@ class Manifest:
         return cls(**data)
 
     def write(self, engine_dir: str | Path) -> None:
-        fileio.atomic_write_text(Path(engine_dir) / MANIFEST, json.dumps(asdict(self), indent=2, sort_keys=True))
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["stages"] = {name: entry.record() for name, entry in self.stages.items()}
+        fileio.atomic_write(Path(engine_dir) / MANIFEST, json.dumps(data, indent=2, sort_keys=True))
 
-    def stage(self, name: str) -> dict | None:
+    def stage(self, name: str) -> StageRecord | None:
+        """The stage's record when it was built, else None."""
         entry = self.stages.get(name)
-        return entry if entry and "missing" not in entry else None
+        return entry if entry is not None and entry.built else None
 
     def engine_vocab_size(self) -> int:
         """vocab_size of the TensorRT-LLM checkpoint / engine (`stages.llm_checkpoint.vocab_size`): where
@@ -108,9 +166,9 @@ class Manifest:
             entry = self.stages.get(name)
             if entry is None:
                 raise ManifestError(f"expected stage {name!r} in {engine_dir}, the build did not run it")
-            if "missing" in entry:
-                raise ManifestError(f"stage {name!r} of {engine_dir} was not built: {entry['missing']}. "
-                                    f"Finish it with: {entry.get('command', '?')}")
+            if not entry.built:
+                raise ManifestError(f"stage {name!r} of {engine_dir} was not built: {entry.missing}. "
+                                    f"Finish it with: {entry.command or '?'}")
             if not (Path(engine_dir) / entry["path"]).exists():
                 raise ManifestError(f"stage {name!r} lists {entry['path']} but {engine_dir} has no such path")
             problems = output_problems(engine_dir, entry, hashes=False)  # sizes: cheap at every load

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import threading
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,8 @@ from torch import nn
 from .. import dtypes
 from ..checkpoint import ENCODER_PREFIX, PROJECTOR_PREFIX, Checkpoint
 from ..errors import MissingDependency, MissingInputError, OptionError
-from ..spec import (FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW, WINDOW_SAMPLES, AudioSpec, ModelSpec,
-                    audio_token_count, conv_frames)
+from ..formats.encoder_io import IO, ONNX_FILE, PLAN_FILE, encoder_dir
+from ..spec import TOKENS_PER_WINDOW, AudioSpec, ModelSpec, audio_token_count, conv_frames
 
 
 class EncoderLayer(nn.Module):
@@ -139,112 +138,6 @@ class TorchEncoder:
 
 
 # -- deployable backends: the exported graph on ONNX Runtime or TensorRT -------------------------
-
-ENCODER_DIR = "encoder"  # ENGINE_DIR/encoder/ (DESIGN §3)
-ONNX_FILE = "encoder.onnx"
-ONNX_DATA_FILE = "encoder.onnx.data"  # external weights, one file, when the graph is large
-PLAN_FILE = "encoder.plan"
-CONFIG_FILE = "config.json"
-
-
-INPUT_KINDS = ("features", "audio")  # what an encoder graph takes first (EncoderIO.takes)
-
-
-@dataclass(frozen=True)
-class EncoderIO:
-    """Names, dtypes and the dynamic axis of the encoder graph, declared once for export, build, runtime.
-
-    The first input is, per `takes`, either `features`: (W, 128, 3000) float32 log-mel, or `audio`:
-    (W, 480000) float32 zero-padded 16 kHz windows (`af3trt.features.pad_windows`), from which the
-    graph computes the log-mel itself (`af3trt.kernels.logmel`, method "dft"); `signal` names it.
-    frames: (W,) int64 valid mel frames per window (the graph masks attention keys past them exactly
-    as `AudioEncoder` does); embeddings: (W, 750, hidden) float32 (float16 for an fp16 graph). W, the
-    window axis, is the only dynamic axis. `IO` takes features; `IO.for_input("audio")` takes audio.
-    """
-
-    features: str = "features"
-    audio: str = "audio"
-    frames: str = "frames"
-    embeddings: str = "embeddings"
-    windows: str = "windows"
-    features_dtype: str = "float32"
-    audio_dtype: str = "float32"
-    frames_dtype: str = "int64"
-    takes: str = "features"
-
-    def __post_init__(self):
-        if self.takes not in INPUT_KINDS:
-            raise ValueError(f"expected an encoder input kind in {INPUT_KINDS}, got {self.takes!r}")
-
-    def for_input(self, takes: str) -> "EncoderIO":
-        """The same names for a graph that takes `takes` ("features" | "audio")."""
-        return replace(self, takes=takes)
-
-    def for_names(self, inputs, outputs, where: str) -> "EncoderIO":
-        """The I/O of a graph or engine with these tensor names (an `audio` input: takes audio), checked."""
-        io = self.for_input("audio" if self.audio in list(inputs) else "features")
-        io.check_names(inputs, outputs, where)
-        return io
-
-    @property
-    def signal(self) -> str:
-        """Name of the first input: `features` or `audio`, per `takes`."""
-        return self.audio if self.takes == "audio" else self.features
-
-    @property
-    def signal_dtype(self) -> str:
-        return self.audio_dtype if self.takes == "audio" else self.features_dtype
-
-    def signal_shape(self, windows) -> tuple:
-        return (windows, WINDOW_SAMPLES) if self.takes == "audio" else (windows, N_MELS, FRAMES_PER_WINDOW)
-
-    @property
-    def inputs(self) -> tuple[str, str]:
-        return (self.signal, self.frames)
-
-    @property
-    def outputs(self) -> tuple[str]:
-        return (self.embeddings,)
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {name: {0: self.windows} for name in (*self.inputs, *self.outputs)}
-
-    def input_shapes(self, windows: int) -> dict[str, tuple[int, ...]]:
-        return {self.signal: self.signal_shape(windows), self.frames: (windows,)}
-
-    def describe(self, hidden: int, embeddings_dtype: str) -> dict:
-        """The I/O block of the encoder's config.json (`takes`: the input kind)."""
-        w = self.windows
-        return {
-            "takes": self.takes,
-            "inputs": {self.signal: {"dtype": self.signal_dtype, "shape": list(self.signal_shape(w))},
-                       self.frames: {"dtype": self.frames_dtype, "shape": [w]}},
-            "outputs": {self.embeddings: {"dtype": embeddings_dtype, "shape": [w, TOKENS_PER_WINDOW, hidden]}},
-        }
-
-    def check_names(self, inputs, outputs, where: str) -> None:
-        if sorted(inputs) != sorted(self.inputs) or list(outputs) != list(self.outputs):
-            raise ValueError(f"expected encoder inputs {list(self.inputs)} and outputs {list(self.outputs)} in "
-                             f"{where}, got inputs {list(inputs)} and outputs {list(outputs)}")
-
-    def check_frames(self, frames: np.ndarray) -> None:
-        """Every window needs 1..3000 valid frames (0 would mask every attention key)."""
-        if frames.size and (frames.min() < 1 or frames.max() > FRAMES_PER_WINDOW):
-            raise ValueError(f"expected 1..{FRAMES_PER_WINDOW} valid frames per window, got {frames.tolist()}")
-
-    def check_batch(self, signal_shape, frames_shape) -> int:
-        """Validate (W, 128, 3000) features or (W, 480000) audio, and (W,) frames; returns W."""
-        signal_shape, frames_shape = tuple(signal_shape), tuple(frames_shape)
-        w = signal_shape[0] if signal_shape else -1
-        if signal_shape != self.signal_shape(w) or frames_shape != (w,):
-            want = ", ".join(("W", *(str(n) for n in self.signal_shape(w)[1:])))
-            raise ValueError(f"expected {self.signal} ({want}) and frames (W,), "
-                             f"got {self.signal} {signal_shape} and frames {frames_shape}")
-        return w
-
-
-IO = EncoderIO()
-
 
 def _numpy(x, dtype) -> np.ndarray:
     if isinstance(x, torch.Tensor):
@@ -418,12 +311,6 @@ class TensorRTEncoder:
                 n = torch.cat([n, n[-1:].expand(self.min_windows - real)]).contiguous()
             outs.append(self._run(f, n, stream)[:real])
         return outs
-
-
-def encoder_dir(path) -> Path:
-    """ENGINE_DIR/encoder for an engine dir, or `path` itself when it already is the encoder folder."""
-    path = Path(path)
-    return path / ENCODER_DIR if (path / ENCODER_DIR).is_dir() else path
 
 
 def available_encoders(engine_dir) -> list[str]:

@@ -96,7 +96,7 @@ def unavailable_encoders(path) -> dict[str, str]:
     """{encoder backend: why it cannot run here} for an engine dir (None: a checkpoint dir)."""
     import importlib.util
 
-    from .encoder import ONNX_FILE, PLAN_FILE, encoder_dir
+    from ..formats.encoder_io import ONNX_FILE, PLAN_FILE, encoder_dir
 
     d = encoder_dir(path) if path is not None else None
     trt, ort = [], []
