@@ -349,6 +349,31 @@ def test_read_steps_backlog_feeds_answers_as_every_step_would(pipe, live):
     assert n == max(len(w.tokens) for w in want) <= 25 and closed  # stopped when the last answer ended, steps closed
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_stop_strings_checked_only_where_an_id_can_complete_one_equal_checking_every_id(pipe, seed):
+    """The byte-level shortcut (detokenize only at ids whose own text holds a stop string's last
+    character, or U+FFFD) ends every answer where checking after each id does: random byte-level
+    ids with multi-byte characters split across ids, stops taken from the text at random places."""
+    tok = pipe.tokenizer
+    rng = np.random.default_rng(seed)
+    words = ["weather", " fine", " caf\u00e9", " \u65e5\u672c", " na\u00efve", " \U0001f600", " x", "\n"]
+    text = "".join(rng.choice(words) for _ in range(30))
+    ids = tok.encode(text, add_special_tokens=False)
+    ids = ids + rng.integers(0, len(tok), 20).tolist()  # random ids too (special tokens among them)
+    full = tok.decode(ids, skip_special_tokens=True)
+    for _ in range(8):
+        start = int(rng.integers(0, max(1, len(full) - 3)))
+        stops = tuple({full[start: start + int(rng.integers(1, 5))], rng.choice(words).strip() or "x"} - {""})
+        opts = GenerationOptions(max_new_tokens=len(ids), stop=stops, eos_token_ids=(tok.eos_token_id,))
+        lazy = AnswerStream(tok, opts)
+        assert lazy.ends_stop is not None and not lazy.every_token
+        eager = AnswerStream(tok, opts)
+        eager.ends_stop = None  # the check after every id
+        feed_all(lazy, ids)
+        feed_all(eager, ids)
+        assert (lazy.tokens, lazy.finish_reason, lazy.text) == (eager.tokens, eager.finish_reason, eager.text), stops
+
+
 def test_step_generators_run_in_inference_mode_without_leaking_it():
     """A decoder's steps run in inference mode; a caller outside it stays outside between steps, and
     a caller inside it (Pipeline._run) is not re-entered per step."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import weakref
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -546,6 +547,31 @@ def _backend_decode(tokenizer):
     return backend.decode
 
 
+_PIECES: "weakref.WeakKeyDictionary[object, dict[int, str]]" = weakref.WeakKeyDictionary()  # id -> text alone
+
+
+def _stop_enders(tokenizer, stops: Sequence[str]):
+    """`ends_stop(id)`: whether appending id can complete one of `stops`, or None where that cannot
+    be told from the id alone. With a byte-level BPE decoder (Qwen's) the text is the UTF-8 of the
+    ids' bytes one after another, so the character that completes a stop string lies in its id's
+    own text, unless that text holds U+FFFD (a byte sequence cut between ids: then always check).
+    Each id's text is decoded once per tokenizer."""
+    decode = _backend_decode(tokenizer)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    last = frozenset(s[-1] for s in stops)
+    if decode is None or type(getattr(backend, "decoder", None)).__name__ != "ByteLevel" or "\ufffd" in last:
+        return None
+    pieces = _PIECES.setdefault(tokenizer, {})
+
+    def ends_stop(tok: int) -> bool:
+        piece = pieces.get(tok)
+        if piece is None:
+            piece = pieces[tok] = decode([tok], skip_special_tokens=True)
+        return "\ufffd" in piece or not last.isdisjoint(piece)
+
+    return ends_stop
+
+
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """Characters at the end of `text` that may begin a stop string (not shown to a stream yet)."""
     hold = 0
@@ -563,7 +589,9 @@ class AnswerStream:
     string and what follows it removed); `pending()` the piece a stream may show now (held back
     while it could be the start of a stop string). `tokens` keep the id that ended the answer (eos
     or the one completing a stop string), as HF's output does. finish_reason: "stop" (eos id),
-    "stop_string", "length". Without stop strings or streaming, text is decoded once, at the end."""
+    "stop_string", "length". Without stop strings or streaming, text is decoded once, at the end.
+    With stop strings and no stream, on a byte-level BPE tokenizer, the ids are detokenized only at
+    those that can complete a stop string (`ends_stop`), which is where one can first be found."""
 
     def __init__(self, tokenizer, opts: GenerationOptions, streaming: bool = False):
         self.tokenizer = tokenizer
@@ -573,6 +601,9 @@ class AnswerStream:
         self.longest_stop = max((len(s) for s in self.stops), default=0)
         self.live = streaming or bool(self.stops)
         self.detok = IncrementalDetokenizer(tokenizer) if self.live else None
+        self.ends_stop = None if streaming or not self.stops else _stop_enders(tokenizer, self.stops)
+        self.every_token = streaming or (bool(self.stops) and self.ends_stop is None)  # read_steps feeds each step
+        self._unread: list[int] = []  # ids not given to the detokenizer yet (ends_stop)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self._checked = 0  # text before this index holds no stop string
@@ -592,8 +623,9 @@ class AnswerStream:
             tok = int(tok)
             self.tokens.append(tok)
             if self.live:
-                self.detok.add((tok,))
-                if self.stops and self._find_stop():
+                self._unread.append(tok)
+                if (self.ends_stop is None or self.ends_stop(tok)) and self._catch_up() and self.stops \
+                        and self._find_stop():
                     self._finish("stop_string")
                     return
             if tok in self.eos:
@@ -601,10 +633,18 @@ class AnswerStream:
             elif len(self.tokens) >= self.opts.max_new_tokens:
                 self._finish("length")
 
+    def _catch_up(self) -> str:
+        """Give the unread ids to the detokenizer; the text they complete."""
+        piece = self.detok.add(self._unread)
+        self._unread.clear()
+        return piece
+
     def _finish(self, reason: str) -> None:
         self.finish_reason = reason
-        if self.live and self.detok.flush() and self.stops and self._find_stop():
-            self.finish_reason = "stop_string"
+        if self.live:
+            grew = bool(self._catch_up()) | bool(self.detok.flush())
+            if grew and self.stops and self._find_stop():
+                self.finish_reason = "stop_string"
 
     def _find_stop(self) -> bool:
         if self._cut is None:
@@ -619,6 +659,8 @@ class AnswerStream:
     @property
     def text(self) -> str:
         if self.live:
+            if self._unread:
+                self._catch_up()
             text = self.detok.text
             return text[: self._cut] if self._cut is not None else text
         if self._final is None or not self.done:
@@ -642,10 +684,11 @@ def read_steps(steps: Iterator[torch.Tensor], answers: list[AnswerStream], every
     step and for every step when `every_step` (a stream shows them as they come). On the CPU they
     are read at once (nothing to overlap; a late read would cost one more forward).
     The host rows wait in a backlog and reach the answers only when one of them can end: an eos id
-    among them, an answer's max_new_tokens, or an answer that needs every token (a stream, stop
-    strings). Otherwise a step costs one set test, not a call per answer.
+    among them, an answer's max_new_tokens, an id that can complete an answer's stop string, or an
+    answer that needs every token (a stream). Otherwise a step costs a set test, not a call per answer.
     Yields after each step's read; closes `steps` when done (a backend then cancels)."""
-    live = every_step or any(a.live for a in answers)
+    live = every_step or any(a.every_token for a in answers)
+    enders = [(i, a.ends_stop) for i, a in enumerate(answers) if a.ends_stop is not None]
     eos = frozenset().union(*(a.eos for a in answers))
     until = min(a.opts.max_new_tokens for a in answers)  # rows read when the first answer reaches its length
     backlog: list[list[int]] = []
@@ -656,7 +699,8 @@ def read_steps(steps: Iterator[torch.Tensor], answers: list[AnswerStream], every
     def take(row: list[int]) -> bool:
         """One host row of ids; True when every answer is over."""
         backlog.append(row)
-        if not live and eos.isdisjoint(row) and read + len(backlog) < until:
+        if not live and eos.isdisjoint(row) and read + len(backlog) < until \
+                and not any(ends(row[i]) for i, ends in enders):
             return False
         return flush()
 
