@@ -5,7 +5,7 @@
     af3trt build  --model M --out ENGINE_DIR         engine dir (af3trt.build.engine_dir.build_engine_dir)
     af3trt triton --engine-dir E --out REPO          Triton model repository (af3trt.build.triton.write_repository)
     af3trt serve  --repo REPO                        tritonserver on it, in the foreground (af3trt.serving.server.serve)
-    af3trt openai --model M                          OpenAI-compatible API (af3trt.serving.openai_server.serve)
+    af3trt openai --model M | --triton-url H:P       OpenAI-compatible API (af3trt.serving.openai_server.serve)
     af3trt bench  ARGS                               latency benchmark (af3trt.benchmark.cli; = benchmarks/latency.py)
 """
 
@@ -72,10 +72,10 @@ def _cmd_run(args) -> int:
                 print(piece, end="", flush=True)
         print()
         return 0
-    with _audio_warnings("run") as notes:
+    with _audio_warnings("run"):
         result = pipe.generate(conv, **kw)[0]
     if args.json:
-        print(json.dumps({**result.to_dict(), "backends": backends, "warnings": notes}))
+        print(json.dumps({**result.to_dict(), "backends": backends}))  # warnings: Result.warnings
     else:
         print(result.text)
     return 0
@@ -210,23 +210,28 @@ def _cmd_openai(args) -> int:
 
     return serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
                  allow_urls=args.allow_urls, max_queue=args.max_queue, max_body_bytes=args.max_body_mb * 1024 * 1024,
-                 encoder=args.encoder, decoder=args.decoder, device=args.device, dtype=args.dtype)
+                 encoder=args.encoder, decoder=args.decoder, device=args.device, dtype=args.dtype,
+                 triton_url=args.triton_url)
 
 
 def _add_openai(sub) -> None:
     p = sub.add_parser("openai", help="OpenAI-compatible API (chat completions with audio, transcriptions)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="engine dir (af3trt build), AF3 checkpoint dir, or 'tiny'")
+    p.add_argument("--model", default=None, help="serve in-process: engine dir (af3trt build), AF3 checkpoint dir, "
+                   "or 'tiny' (exactly one of --model / --triton-url)")
+    p.add_argument("--triton-url", default=None, metavar="HOST:PORT",
+                   help="forward every request to the `af3` model of a running af3trt Triton repository over gRPC "
+                        "(`af3trt serve`'s gRPC address, e.g. 127.0.0.1:8001); limits come from the repository")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless you mean otherwise)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default="af3", help="the `model` clients send and /v1/models lists")
     p.add_argument("--allow-urls", action="store_true", help="fetch http(s) audio_url parts (size-capped, with a timeout)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 503")
     p.add_argument("--max-body-mb", type=int, default=200, help="request body limit (413 past it)")
-    p.add_argument("--encoder", default="auto", help="encoder backend")
-    p.add_argument("--decoder", default="auto", help="decoder backend")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: by device)")
+    p.add_argument("--encoder", default="auto", help="encoder backend (in-process only)")
+    p.add_argument("--decoder", default="auto", help="decoder backend (in-process only)")
+    p.add_argument("--device", default=None, help="cuda or cpu (in-process only; default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (in-process only; default: by device)")
     p.set_defaults(func=_cmd_openai)
 
 
