@@ -349,17 +349,36 @@ def test_read_steps_backlog_feeds_answers_as_every_step_would(pipe, live):
     assert n == max(len(w.tokens) for w in want) <= 25 and closed  # stopped when the last answer ended, steps closed
 
 
-@pytest.mark.parametrize("seed", range(6))
+def test_byte_level_token_bytes_are_what_the_tokenizer_decodes(pipe):
+    """Every id's bytes (from its byte-level token) are known, and any ids' bytes one after another
+    decode to the tokenizer's text: what the stop-string shortcut relies on."""
+    from af3trt.runtime.generation import _backend_decode, _token_bytes
+
+    tok = pipe.tokenizer
+    decode, special = _backend_decode(tok), frozenset(tok.all_special_ids)
+    rows = pipe.fake_id_base  # lm_head rows: past the tokenizer's ids too (no text)
+    assert rows > len(tok)
+    table = {i: _token_bytes(i, tok._tokenizer, decode, special) for i in range(rows)}
+    assert all(b is not None for b in table.values())
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = rng.integers(0, rows, 12).tolist()
+        assert b"".join(table[i] for i in ids).decode("utf-8", "replace") == tok.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("seed", range(12))
 def test_stop_strings_checked_only_where_an_id_can_complete_one_equal_checking_every_id(pipe, seed):
-    """The byte-level shortcut (detokenize only at ids whose own text holds a stop string's last
-    character, or U+FFFD) ends every answer where checking after each id does: random byte-level
-    ids with multi-byte characters split across ids, stops taken from the text at random places."""
+    """The byte-level shortcut (detokenize only at ids holding a stop string's last byte, and after
+    one the detokenizer held back) ends every answer where checking after each id does: byte-level
+    ids with multi-byte characters split across ids, random ids (bytes that form no character,
+    special ids), stops cut from the text at random places."""
     tok = pipe.tokenizer
     rng = np.random.default_rng(seed)
-    words = ["weather", " fine", " caf\u00e9", " \u65e5\u672c", " na\u00efve", " \U0001f600", " x", "\n"]
+    words = ["weather", " fine", " caf\u00e9", " \u65e5\u672c", " na\u00efve", " \U0001f600", " x", "\n", ".", "\u2407"]
     text = "".join(rng.choice(words) for _ in range(30))
     ids = tok.encode(text, add_special_tokens=False)
-    ids = ids + rng.integers(0, len(tok), 20).tolist()  # random ids too (special tokens among them)
+    cut = int(rng.integers(0, len(ids)))
+    ids = ids[:cut] + rng.integers(0, len(tok), 20).tolist() + ids[cut:]  # random ids amid the text
     full = tok.decode(ids, skip_special_tokens=True)
     for _ in range(8):
         start = int(rng.integers(0, max(1, len(full) - 3)))

@@ -522,6 +522,11 @@ class IncrementalDetokenizer:
             return self._emit(window)
         return ""
 
+    @property
+    def holding(self) -> bool:
+        """Ids are waiting for the rest of a character (their text is not in `text` yet)."""
+        return self._read < len(self.ids)
+
     def flush(self) -> str:
         """The rest at the end of generation (an incomplete trailing character decodes as U+FFFD)."""
         if self._read == len(self.ids):
@@ -547,29 +552,57 @@ def _backend_decode(tokenizer):
     return backend.decode
 
 
-_PIECES: "weakref.WeakKeyDictionary[object, dict[int, str]]" = weakref.WeakKeyDictionary()  # id -> text alone
+_TOKEN_BYTES: "weakref.WeakKeyDictionary[object, dict[int, bytes | None]]" = weakref.WeakKeyDictionary()
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table: printable Latin-1 bytes stand
+    for themselves, the others map to 256 + n in order), inverted: character -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    others = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_ALPHABET = _byte_level_alphabet()
 
 
 def _stop_enders(tokenizer, stops: Sequence[str]):
     """`ends_stop(id)`: whether appending id can complete one of `stops`, or None where that cannot
     be told from the id alone. With a byte-level BPE decoder (Qwen's) the text is the UTF-8 of the
-    ids' bytes one after another, so the character that completes a stop string lies in its id's
-    own text, unless that text holds U+FFFD (a byte sequence cut between ids: then always check).
-    Each id's text is decoded once per tokenizer."""
+    ids' bytes one after another, so the id that completes a stop string holds the last byte of its
+    last character. Each id's bytes are read once per tokenizer from its token and checked against
+    the tokenizer's own decode of it; an id whose bytes cannot be told is always checked."""
     decode = _backend_decode(tokenizer)
     backend = getattr(tokenizer, "_tokenizer", None)
-    last = frozenset(s[-1] for s in stops)
-    if decode is None or type(getattr(backend, "decoder", None)).__name__ != "ByteLevel" or "\ufffd" in last:
+    if decode is None or type(getattr(backend, "decoder", None)).__name__ != "ByteLevel" \
+            or any(s.endswith("\ufffd") for s in stops):  # U+FFFD also stands for bytes that are no character
         return None
-    pieces = _PIECES.setdefault(tokenizer, {})
+    last = frozenset(s[-1].encode()[-1] for s in stops)
+    known = _TOKEN_BYTES.setdefault(tokenizer, {})
+    special = frozenset(tokenizer.all_special_ids)
 
     def ends_stop(tok: int) -> bool:
-        piece = pieces.get(tok)
-        if piece is None:
-            piece = pieces[tok] = decode([tok], skip_special_tokens=True)
-        return "\ufffd" in piece or not last.isdisjoint(piece)
+        if tok not in known:
+            known[tok] = _token_bytes(tok, backend, decode, special)
+        got = known[tok]
+        return got is None or not last.isdisjoint(got)
 
     return ends_stop
+
+
+def _token_bytes(tok: int, backend, decode, special) -> bytes | None:
+    """The bytes id `tok` adds to the text (b"" for a skipped special id), or None where its token is
+    not plain byte-level text or its bytes do not decode to what the tokenizer decodes it to."""
+    if tok in special:
+        return b""
+    token = backend.id_to_token(tok)
+    if token is None:  # an lm_head row past the tokenizer (AF3: 151672 rows, 151665 ids): no text
+        return b"" if decode([tok], skip_special_tokens=True) == "" else None
+    try:
+        got = bytes(_ALPHABET[c] for c in token)
+    except KeyError:
+        return None
+    return got if got.decode("utf-8", "replace") == decode([tok], skip_special_tokens=True) else None
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -591,7 +624,8 @@ class AnswerStream:
     or the one completing a stop string), as HF's output does. finish_reason: "stop" (eos id),
     "stop_string", "length". Without stop strings or streaming, text is decoded once, at the end.
     With stop strings and no stream, on a byte-level BPE tokenizer, the ids are detokenized only at
-    those that can complete a stop string (`ends_stop`), which is where one can first be found."""
+    those that can complete a stop string (`ends_stop`) and after one the detokenizer held back:
+    where a check after every id would first find one."""
 
     def __init__(self, tokenizer, opts: GenerationOptions, streaming: bool = False):
         self.tokenizer = tokenizer
@@ -624,8 +658,9 @@ class AnswerStream:
             self.tokens.append(tok)
             if self.live:
                 self._unread.append(tok)
-                if (self.ends_stop is None or self.ends_stop(tok)) and self._catch_up() and self.stops \
-                        and self._find_stop():
+                # the detokenizer holds text back at an incomplete character: catch up at the next id too
+                if (self.ends_stop is None or self.ends_stop(tok) or self.detok.holding) and self._catch_up() \
+                        and self.stops and self._find_stop():
                     self._finish("stop_string")
                     return
             if tok in self.eos:
