@@ -289,7 +289,7 @@ def _add_generation(p, defaults: str | None = None) -> None:
 
 def build_parser(run_defaults: str | None = None) -> argparse.ArgumentParser:
     from . import __version__
-    from .build.precision import KV_CACHES, PRECISIONS
+    from .formats.precision import KV_CACHES, PRECISIONS
 
     parser = argparse.ArgumentParser(prog="af3trt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -309,7 +309,7 @@ def build_parser(run_defaults: str | None = None) -> argparse.ArgumentParser:
                        formatter_class=defaults)
     p.add_argument("--model", required=True, help="AF3 checkpoint dir (HF layout) or 'tiny'")
     p.add_argument("--out", required=True, help="engine dir to write")
-    from .build.precision import KV_CACHES, PRECISIONS  # the one registry: build, floors, labels, these choices
+    from .formats.precision import KV_CACHES, PRECISIONS  # the one registry: build, floors, labels, these choices
 
     p.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
                    help="decoder precision: " + "; ".join(f"{k}: {v.description}" for k, v in PRECISIONS.items()))

@@ -20,7 +20,7 @@ import numpy as np
 from . import fileio
 from .errors import ExistingOutputError, OptionError
 from .fileio import temp_dir_beside
-from .spec import N_MELS
+from .spec import N_MELS, ModelSpec
 
 TINY_AUDIO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
 # hidden and every linear input width a multiple of 128 so INT4 AWQ (group 128) can run
@@ -360,3 +360,53 @@ def make_tiny_think(out: Path, config: dict, seed: int = 0) -> Path:
         non_lora[name] = torch.from_numpy((like.mean() + scale * rng.standard_normal(like.shape)).astype(np.float32))
     torch.save(non_lora, out / "non_lora_trainables.bin")
     return out
+
+
+# --------------------------------------------------------------------------- the full-size AF3 config
+# The shapes of `nvidia/audio-flamingo-3-hf` (DESIGN §1, reference/af3.md), at `scale` for random-weight
+# benchmarks (`af3trt.benchmark.random_model`) and for floors (`full_spec`).
+FULL_AUDIO = {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 20, "intermediate_size": 5120}
+FULL_TEXT = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+             "num_key_value_heads": 4, "vocab_size": 151672}
+AUDIO_HEAD_DIM = 64  # 1280 / 20
+TEXT_HEAD_DIM = 128  # 3584 / 28
+WIDTH_MULTIPLE = 64  # scaled FFN widths stay multiples of 64
+
+
+def _scaled(n: int, scale: float, multiple: int = 1, minimum: int = 1) -> int:
+    return max(minimum, int(round(n * scale / multiple)) * multiple)
+
+
+def random_config(scale: float = 1.0, *, audio_token_id: int, eos_token_id: int, pad_token_id: int,
+                  min_vocab: int = 0) -> dict:
+    """AF3 config.json (HF layout) at `scale` of the real size; scale 1.0 is exact."""
+    if not 0 < scale <= 1:
+        raise OptionError(f"expected 0 < scale <= 1, got {scale}")
+    audio_heads = _scaled(FULL_AUDIO["num_attention_heads"], scale)
+    kv = _scaled(FULL_TEXT["num_key_value_heads"], scale)
+    heads = max(kv, _scaled(FULL_TEXT["num_attention_heads"], scale) // kv * kv)
+    vocab = max(min_vocab, _scaled(FULL_TEXT["vocab_size"], scale))
+    audio = {"model_type": "audioflamingo3_encoder", "activation_function": "gelu", "num_mel_bins": N_MELS,
+             "max_source_positions": 1500, "scale_embedding": False, "dropout": 0.0, "attention_dropout": 0.0,
+             "activation_dropout": 0.0, "layerdrop": 0.0, "initializer_range": 0.02,
+             "hidden_size": audio_heads * AUDIO_HEAD_DIM,
+             "num_hidden_layers": _scaled(FULL_AUDIO["num_hidden_layers"], scale),
+             "num_attention_heads": audio_heads,
+             "intermediate_size": _scaled(FULL_AUDIO["intermediate_size"], scale, WIDTH_MULTIPLE, WIDTH_MULTIPLE)}
+    text = {"model_type": "qwen2", "hidden_act": "silu", "vocab_size": vocab, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+            "use_sliding_window": False, "sliding_window": None, "attention_dropout": 0.0,
+            "initializer_range": 0.02, "use_cache": True, "hidden_size": heads * TEXT_HEAD_DIM,
+            "intermediate_size": _scaled(FULL_TEXT["intermediate_size"], scale, WIDTH_MULTIPLE, WIDTH_MULTIPLE),
+            "num_hidden_layers": _scaled(FULL_TEXT["num_hidden_layers"], scale), "num_attention_heads": heads,
+            "num_key_value_heads": kv, "bos_token_id": pad_token_id, "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id}
+    text["max_window_layers"] = text["num_hidden_layers"]
+    return {"architectures": ["AudioFlamingo3ForConditionalGeneration"], "model_type": "audioflamingo3",
+            "audio_config": audio, "text_config": text, "audio_token_id": audio_token_id,
+            "projector_hidden_act": "gelu", "projector_bias": True}
+
+
+def full_spec() -> ModelSpec:
+    """ModelSpec of the real AF3 (with the published special-token ids) for floors and docs."""
+    return ModelSpec.from_config(random_config(1.0, audio_token_id=151669, eos_token_id=151645, pad_token_id=151643))

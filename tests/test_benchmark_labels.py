@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from af3trt.benchmark.floor import WEIGHT_BYTES, decode_weight_bytes
-from af3trt.build.precision import KV_CACHES, PRECISIONS
+from af3trt.formats.precision import KV_CACHES, PRECISIONS
 from af3trt.stats import percentile
 
 SAMPLES = [10.0, 11.0, 30.0]  # ms: three timed calls, one slow
 
 
 def test_every_build_precision_has_its_own_floor():
-    from af3trt.benchmark.random_model import full_spec
+    from af3trt.tiny import full_spec
 
     t = full_spec().text
     gb = {p: decode_weight_bytes(t, p) / 1e9 for p in PRECISIONS}
@@ -27,7 +27,7 @@ def test_every_build_precision_has_its_own_floor():
 
 def test_rows_are_floored_at_their_own_precision():
     from af3trt.benchmark.latency import _floor_block
-    from af3trt.benchmark.random_model import full_spec
+    from af3trt.tiny import full_spec
 
     hw = {"copy_gbps": 4000.0, "matmul_bf16_tflops": 700.0}
     row = {"batch": 1, "prompt_tokens": 800, "new_tokens": 32, "audio_seconds": 30.0, "stages_ms": {
@@ -80,7 +80,7 @@ def _kernels_bench():
 
 def test_one_percentile_definition_never_beyond_the_samples():
     from af3trt.benchmark.latency import _percentiles as latency_p
-    from af3trt.runtime.fast_decoder import _percentiles as decoder_p
+    from af3trt.benchmark.decode_step import _percentiles as decoder_p
 
     old_p90 = statistics.quantiles(SAMPLES, n=10)[8]
     print(f"statistics.quantiles p90 {old_p90:.1f} ms > slowest {max(SAMPLES)} ms; "

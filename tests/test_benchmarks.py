@@ -238,7 +238,8 @@ def test_teacher_forced_logits_reproduce_greedy_answer(pipe):
 
 def test_random_model_small_scale_matches_hf_and_shares_weights(tiny_dir):
     from af3trt.benchmark.backends import conversations
-    from af3trt.benchmark.random_model import build, full_spec
+    from af3trt.benchmark.random_model import build
+    from af3trt.tiny import full_spec
 
     spec = full_spec()
     assert (spec.text.hidden_size, spec.text.intermediate_size, spec.text.num_layers, spec.text.num_heads,
@@ -261,7 +262,7 @@ def test_random_model_small_scale_matches_hf_and_shares_weights(tiny_dir):
 
 def test_floor_arithmetic_matches_reference_numbers():
     from af3trt.benchmark.floor import decode_weight_bytes, floors, kv_bytes_per_token, model_summary
-    from af3trt.benchmark.random_model import full_spec
+    from af3trt.tiny import full_spec
 
     spec = full_spec()
     assert decode_weight_bytes(spec.text) / 1e9 == pytest.approx(14.14, abs=0.01)  # reference/af3.md

@@ -12,10 +12,10 @@ import torch
 
 from af3trt.build import llm
 from af3trt.formats import trtllm_checkpoint as tckpt
-from af3trt.build.precision import (
-    KV_CACHES, KV_QUANTIZER, PRECISIONS, get_kv_cache, get_precision, modelopt_quant_config, resolve_dtype,
-    trtllm_quantization,
+from af3trt.formats.precision import (
+    KV_CACHES, PRECISIONS, get_kv_cache, get_precision, resolve_dtype, trtllm_quantization,
 )
+from af3trt.build.precision import KV_QUANTIZER, modelopt_quant_config
 from af3trt.build.trtllm_flags import TRTLLM_BUILD_FLAGS, FlagError, build_argv, parse_argv
 
 # Relative logits error ||l - l_ref|| / ||l_ref|| against the bf16 reference on the tiny random model

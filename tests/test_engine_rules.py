@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from af3trt.build.engine_dir import BuildOptions, build_engine_dir
-from af3trt.build.engine_rules import UnsupportedTarget, effective_plugins, kv_reuse_allowed, target_gpu
+from af3trt.build.engine_rules import UnsupportedTarget, effective_plugins, target_gpu
+from af3trt.formats.trtllm_engine import kv_reuse_allowed
 from af3trt.formats.manifest import Manifest
 
 from .test_triton import fake_engine_dir, parse_repository

@@ -365,7 +365,7 @@ def tiny_text():
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_decode_step_benchmark_runs_on_cpu(fp8):
-    from af3trt.runtime.fast_decoder import decode_step_benchmark
+    from af3trt.benchmark.decode_step import decode_step_benchmark
 
     hw = {"copy_gbps": 10.0}
     row = decode_step_benchmark(tiny_text(), batch=2, kv_len=300, fp8=fp8, iters=3, eager_iters=2, warmup=1,
@@ -451,7 +451,7 @@ def test_gpu_fp8_path_runs_within_budget(ckpt, fp8_dir, fp8_activations, budget)
 @pytest.mark.gpu
 @CUDA
 def test_gpu_decode_step_benchmark_small():
-    from af3trt.runtime.fast_decoder import benchmark_matrix
+    from af3trt.benchmark.decode_step import benchmark_matrix
 
     rows = benchmark_matrix(iters=5, kv_len=256, batches=(1, 2), spec_or_full_size=tiny_text())
     for r in rows:

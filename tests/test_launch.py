@@ -101,7 +101,8 @@ def test_the_server_must_run_the_engines_tensorrt_llm():
 
 
 def test_in_process_decoder_refuses_tp2_with_the_command_that_works(tiny_dir, tmp_path):
-    from af3trt.runtime.trtllm import check_single_rank, engine_config
+    from af3trt.runtime.trtllm import check_single_rank
+    from af3trt.formats.trtllm_engine import engine_config
 
     engine = tp_engine_dir(tiny_dir, tmp_path / "engine", 2)
     with pytest.raises(ValueError, match=r"tp_size 2 x pp_size 1 = 2 ranks .* af3trt triton --engine-dir .* "

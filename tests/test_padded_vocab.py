@@ -11,7 +11,7 @@ import torch
 from af3trt.build.engine_dir import BuildOptions, build_engine_dir
 from af3trt.build.llm import EngineLimits
 from af3trt.formats.manifest import Manifest
-from af3trt.build.precision import PRECISIONS, engine_vocab_size
+from af3trt.formats.precision import PRECISIONS, engine_vocab_size
 from af3trt.runtime import Pipeline
 from af3trt.spec import ModelSpec
 from af3trt.tiny import make_tiny_checkpoint

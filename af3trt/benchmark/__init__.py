@@ -1,7 +1,8 @@
 """Benchmarks: latency (per stage, vs transformers, vs hardware floors) and their reports.
 
 `run_latency(LatencyConfig(...)) -> dict`, `write_report(result, "out.json")`, `measure(device)`,
-`floors(spec, hw, ...)`, `environment()`, `random_model.build(scale, device=...)`. Submodules
+`floors(spec, hw, ...)`, `environment()`, `random_model.build(scale, device=...)`,
+`decode_step.decode_step_benchmark(...)` (the fast decoder's step vs its floor). Submodules
 import torch; nothing here imports matplotlib, transformers or TensorRT until used.
 """
 

@@ -420,7 +420,7 @@ _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 def engine_labels(manifest) -> tuple[str, str]:
     """(decoder precision, KV-cache format) of an engine dir, as registry names
     (af3trt.build.precision.PRECISIONS / KV_CACHES): the labels of its rows and the keys of its floors."""
-    from ..build.precision import get_kv_cache, get_precision
+    from ..formats.precision import get_kv_cache, get_precision
 
     p = manifest.precision
     return get_precision(p["llm"]).name, get_kv_cache(p.get("kv_cache", "auto")).name

@@ -19,6 +19,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .. import __version__
+
 # module name -> distribution names to try (the first that has metadata wins)
 PACKAGES = {
     "torch": ("torch",),
@@ -47,9 +49,7 @@ def package_version(module: str, dists: tuple[str, ...]) -> str | None:
         except importlib.metadata.PackageNotFoundError:
             continue
     if module == "af3trt":
-        import af3trt
-
-        return af3trt.__version__
+        return __version__
     return "importable (version unknown)"
 
 

@@ -14,20 +14,24 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import OptionError
+from ..dtypes import DTYPES
+from ..errors import lookup
+from ..formats.precision import KV_CACHES, PRECISIONS
 from ..spec import FRAMES_PER_WINDOW, TOKENS_PER_WINDOW, AudioSpec, ModelSpec, TextSpec, conv_frames
+from ..stats import device_times
+from ..tiny import full_spec
+from .env import environment
 
-from ..build.precision import KV_CACHES, PRECISIONS
-
-# bytes per decoder weight: the build's precision registry (af3trt.build.precision.PRECISIONS, the
-# names `af3trt build --precision` takes and benchmark rows carry), plus fp32 for CPU torch rows
-WEIGHT_BYTES = {"fp32": 4.0, **{name: spec.weight_bytes for name, spec in PRECISIONS.items()}}
-KV_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0,
+UNQUANTIZED = ("bf16", "fp16", "fp32")
+_FLOAT_BYTES = {d.short: d.bytes for d in DTYPES.values() if d.short in UNQUANTIZED}
+# bytes per decoder weight: the precision registry (af3trt.formats.precision.PRECISIONS, the names
+# `af3trt build --precision` takes and benchmark rows carry), plus fp32 for CPU torch rows
+WEIGHT_BYTES = {**_FLOAT_BYTES, **{name: spec.weight_bytes for name, spec in PRECISIONS.items()}}
+KV_BYTES = {**_FLOAT_BYTES,
             **{name: spec.bytes_per_value for name, spec in KV_CACHES.items() if spec.bytes_per_value}}
 
 
@@ -41,38 +45,17 @@ class MeasureSizes:
 SIZES = {"cuda": MeasureSizes(1 << 30, 8192, 20), "cpu": MeasureSizes(32 << 20, 256, 5)}
 
 
-def _timed(fn, device: torch.device, repeats: int) -> list[float]:
-    """Seconds per call of fn, device synchronized; one untimed warm-up call."""
-    fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def _copy_seconds(device: torch.device, nbytes: int, repeats: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    return statistics.median(_timed(lambda: dst.copy_(src), device, repeats))
+    return statistics.median(device_times(lambda: dst.copy_(src), repeats, 1, device))
 
 
 def _matmul_seconds(device: torch.device, n: int, repeats: int) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
-    return statistics.median(_timed(lambda: torch.mm(a, b, out=out), device, repeats))
+    return statistics.median(device_times(lambda: torch.mm(a, b, out=out), repeats, 1, device))
 
 
 def measure(device: str | torch.device = "cuda", sizes: MeasureSizes | None = None) -> dict:
@@ -111,9 +94,6 @@ def lm_params(t: TextSpec) -> dict[str, int]:
     return {"embedding": embed, "layers": layers, "lm_head": head, "total": embed + layers + head}
 
 
-UNQUANTIZED = ("bf16", "fp16", "fp32")
-
-
 def decode_weight_bytes(t: TextSpec, precision: str = "bf16") -> float:
     """Bytes one decode step reads: all LM weights but the embedding table (only B rows are read).
 
@@ -121,14 +101,14 @@ def decode_weight_bytes(t: TextSpec, precision: str = "bf16") -> float:
     af3trt's FP8 path keep it (norms and biases are counted at the precision too: negligible)."""
     p = lm_params(t)
     head = p["lm_head"] or p["embedding"]
-    per_weight = _lookup(WEIGHT_BYTES, precision, "weight precision")
+    per_weight = lookup(WEIGHT_BYTES, precision, "weight precision")
     head_bytes = per_weight if precision in UNQUANTIZED else WEIGHT_BYTES["bf16"]
     return p["layers"] * per_weight + head * head_bytes
 
 
 def kv_bytes_per_token(t: TextSpec, kv_precision: str = "bf16") -> float:
     """K and V of every layer for one token (bf16 Qwen2.5-7B: 2 x 28 x 4 x 128 x 2 B = 56 KiB)."""
-    return 2 * t.num_layers * t.num_kv_heads * t.head_dim * _lookup(KV_BYTES, kv_precision, "KV-cache precision")
+    return 2 * t.num_layers * t.num_kv_heads * t.head_dim * lookup(KV_BYTES, kv_precision, "KV-cache precision")
 
 
 def prefill_flops(t: TextSpec, tokens: int, batch: int = 1) -> float:
@@ -146,12 +126,6 @@ def encoder_flops(a: AudioSpec, text_hidden: int, windows: int) -> float:
     layers = a.num_layers * (2 * positions * (4 * d * d + 2 * d * f) + 4 * positions * positions * d)
     projector = 2 * TOKENS_PER_WINDOW * (d * text_hidden + text_hidden * text_hidden)
     return float(windows * (convs + layers + projector))
-
-
-def _lookup(table: dict, key: str, what: str):
-    if key not in table:
-        raise OptionError(f"expected {what} in {sorted(table)}, got {key!r}")
-    return table[key]
 
 
 def floors(spec: ModelSpec, hw: dict, *, batch: int = 1, prompt_tokens: int = 0, new_tokens: int = 0,
@@ -197,9 +171,6 @@ FLOOR_SCHEMA = "af3trt.floor/1"
 
 def floor_record(device: str | None = None) -> dict:
     """Environment, measured rates and the full-size AF3 decode floors per weight precision."""
-    from .env import environment
-    from .random_model import full_spec
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     hw = measure(device)
     return {"schema": FLOOR_SCHEMA, "env": environment(), "hardware": hw, "model": model_summary(full_spec(), hw)}

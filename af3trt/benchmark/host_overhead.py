@@ -16,6 +16,8 @@ PYTHONPATH (`PYTHONPATH=OLD python af3trt/benchmark/host_overhead.py --out befor
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import platform
 import statistics
@@ -24,6 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+
+import af3trt
+from af3trt.audio import synthetic_audio
+from af3trt.runtime import Pipeline
 
 NEVER = "\u2407never\u2407"  # a stop string the tiny model does not produce: checked at every step
 
@@ -36,8 +42,8 @@ class StepClock:
 
     def __init__(self):
         self.seconds, self.steps = 0.0, 0
-        try:
-            import af3trt.runtime.sampling as old
+        try:  # an older checkout's token loop (absent from this one)
+            old = importlib.import_module("af3trt.runtime.sampling")
         except ImportError:
             self.builtin = True
             return
@@ -65,8 +71,6 @@ class StepClock:
 def measure(pipe, batch: int, new_tokens: int, stop: str | None, repeats: int, fix: str = "min_new_tokens") -> dict:
     """Per-step host overhead (ms) of `repeats` generate calls of `batch` conversations (after one
     untimed warm-up call); `fix`: how the output length is fixed (min_new_tokens | ignore_eos)."""
-    from af3trt.audio import synthetic_audio
-
     convs = [[{"role": "user", "content": [{"type": "audio", "audio": synthetic_audio(2.0 + i, i)},
                                            {"type": "text", "text": "Transcribe the input speech."}]}]
              for i in range(batch)]
@@ -90,8 +94,6 @@ def measure(pipe, batch: int, new_tokens: int, stop: str | None, repeats: int, f
 
 
 def run(model: str = "tiny", batches=(1, 8), new_tokens: int = 256, repeats: int = 3) -> dict:
-    from af3trt.runtime import Pipeline
-
     pipe = Pipeline.from_pretrained(model, device="cpu", dtype="float32")
     fixes = ["min_new_tokens"] + (["ignore_eos"] if _has_ignore_eos() else [])
     rows = [measure(pipe, b, new_tokens, stop, repeats, fix) for fix in fixes for b in batches for stop in (None, NEVER)]
@@ -101,19 +103,15 @@ def run(model: str = "tiny", batches=(1, 8), new_tokens: int = 256, repeats: int
 
 
 def _has_ignore_eos() -> bool:
-    import dataclasses
-
-    try:
-        from af3trt.runtime.generation import GenerationOptions
-    except ImportError:
+    try:  # older checkouts have no af3trt.runtime.generation
+        options = importlib.import_module("af3trt.runtime.generation").GenerationOptions
+    except (ImportError, AttributeError):
         return False
-    return "ignore_eos" in {f.name for f in dataclasses.fields(GenerationOptions)}
+    return "ignore_eos" in {f.name for f in dataclasses.fields(options)}
 
 
 def _commit() -> str | None:
     """The commit of the af3trt that was measured (the imported package's checkout)."""
-    import af3trt
-
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(af3trt.__file__).resolve().parent).stdout.strip()

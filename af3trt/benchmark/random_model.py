@@ -1,7 +1,7 @@
 """Full-size AF3 with random weights, built on the device, for latency benchmarks (`--random-weights`).
 
 No checkpoint is written or read: the shapes are those of `nvidia/audio-flamingo-3-hf`
-(DESIGN §1, reference/af3.md) — encoder d 1280, 32 layers, 20 heads, ffn 5120; projector
+(`af3trt.tiny.random_config`; DESIGN §1, reference/af3.md) — encoder d 1280, 32 layers, 20 heads, ffn 5120; projector
 1280 -> 3584 -> 3584; Qwen2.5-7B LM: hidden 3584, ffn 18944, 28 layers, 28 heads, 4 KV heads,
 vocab 151672 — and the tokenizer is the tiny checkpoint's (its ids are valid ids of the large
 vocabulary; `<sound>` is its own id). Timing does not depend on weight values.
@@ -25,15 +25,19 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import ENCODER_PREFIX, LM_PREFIX, PROJECTOR_PREFIX, hub_name
 from ..errors import OptionError
-from ..spec import N_MELS, ModelSpec
+from ..prompt import PromptBuilder
+from ..runtime.decoder import Qwen2Decoder, TorchDecoder
+from ..runtime.encoder import AudioEncoder, TorchEncoder
+from ..runtime.generation import GenerationDefaults
+from ..runtime.pipeline import Pipeline
+from ..spec import ModelSpec
+from ..tiny import default_tiny_dir, full_spec, make_tiny_checkpoint, random_config
+from .floor import lm_params
 
-FULL_AUDIO = {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 20, "intermediate_size": 5120}
-FULL_TEXT = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-             "num_key_value_heads": 4, "vocab_size": 151672}
-AUDIO_HEAD_DIM = 64  # 1280 / 20
-TEXT_HEAD_DIM = 128  # 3584 / 28
-WIDTH_MULTIPLE = 64  # scaled FFN widths stay multiples of 64
+__all__ = ["RandomModels", "available_bytes", "build", "build_hf", "check_fits", "full_spec", "hf_available",
+           "modules_from_hf", "modules_on_device", "random_config", "weight_bytes"]  # full_spec, random_config: af3trt.tiny
 
 
 @dataclass
@@ -48,45 +52,6 @@ class RandomModels:
     processor: object | None
     weights: str
     tokenizer_dir: Path
-
-
-def _scaled(n: int, scale: float, multiple: int = 1, minimum: int = 1) -> int:
-    return max(minimum, int(round(n * scale / multiple)) * multiple)
-
-
-def random_config(scale: float = 1.0, *, audio_token_id: int, eos_token_id: int, pad_token_id: int,
-                  min_vocab: int = 0) -> dict:
-    """AF3 config.json (HF layout) at `scale` of the real size; scale 1.0 is exact."""
-    if not 0 < scale <= 1:
-        raise OptionError(f"expected 0 < scale <= 1, got {scale}")
-    audio_heads = _scaled(FULL_AUDIO["num_attention_heads"], scale)
-    kv = _scaled(FULL_TEXT["num_key_value_heads"], scale)
-    heads = max(kv, _scaled(FULL_TEXT["num_attention_heads"], scale) // kv * kv)
-    vocab = max(min_vocab, _scaled(FULL_TEXT["vocab_size"], scale))
-    audio = {"model_type": "audioflamingo3_encoder", "activation_function": "gelu", "num_mel_bins": N_MELS,
-             "max_source_positions": 1500, "scale_embedding": False, "dropout": 0.0, "attention_dropout": 0.0,
-             "activation_dropout": 0.0, "layerdrop": 0.0, "initializer_range": 0.02,
-             "hidden_size": audio_heads * AUDIO_HEAD_DIM,
-             "num_hidden_layers": _scaled(FULL_AUDIO["num_hidden_layers"], scale),
-             "num_attention_heads": audio_heads,
-             "intermediate_size": _scaled(FULL_AUDIO["intermediate_size"], scale, WIDTH_MULTIPLE, WIDTH_MULTIPLE)}
-    text = {"model_type": "qwen2", "hidden_act": "silu", "vocab_size": vocab, "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "tie_word_embeddings": False,
-            "use_sliding_window": False, "sliding_window": None, "attention_dropout": 0.0,
-            "initializer_range": 0.02, "use_cache": True, "hidden_size": heads * TEXT_HEAD_DIM,
-            "intermediate_size": _scaled(FULL_TEXT["intermediate_size"], scale, WIDTH_MULTIPLE, WIDTH_MULTIPLE),
-            "num_hidden_layers": _scaled(FULL_TEXT["num_hidden_layers"], scale), "num_attention_heads": heads,
-            "num_key_value_heads": kv, "bos_token_id": pad_token_id, "eos_token_id": eos_token_id,
-            "pad_token_id": pad_token_id}
-    text["max_window_layers"] = text["num_hidden_layers"]
-    return {"architectures": ["AudioFlamingo3ForConditionalGeneration"], "model_type": "audioflamingo3",
-            "audio_config": audio, "text_config": text, "audio_token_id": audio_token_id,
-            "projector_hidden_act": "gelu", "projector_bias": True}
-
-
-def full_spec() -> ModelSpec:
-    """ModelSpec of the real AF3 (with the published special-token ids) for floors and docs."""
-    return ModelSpec.from_config(random_config(1.0, audio_token_id=151669, eos_token_id=151645, pad_token_id=151643))
 
 
 @contextlib.contextmanager
@@ -138,10 +103,6 @@ def build_hf(config: dict, device, dtype: torch.dtype, attn: str = "sdpa"):
 
 def modules_from_hf(hf, spec: ModelSpec):
     """af3trt's AudioEncoder and Qwen2Decoder reading the tensors of `hf` (no copy)."""
-    from ..checkpoint import ENCODER_PREFIX, LM_PREFIX, PROJECTOR_PREFIX, hub_name
-    from ..runtime.decoder import Qwen2Decoder
-    from ..runtime.encoder import AudioEncoder
-
     enc_state, dec_state = {}, {}
     for key, tensor in hf.state_dict().items():
         name = hub_name(key)
@@ -178,9 +139,6 @@ def _fill_meta_buffers(module, twin, device) -> None:
 
 def modules_on_device(spec: ModelSpec, device, dtype: torch.dtype):
     """af3trt's AudioEncoder and Qwen2Decoder with PyTorch's default random init, built on `device`."""
-    from ..runtime.decoder import Qwen2Decoder
-    from ..runtime.encoder import AudioEncoder
-
     with torch.device(device), _default_dtype(dtype):
         enc = AudioEncoder(spec.audio, spec.text.hidden_size, spec.projector_bias)
         dec = Qwen2Decoder(spec.text)
@@ -189,8 +147,6 @@ def modules_on_device(spec: ModelSpec, device, dtype: torch.dtype):
 
 def weight_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
     """Bytes of the random model's weights in `dtype`: encoder, projector and LM (embedding + lm_head)."""
-    from .floor import lm_params
-
     a, hidden = spec.audio, spec.text.hidden_size
     encoder = a.num_layers * (4 * a.hidden_size * a.hidden_size + 2 * a.hidden_size * a.intermediate_size)
     projector = a.hidden_size * hidden + hidden * hidden
@@ -229,13 +185,6 @@ def build(scale: float = 1.0, *, device: str | torch.device = "cuda", dtype: tor
 
     cache_bytes: the Pipeline's encoder-output cache (0, the default, encodes every call: benchmarks).
     """
-    from ..prompt import PromptBuilder
-    from ..runtime.decoder import TorchDecoder
-    from ..runtime.encoder import TorchEncoder
-    from ..runtime.generation import GenerationDefaults
-    from ..runtime.pipeline import Pipeline
-    from ..tiny import default_tiny_dir, make_tiny_checkpoint
-
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else make_tiny_checkpoint(default_tiny_dir())
     ids = _tokenizer_ids(tok_dir)
     config = random_config(scale, audio_token_id=ids["audio_token_id"], eos_token_id=ids["eos_ids"][0],

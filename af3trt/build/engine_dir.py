@@ -59,7 +59,7 @@ class BuildOptions:
     def __post_init__(self):
         from ..think import check_variant
         from .llm import EngineLimits
-        from .precision import get_kv_cache, get_precision
+        from ..formats.precision import get_kv_cache, get_precision
 
         check_variant(self.variant)
         get_precision(self.precision)
@@ -86,7 +86,7 @@ def check_options(options: BuildOptions, spec) -> None:
     size (and INT4 AWQ group widths), the calibration folder. A bad option fails here, in seconds."""
     from .calibration import audio_files
     from .llm import _check_tp
-    from .precision import get_precision
+    from ..formats.precision import get_precision
 
     if "llm" in options.stages:
         _check_tp(spec.text, get_precision(options.precision), options.tp_size)
@@ -391,7 +391,7 @@ def rebuild_command(model: Path, out: Path, o: BuildOptions) -> str:
 def _stage_llm_checkpoint(ckpt, out: Path, options: BuildOptions, manifest: Manifest) -> dict:
     from .calibration import llm_calibration_batches
     from .llm import export_checkpoint
-    from .precision import get_kv_cache, get_precision, needs_calibration
+    from ..formats.precision import get_kv_cache, get_precision, needs_calibration
 
     batches = None
     if needs_calibration(get_precision(options.precision), get_kv_cache(options.kv_cache)):
@@ -429,7 +429,7 @@ def _stage_llm_engine(ckpt, out: Path, options: BuildOptions, manifest: Manifest
             raise RuntimeError(f"trtllm-build finished without writing config.json in {tmp}")
     from importlib import metadata
 
-    from .engine_rules import engine_plugins
+    from ..formats.trtllm_engine import engine_plugins
 
     config = json.loads((out / "llm" / "engine" / "config.json").read_text())
     return {"path": "llm/engine", "argv": argv, "tensorrt_llm": metadata.version("tensorrt_llm"),

@@ -11,7 +11,8 @@ rewrites the plugin config after parsing the flags, with only a warning:
 - on SM 100-119 it refuses INT8/INT4 weight-only and INT8 KV ("INT8/INT4 quantization is not
   supported on SM>=100") and SmoothQuant ("SmoothQuant is not supported on SM>=100").
 KV-cache block reuse needs paged context FMHA (NVIDIA's KV-cache reuse docs); af3trt enables reuse
-in the executor and in the Triton config only where the engine has it (`kv_reuse_allowed`).
+in the executor and in the Triton config only where the engine has it
+(`af3trt.formats.trtllm_engine.kv_reuse_allowed`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import OptionError
-from .precision import get_kv_cache, get_precision
+from ..formats.precision import get_kv_cache, get_precision
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +129,3 @@ def check_build(precision, kv_cache, target: TargetGPU) -> EnginePlugins:
         log.warning("%s: KV-cache block reuse is disabled for this engine (it needs paged context FMHA); "
                     "use --kv-cache auto (or fp8 weights with an fp8 KV cache on SM89+) to keep it", change)
     return plugins
-
-
-def engine_plugins(engine_config: dict) -> dict:
-    """The plugin settings an engine was built with, read back from its config.json."""
-    plugin = (engine_config.get("build_config") or {}).get("plugin_config") or {}
-    return {k: plugin.get(k) for k in ("context_fmha", "use_paged_context_fmha", "use_fp8_context_fmha",
-                                       "paged_kv_cache", "tokens_per_block")}
-
-
-def kv_reuse_allowed(engine_config: dict) -> bool:
-    """KV-cache block reuse only on an engine built with paged context FMHA (and a paged KV cache)."""
-    build = engine_config.get("build_config") or {}
-    plugin = build.get("plugin_config") or {}
-    paged_kv = str(build.get("kv_cache_type", "PAGED")).upper().endswith("PAGED")
-    return bool(plugin.get("use_paged_context_fmha")) and paged_kv

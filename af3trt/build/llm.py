@@ -20,10 +20,11 @@ from pathlib import Path
 from .. import fileio
 from ..errors import OptionError
 from ..spec import MAX_AUDIO_SECONDS, ModelSpec, TextSpec, audio_tokens_for_seconds, check_limit_fields
-from .precision import (
-    KVCacheSpec, PrecisionSpec, engine_vocab_size, get_kv_cache, get_precision, modelopt_quant_config,
-    needs_calibration, resolve_dtype, trtllm_quantization,
+from ..formats.precision import (
+    KVCacheSpec, PrecisionSpec, engine_vocab_size, get_kv_cache, get_precision, needs_calibration, resolve_dtype,
+    trtllm_quantization,
 )
+from .precision import modelopt_quant_config
 from ..formats.trtllm_checkpoint import GLOBAL_NAMES, LAYER_NAMES, LINEARS
 from .trtllm_flags import build_argv
 

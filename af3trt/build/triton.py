@@ -420,7 +420,7 @@ def launch_spec(plan: Plan):
 
 def _kv_cache_reuse(llm_engine: Path, requested: bool | None) -> bool:
     """enable_kv_cache_reuse: only on an engine with paged context FMHA (its config.json says)."""
-    from .engine_rules import kv_reuse_allowed
+    from ..formats.trtllm_engine import kv_reuse_allowed
 
     allowed = kv_reuse_allowed(_json(llm_engine / "config.json"))
     if requested and not allowed:

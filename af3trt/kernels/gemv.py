@@ -95,30 +95,24 @@ class GemvConfig:
 
 # Hand-set starting points for the five decode shapes, to be confirmed on the card with
 # `benchmarks/kernels_bench.py --sweep`. Rules behind them:
-# - block_k moves 256 B of each weight row per step (128 bf16 / 256 fp8): whole 128-B sectors,
-#   16-B vector loads per thread, and the same bytes in flight for both formats.
+# - block_k moves ROW_STEP_BYTES = 256 B of each weight row per step (128 bf16 / 256 fp8): whole
+#   128-B sectors, 16-B vector loads per thread, and the same 8 KiB weight tile per step for both.
 # - block_n 32 for the 3.5k/4.6k-row matrices gives 112-144 column tiles, so split_k brings the
 #   launch to ~450-900 programs (3-7 per SM on 132 SMs) while each program still streams
 #   >= 56 KiB of weights; block_n 64 for the wide matrices (gate_up, lm_head) already gives
 #   592-2370 programs without a split, whose extra partials would cost a write and a read.
-# - down (K 18944) splits 8 ways: 112 column tiles x 8 = 896 programs of 2432 K each.
-_BF16_TABLE: dict[tuple[int, int], GemvConfig] = {
-    (4608, 3584): GemvConfig(block_n=32, block_k=128, split_k=4),
-    (3584, 3584): GemvConfig(block_n=32, block_k=128, split_k=4),
-    (37888, 3584): GemvConfig(block_n=64, block_k=128, split_k=1),
-    (3584, 18944): GemvConfig(block_n=32, block_k=128, split_k=8),
-    (151672, 3584): GemvConfig(block_n=64, block_k=128, split_k=1),
-}
-# FP8: block_k 256 keeps 256 B per row step, i.e. the same 8 KiB weight tile per step as bf16.
-# 3584 = 14 x 256 splits evenly only 2, 7 or 14 ways: 7 gives qkv / o_proj 1008 / 784 programs
-# of 2 steps (2 ways would leave 288 / 224 programs, under 3 per SM). down: 8 splits of 10 steps
-# (the last 4), 896 programs; gate_up and lm_head need no split, as for bf16.
-_FP8_TABLE: dict[tuple[int, int], GemvConfig] = {
-    (4608, 3584): GemvConfig(block_n=32, block_k=256, split_k=7),
-    (3584, 3584): GemvConfig(block_n=32, block_k=256, split_k=7),
-    (37888, 3584): GemvConfig(block_n=64, block_k=256, split_k=1),
-    (3584, 18944): GemvConfig(block_n=32, block_k=256, split_k=8),
-    (151672, 3584): GemvConfig(block_n=64, block_k=256, split_k=1),
+# - down (K 18944) splits 8 ways: 112 column tiles x 8 = 896 programs (bf16: 2432 K each; fp8: 10
+#   steps, the last 4).
+# - FP8, K 3584 = 14 x 256 splits evenly only 2, 7 or 14 ways: 7 gives qkv / o_proj 1008 / 784
+#   programs of 2 steps (2 ways would leave 288 / 224 programs, under 3 per SM).
+ROW_STEP_BYTES = 256
+# (N, K) -> (block_n, split_k bf16, split_k fp8)
+_DECODE_SHAPES: dict[tuple[int, int], tuple[int, int, int]] = {
+    (4608, 3584): (32, 4, 7),  # qkv
+    (3584, 3584): (32, 4, 7),  # o_proj
+    (37888, 3584): (64, 1, 1),  # gate_up
+    (3584, 18944): (32, 8, 8),  # down
+    (151672, 3584): (64, 1, 1),  # lm_head
 }
 
 
@@ -130,10 +124,10 @@ def gemv_config(n: int, k: int, *, fp8: bool = False, num_sms: int = DEFAULT_SMS
     """Launch config for an (N, K) weight: the table entry for the Qwen2.5-7B decode shapes, else
     a heuristic that splits K until the launch has ~4 programs per SM or a split would hold
     fewer than 4 K-steps."""
-    table = _FP8_TABLE if fp8 else _BF16_TABLE
-    if (n, k) in table:
-        return table[(n, k)]
-    block_k = 256 if fp8 else 128  # 256 B of a weight row per step (see the tables' comment)
+    block_k = ROW_STEP_BYTES // (1 if fp8 else 2)  # 256 B of a weight row per step (see the table's comment)
+    if (n, k) in _DECODE_SHAPES:
+        block_n, split_bf16, split_fp8 = _DECODE_SHAPES[(n, k)]
+        return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_fp8 if fp8 else split_bf16)
     # 64-wide tiles once they alone give ~4 programs per SM (no split needed), else 32 (16 for tiny N)
     block_n = 64 if _cdiv(n, 64) >= 4 * num_sms else 32 if n >= 32 else 16
     split_k = 1

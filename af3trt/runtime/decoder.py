@@ -12,6 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import LM_PREFIX
+from ..formats.precision import VOCAB_PAD_MULTIPLE, padded_vocab_size
+from ..formats.trtllm_checkpoint import load_trtllm_checkpoint, text_spec
+from ..prompt import left_pad
 from ..spec import TextSpec
 from .generation import decode_loop, in_inference_mode
 
@@ -150,7 +154,7 @@ def check_valid_vocab(valid_vocab: int | None, rows: int) -> int:
 
 def check_trtllm_text(text: TextSpec, spec, ckpt_dir) -> None:
     """A TensorRT-LLM checkpoint's TextSpec against the AF3 config's: same dims, and a vocab of at
-    least the model's (more only where the export padded it, `precision.engine_vocab_size`)."""
+    least the model's (more only where the export padded it, `formats.precision.engine_vocab_size`)."""
     if spec is None:
         return
     want = spec.text
@@ -158,9 +162,7 @@ def check_trtllm_text(text: TextSpec, spec, ckpt_dir) -> None:
         if getattr(text, field) != getattr(want, field):
             raise ValueError(f"TensorRT-LLM checkpoint {ckpt_dir}: {field} {getattr(text, field)}, "
                              f"the AF3 config says {getattr(want, field)}")
-    from ..build.precision import VOCAB_PAD_MULTIPLE
-
-    padded = -(-want.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+    padded = padded_vocab_size(want.vocab_size)
     if text.vocab_size not in (want.vocab_size, padded):
         raise ValueError(f"TensorRT-LLM checkpoint {ckpt_dir}: vocab_size {text.vocab_size}, expected the AF3 "
                          f"config's {want.vocab_size} or it padded to a multiple of {VOCAB_PAD_MULTIPLE} ({padded})")
@@ -197,16 +199,12 @@ class TorchDecoder:
 
     @classmethod
     def from_checkpoint(cls, ckpt, device="cpu", dtype=torch.float32) -> "TorchDecoder":
-        from ..checkpoint import LM_PREFIX
-
         module = Qwen2Decoder(ckpt.spec.text).load_hf_state_dict(ckpt.load(LM_PREFIX))
         return cls(module.to(dtype), device)
 
     @classmethod
     def from_trtllm_checkpoint(cls, ckpt_dir, spec=None, device="cpu", dtype=torch.float32) -> "TorchDecoder":
         """Torch decoder on a TensorRT-LLM checkpoint (weights dequantized to what the engine multiplies)."""
-        from ..formats.trtllm_checkpoint import load_trtllm_checkpoint, text_spec
-
         cfg, state = load_trtllm_checkpoint(ckpt_dir)
         text = text_spec(cfg)
         check_trtllm_text(text, spec, ckpt_dir)
@@ -225,8 +223,6 @@ class TorchDecoder:
         return in_inference_mode(self._steps(requests, generator, stats))
 
     def _steps(self, requests, generator, stats):
-        from ..prompt import left_pad
-
         opts = requests[0].options
         sequences = [r.input_ids for r in requests]
         tables = [r.table for r in requests]

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MissingInputError, OptionError
+from .. import dtypes
+from ..checkpoint import ENCODER_PREFIX, PROJECTOR_PREFIX, Checkpoint
+from ..errors import MissingDependency, MissingInputError, OptionError
 from ..spec import (FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW, WINDOW_SAMPLES, AudioSpec, ModelSpec,
-                    audio_token_count)
+                    audio_token_count, conv_frames)
 
 
 class EncoderLayer(nn.Module):
@@ -82,8 +84,6 @@ class AudioEncoder(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt, dtype=torch.float32) -> "AudioEncoder":
-        from ..checkpoint import ENCODER_PREFIX, PROJECTOR_PREFIX
-
         spec: ModelSpec = ckpt.spec
         model = cls(spec.audio, spec.text.hidden_size, spec.projector_bias)
         state = ckpt.load(ENCODER_PREFIX)
@@ -95,7 +95,7 @@ class AudioEncoder(nn.Module):
         x = F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # (W, 1500, d)
         x = x + self.embed_positions.weight[: x.shape[1]]
-        valid = (frames.to(torch.long) - 1) // 2 + 1  # conv2 positions holding real frames
+        valid = conv_frames(frames.to(torch.long))  # conv2 positions holding real frames
         keep = torch.arange(x.shape[1], device=x.device)[None, :] < valid[:, None]
         bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, -math.inf)
         bias = bias[:, None, None, :]
@@ -309,8 +309,6 @@ def import_tensorrt(command: str | None = None):
     try:
         import tensorrt
     except ImportError as exc:
-        from ..errors import MissingDependency
-
         finish = f" Finish this step on a machine with TensorRT: {command}" if command else ""
         raise MissingDependency(
             "the TensorRT encoder needs the `tensorrt` Python package (TensorRT 10.x: `pip install "
@@ -320,8 +318,6 @@ def import_tensorrt(command: str | None = None):
     return tensorrt
 
 
-_TRT_TO_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
-                 "INT64": torch.int64, "INT8": torch.int8, "BOOL": torch.bool}  # by DataType.name (nptype lacks BF16)
 _TRT_ALIGNMENT = 256  # IExecutionContext::setTensorAddress: "The pointer must have at least 256-byte alignment."
 
 
@@ -367,7 +363,7 @@ class TensorRTEncoder:
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.io = IO.for_names(inputs, [n for n in names if n not in inputs], str(path))
         self.takes = self.io.takes
-        self._dtypes = {n: _TRT_TO_TORCH[self.engine.get_tensor_dtype(n).name] for n in names}
+        self._dtypes = {n: dtypes.dtype(self.engine.get_tensor_dtype(n)).torch for n in names}
         lo, _, hi = self.engine.get_tensor_profile_shape(self.io.signal, 0)
         self.min_windows, self.max_windows = int(lo[0]), int(hi[0])
         self.hidden = int(self.engine.get_tensor_shape(self.io.embeddings)[-1])
@@ -445,8 +441,6 @@ def available_encoders(engine_dir) -> list[str]:
 
 
 def _load_torch(path, device, dtype):
-    from ..checkpoint import Checkpoint
-
     ckpt = path if isinstance(path, Checkpoint) else None
     if ckpt is None:
         try:

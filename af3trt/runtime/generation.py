@@ -468,7 +468,7 @@ def decode_loop(logits: torch.Tensor, prompts: Sequence[Sequence[int]], opts: Ge
     prompts: each row's prompt ids as HF sees them (`<sound>` at audio rows, no padding);
     `advance(next_ids, step)` runs one decode step and returns the next (B, V) logits; valid_vocab:
     the model's vocabulary where the lm_head has more rows (ModelOpt's padding for INT4 AWQ,
-    `af3trt.build.precision.engine_vocab_size`): ids >= it are never generated. Yields (B,) int64
+    `af3trt.formats.precision.engine_vocab_size`): ids >= it are never generated. Yields (B,) int64
     ids on the logits' device, never reading them on the host."""
     import time
 

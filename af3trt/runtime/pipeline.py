@@ -434,14 +434,15 @@ def load_decoder(name: str, path: Path, manifest, spec: ModelSpec, device, dtype
 
     name = _pick(name, available_decoders(path, manifest), "decoder", unavailable_decoders(manifest))
     if name == "tensorrt_llm":
-        from .trtllm import TensorRTLLMDecoder, check_engine, check_single_rank, engine_config
+        from .trtllm import TensorRTLLMDecoder, check_engine, check_single_rank
+        from ..formats.trtllm_engine import engine_config
 
         stage = manifest.stages["llm_engine"]
         engine = path / stage["path"]
         check_single_rank(engine_config(engine), engine)
         check_engine(engine_config(engine), manifest.limits, stage.get("tensorrt_llm"),
                      metadata.version("tensorrt_llm"), manifest.engine_vocab_size())
-        from ..build.engine_rules import kv_reuse_allowed
+        from ..formats.trtllm_engine import kv_reuse_allowed
 
         config = engine_config(engine)  # block reuse only where the engine kept paged context FMHA
         return TensorRTLLMDecoder(engine, end_id=eos[0], pad_id=pad_id, max_batch_size=manifest.limits.get("max_batch_size"),

@@ -11,6 +11,8 @@ keywords, so CPU tests can prove both receive the same thing.
 from __future__ import annotations
 
 import hashlib
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +33,15 @@ def audio_hash(samples: np.ndarray) -> str:
 def extra_id(digest: str) -> int:
     """Positive 62-bit id of an audio's content hash (same audio, same id)."""
     return (int(digest[:16], 16) & ((1 << EXTRA_ID_BITS) - 1)) or 1
+
+
+def extra_ids(is_audio: np.ndarray, audio_tokens: Sequence[int], digests: Sequence[str]) -> np.ndarray:
+    """(T,) int64 `input_token_extra_ids`: audio k's `extra_id(digests[k])` at each of its
+    `audio_tokens[k]` placeholder positions (`is_audio`, (T,) bool, in prompt order), 0 on text."""
+    extra = np.zeros(np.shape(is_audio), dtype=np.int64)
+    where = np.flatnonzero(is_audio)
+    extra[where] = np.repeat([extra_id(d) for d in digests], audio_tokens).astype(np.int64)
+    return extra
 
 
 @dataclass
@@ -64,9 +75,7 @@ def make_request(prompt: Prompt, embeddings: list[torch.Tensor], digests: list[s
         if emb.shape[0] != rows:
             raise ValueError(f"audio {k}: {rows} placeholders but {emb.shape[0]} embedding rows")
     ids = np.asarray(prompt.input_ids, dtype=np.int64)
-    extra = np.zeros_like(ids)
-    where = np.flatnonzero(ids == audio_token_id)
-    extra[where] = np.repeat([extra_id(d) for d in digests], prompt.audio_tokens).astype(np.int64)
+    extra = extra_ids(ids == audio_token_id, prompt.audio_tokens, digests)
     table = torch.cat(embeddings) if embeddings else torch.zeros((0, hidden))
     return DecoderRequest(fake_ids(ids, audio_token_id, vocab_size), table, extra, options, list(prompt.audio_tokens),
                           prompt_ids=ids)
@@ -96,6 +105,14 @@ def trtllm_sampling(o: GenerationOptions) -> dict:
             "repetition_penalty": o.repetition_penalty if o.repetition_penalty != 1.0 else None,
             "presence_penalty": o.presence_penalty or None, "frequency_penalty": o.frequency_penalty or None,
             "min_tokens": o.min_new_tokens or None, "seed": o.seed}
+
+
+def request_seed(o: GenerationOptions) -> int | None:
+    """The seed a TensorRT-LLM request samples with: the caller's, else (sampling) a fresh 63-bit one,
+    since the executor's default seed is 0 for every request; None for greedy (`trtllm_sampling`'s top_k 1)."""
+    if o.seed is not None:
+        return o.seed
+    return None if trtllm_sampling(o)["top_k"] == 1 else secrets.randbits(63)
 
 
 def executor_arguments(req: DecoderRequest, end_id: int, pad_id: int, streaming: bool = False,

@@ -14,20 +14,18 @@ backend raises `MissingDependency` with the install hint.
 
 from __future__ import annotations
 
-import json
 import queue
-import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import MissingDependency, MissingInputError, OptionError
-from .stitch import DecoderRequest, executor_arguments
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
+from .. import dtypes
+from ..errors import MissingDependency, OptionError
+from ..formats.manifest import ManifestError
+from ..formats.trtllm_engine import engine_config
+from .stitch import DecoderRequest, executor_arguments, request_seed
 
 def import_executor():
     try:
@@ -40,13 +38,6 @@ def import_executor():
     return executor
 
 
-def engine_config(engine_dir: str | Path) -> dict:
-    path = Path(engine_dir) / "config.json"
-    if not path.is_file():
-        raise MissingInputError(f"expected a TensorRT-LLM engine config at {path}, found none")
-    return json.loads(path.read_text())
-
-
 _LIMIT_FIELDS = {"max_batch_size": "max_batch_size", "max_input_len": "max_input_len", "max_seq_len": "max_seq_len",
                  "max_prompt_embedding_table_size": "max_prompt_embedding_table_size"}
 
@@ -55,8 +46,6 @@ def check_engine(config: dict, limits: dict, built_version: str | None, installe
                  vocab_size: int | None = None) -> None:
     """Refuse an engine that is not the one the manifest describes: built by another TensorRT-LLM
     than the installed one, for other limits (build_config vs manifest limits) or another vocab."""
-    from ..formats.manifest import ManifestError
-
     if built_version != installed_version:
         raise ManifestError(f"llm/engine was built with TensorRT-LLM {built_version}, this is {installed_version}: "
                             f"rebuild it with llm/build_engine.sh")
@@ -112,7 +101,7 @@ class TensorRTLLMDecoder:
         tl = import_executor()
         self._tl = tl
         build, pretrained = self.config["build_config"], self.config["pretrained_config"]
-        self.dtype = _DTYPES[pretrained["dtype"]]  # the executor rejects a prompt table of another dtype
+        self.dtype = dtypes.dtype(pretrained["dtype"]).torch  # the executor rejects a prompt table of another dtype
         self.vocab_size = int(pretrained["vocab_size"])  # fake ids start here (padded for int4_awq)
         self.valid_vocab = int(valid_vocab or self.vocab_size)
         if not 0 < self.valid_vocab <= self.vocab_size:
@@ -133,9 +122,8 @@ class TensorRTLLMDecoder:
         tl = self._tl
         args = executor_arguments(req, self.end_id, self.pad_id, streaming, valid_vocab=self.valid_vocab,
                                   vocab_size=self.vocab_size)
-        sampling = {k: v for k, v in args["sampling_config"].items() if v is not None}
-        if sampling.get("top_k") != 1 and "seed" not in sampling:
-            sampling["seed"] = secrets.randbits(63)  # the executor's default seed is 0 for every request
+        sampling = {**args["sampling_config"], "seed": request_seed(req.options)}
+        sampling = {k: v for k, v in sampling.items() if v is not None}
         args["sampling_config"] = tl.SamplingConfig(**sampling)
         args["output_config"] = tl.OutputConfig(**args["output_config"])
         if args["prompt_tuning_config"] is not None:
