@@ -33,6 +33,8 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import OptionError
+from ..prompt import audio_references
+from ..spec import SAMPLE_RATE
 
 DEFAULT_MODEL = "af3"
 # keyword -> (input name, numpy dtype, Triton dtype)
@@ -84,7 +86,7 @@ def audio_bytes(audio) -> list[bytes]:
         import soundfile as sf
 
         buf = io.BytesIO()
-        sf.write(buf, np.asarray(audio, np.float32), 16_000, format="WAV", subtype="FLOAT")
+        sf.write(buf, np.asarray(audio, np.float32), SAMPLE_RATE, format="WAV", subtype="FLOAT")
         return [buf.getvalue()]
     raise TypeError(f"expected audio as bytes, a path, a numpy array or a list of them, got {type(audio).__name__}")
 
@@ -97,8 +99,6 @@ def _text_input(prompt, audio, conversation) -> tuple[dict, list[bytes]]:
         return {"PROMPT": prompt}, audio_bytes(audio)
     if prompt is not None or audio is not None:
         raise TypeError("expected a conversation (its audios inside it) or a prompt + audio, got both")
-    from ..prompt import audio_references
-
     messages, sources = audio_references(conversation)
     return {"CONVERSATION": json.dumps(messages)}, [b for s in sources for b in audio_bytes(s)]
 

@@ -25,8 +25,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from .openai_schema import ApiError, ChatRequest, TranscriptionForm, conversation, finish_reason, options, \
-    refuse_unsupported
+from ..audio import load_audio
+from ..errors import OptionError, UserError
+from ..prompt import DEFAULT_TRANSCRIBE_PROMPT, strip_transcription_prefix
+from .openai_schema import Answer, ApiError, ChatRequest, TranscriptionForm, conversation, options, refuse_unsupported
+from .openai_triton import TritonBackend
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +39,6 @@ WARNINGS_HEADER = "X-Af3trt-Warnings"  # a response_format=text transcription's 
 
 
 def _user_errors() -> tuple[type, ...]:
-    from ..errors import UserError
-
     return (UserError,)
 
 
@@ -47,25 +48,6 @@ class ServerOptions:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     allow_urls: bool = False
-
-
-@dataclass
-class Answer:
-    """What a backend returns for one request: the text, OpenAI's finish_reason ("stop" | "length"),
-    token counts (prompt_tokens with the audio rows; completion_tokens with the end id, as
-    `Result.token_ids`) and the warnings about the request's audio (`af3trt.audio.audio_warnings`)."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    audio_tokens: int
-    warnings: list[str]
-
-    @classmethod
-    def from_result(cls, result) -> "Answer":
-        return cls(result.text, finish_reason(result.finish_reason), result.prompt_tokens, len(result.token_ids),
-                   result.num_audio_tokens, list(result.warnings))
 
 
 class InProcess:
@@ -208,8 +190,6 @@ def create_app(backend, opts: ServerOptions | None = None):
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
-        from ..prompt import DEFAULT_TRANSCRIBE_PROMPT, strip_transcription_prefix
-
         form = await request.form()
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
@@ -297,8 +277,6 @@ def _usage(answer: Answer) -> dict:
 
 
 def _duration(data: bytes) -> float:
-    from ..audio import load_audio
-
     return round(load_audio(data).original_seconds, 3)
 
 
@@ -382,8 +360,6 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
     HOST:PORT), then serve until interrupted (what `af3trt openai` runs)."""
     import uvicorn
 
-    from ..errors import OptionError
-
     if (model is None) == (triton_url is None):
         raise OptionError(f"expected --model (in-process) or --triton-url (forward to Triton), exactly one, got "
                           f"{'both' if model is not None else 'neither'}")
@@ -393,8 +369,6 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
         if given:
             raise OptionError(f"expected no in-process backend options with --triton-url (the Triton repository "
                               f"chose its backends), got {given}")
-        from .openai_triton import TritonBackend
-
         backend, what = TritonBackend(triton_url, allow_urls=allow_urls), f"Triton af3 at {triton_url}"
     else:
         from ..runtime import Pipeline
