@@ -63,3 +63,19 @@ def test_limits_one_record():
     assert isinstance(serving, Limits) and serving.max_batch_size == 8 and serving.max_text_tokens is None
     with pytest.raises(OptionError, match="ServingLimits.max_windows"):
         ServingLimits(max_windows=0)
+
+
+def test_request_options_are_declared_once():
+    """The request's option inputs are one table (triton_spec.OPTION_INPUTS) naming GenerationOptions
+    fields; the request inputs, preprocessing's option map and the client's keywords derive from it."""
+    from dataclasses import fields
+
+    from af3trt.build.triton_spec import NUMPY_TO_TRITON, OPTION_INPUTS, REQUEST_INPUTS, REQUEST_OPTIONS
+    from af3trt.runtime.generation import GenerationOptions
+    from af3trt.serving.client import PARAMS
+
+    assert {opt for opt, _ in OPTION_INPUTS.values()} <= {f.name for f in fields(GenerationOptions)}
+    declared = {t.name: t.dtype for t in REQUEST_INPUTS}
+    assert all(declared[name] == NUMPY_TO_TRITON[d] for name, (_, d) in OPTION_INPUTS.items())
+    assert REQUEST_OPTIONS == {name: opt for name, (opt, _) in OPTION_INPUTS.items()}
+    assert {name for name, _, _ in PARAMS.values()} == set(OPTION_INPUTS) | {"STRIP_PREFIX"}

@@ -57,7 +57,8 @@ class InProcess:
         self.pipe = pipe
 
     def info(self) -> dict:
-        return {"backend": "in-process", "limits": dict(self.pipe.limits), "encoder": type(self.pipe.encoder).__name__,
+        limits = {k: v for k, v in self.pipe.limits.items() if v is not None}  # the checked ones
+        return {"backend": "in-process", "limits": limits, "encoder": type(self.pipe.encoder).__name__,
                 "decoder": getattr(self.pipe.decoder, "name", type(self.pipe.decoder).__name__),
                 "generation_defaults": {k: v for k, v in self.pipe.defaults.as_dict().items() if k != "stop"}}
 
