@@ -1,5 +1,6 @@
 """Typed specs of the af3trt Triton repository: tensor lists, model configs, serving limits, the
-python models' parameters and their config.pbtxt rendering (`string.Template.substitute`).
+python models' parameters and their config.pbtxt rendering (`string.Template.substitute`), the
+launch record (`LaunchSpec`, read by `af3trt.serving.launch`) and the writer's af3trt version.
 
 Light on purpose: the generated python models import their parameter classes from here inside
 the Triton server. `af3trt.build.triton` inspects the engine dir and writes the repository.
@@ -61,12 +62,6 @@ def _scalar(name, dtype, optional=True) -> TensorSpec:
     return TensorSpec(name, NUMPY_TO_TRITON[dtype], (1,), optional=optional, reshape=())
 
 
-# User-facing request (ensemble and af3): AUDIO elements are whole encoded files, never URLs or paths.
-# The text comes as PROMPT (one user turn: the audios, then the text) or as CONVERSATION (JSON: the
-# messages as `Pipeline.generate` takes them, roles system/user/assistant, each audio item written
-# {"type": "audio", "audio": i} with i an index into AUDIO); exactly one of the two. Both are
-# declared optional: preprocessing then answers a request with neither (or both) by an error naming
-# them, where Triton's ensemble would skip the step and return an empty answer.
 # The request's generation options, declared once: request input -> (af3trt generation option of
 # `GenerationOptions` / `GenerationDefaults.options`, its tensor's dtype). Absent = the model's
 # generation_config.json default; errors about an option name the input.
@@ -80,6 +75,12 @@ OPTION_INPUTS = {"MAX_TOKENS": ("max_new_tokens", "int32"), "MIN_TOKENS": ("min_
 REQUEST_OPTIONS = {name: opt for name, (opt, _) in OPTION_INPUTS.items()}  # request input -> option
 # request flags that are no generation option, and their value when absent
 REQUEST_FLAGS = {"STREAM": False, "STRIP_PREFIX": False}
+# User-facing request (ensemble and af3): AUDIO elements are whole encoded files, never URLs or paths.
+# The text comes as PROMPT (one user turn: the audios, then the text) or as CONVERSATION (JSON: the
+# messages as `Pipeline.generate` takes them, roles system/user/assistant, each audio item written
+# {"type": "audio", "audio": i} with i an index into AUDIO); exactly one of the two. Both are
+# declared optional: preprocessing then answers a request with neither (or both) by an error naming
+# them, where Triton's ensemble would skip the step and return an empty answer.
 REQUEST_INPUTS = (
     tensor("AUDIO", "bytes", -1, optional=True), tensor("AUDIO_BASE64", "bytes", -1, optional=True),
     tensor("PROMPT", "bytes", 1, optional=True), tensor("CONVERSATION", "bytes", 1, optional=True),
@@ -140,6 +141,8 @@ LLM_SAMPLING = {"top_k": ("runtime_top_k", 0), "top_p": ("runtime_top_p", 1.0), 
 def numpy_dtype(triton: str) -> str:
     """A Triton TYPE_* -> its numpy dtype name (NUMPY_TO_TRITON's inverse)."""
     return next(name for name, t in NUMPY_TO_TRITON.items() if t == triton)
+
+
 TABLE_INPUTS = ("prompt_embedding_table", "prompt_vocab_size")  # from prompt_table, the rest from preprocessing
 # A TensorRT-LLM engine's dtype (pretrained_config.dtype) -> the prompt table dtype it accepts.
 ENGINE_TABLE_DTYPES = {n: DTYPES[n].triton for n in ("bfloat16", "float16", "float32")}
