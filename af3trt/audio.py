@@ -237,7 +237,7 @@ def split_windows(samples: np.ndarray) -> list[np.ndarray]:
     return [samples[i * WINDOW_SAMPLES : min((i + 1) * WINDOW_SAMPLES, n)] for i in range(count)]
 
 
-def synthetic_audio(seconds: float, seed: int = 0, rate: int = 16_000) -> np.ndarray:
+def synthetic_audio(seconds: float, seed: int = 0, rate: int = SAMPLE_RATE) -> np.ndarray:
     """Deterministic speech-like test signal: (N,) float32, noise under a slow syllable envelope
     plus a gliding harmonic voice, for tests, calibration defaults and benchmarks."""
     rng = np.random.default_rng(seed)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MissingInputError
+from .fileio import file_digest
 from .spec import ModelSpec
 
 ENCODER_PREFIX = "audio_tower."
@@ -75,10 +77,6 @@ class Checkpoint:
     def fingerprint(self) -> str:
         """Content hash of every input file (`input_files`: names, sizes, full sha256 each), for
         manifests. File hashes are cached by (size, mtime, inode), see `fileio.file_digest`."""
-        import hashlib
-
-        from .fileio import file_digest
-
         h = hashlib.sha256()
         for file in self.input_files():
             h.update(f"{file.relative_to(self.path).as_posix()}:{file.stat().st_size}:{file_digest(file)}\n".encode())

@@ -21,12 +21,11 @@ import numpy as np
 
 from .audio import Audio, AudioError, load_audio
 from .errors import UserError
-from .spec import FRAMES_PER_WINDOW, WINDOW_SAMPLES, audio_token_count, mel_frames_for_samples
+from .spec import MIN_AUDIO_SAMPLES, SAMPLE_RATE, audio_tokens_for_samples
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_SYSTEM = "You are a helpful assistant."
 DEFAULT_TRANSCRIBE_PROMPT = "Transcribe the input speech."
-MIN_AUDIO_SAMPLES = 2 * 160 + 1  # 3 mel frames: the shortest audio that yields one audio token
 TRANSCRIPTION_PREFIXES = (
     "The spoken content of the audio is",
     "The transcription of the audio is",
@@ -39,10 +38,8 @@ class PromptError(UserError):
 
 
 def num_audio_tokens(num_samples: int) -> int:
-    """Prompt-table rows of an audio of `num_samples` 16 kHz samples (≤ 10 min), as HF's processor counts."""
-    full, rest = divmod(int(num_samples), WINDOW_SAMPLES)
-    frames = full * FRAMES_PER_WINDOW + (mel_frames_for_samples(rest) if rest else 0)
-    return int(audio_token_count(frames))
+    """Prompt-table rows of an audio of `num_samples` 16 kHz samples (≤ 10 min): `spec.audio_tokens_for_samples`."""
+    return audio_tokens_for_samples(num_samples)
 
 
 @dataclass
@@ -220,7 +217,7 @@ class PromptBuilder:
         for audio, count in zip(audios, counts):
             if count == 0:
                 raise AudioError(
-                    f"expected at least {MIN_AUDIO_SAMPLES} samples ({MIN_AUDIO_SAMPLES / 16:.0f} ms) of audio for one "
+                    f"expected at least {MIN_AUDIO_SAMPLES} samples ({MIN_AUDIO_SAMPLES * 1000 / SAMPLE_RATE:.0f} ms) of audio for one "
                     f"audio token, got {audio.samples.shape[0]} samples from {audio.source}"
                 )
         expanded: list[int] = []

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MissingInputError, OptionError
+from .errors import MissingInputError
 
 SAMPLE_RATE = 16_000  # Hz, what the Whisper front end expects
 WINDOW_SECONDS = 30  # seconds per encoder window (Whisper chunk length)
@@ -43,17 +43,23 @@ def mel_frames_for_samples(num_samples):
 
 
 TOKENS_PER_WINDOW = audio_token_count(FRAMES_PER_WINDOW)  # 750 embeddings per full window
+TOKENS_PER_SECOND = TOKENS_PER_WINDOW / WINDOW_SECONDS  # 25 audio tokens per second of audio
 MAX_AUDIO_TOKENS = MAX_WINDOWS * TOKENS_PER_WINDOW  # 15,000 rows for 10 minutes
+MIN_AUDIO_FRAMES = next(f for f in range(1, FRAMES_PER_WINDOW) if audio_token_count(f) >= 1)  # 3 mel frames
+MIN_AUDIO_SAMPLES = (MIN_AUDIO_FRAMES - 1) * HOP_LENGTH + 1  # 321 samples (20 ms): the shortest audio with a token
+
+
+def audio_tokens_for_samples(num_samples: int) -> int:
+    """Audio tokens (prompt-table rows) of an audio of `num_samples` 16 kHz samples, as HF's processor
+    counts them: full 30 s windows, then the rest's valid mel frames. The one place of this split."""
+    full, rest = divmod(max(int(num_samples), 0), WINDOW_SAMPLES)
+    frames = full * FRAMES_PER_WINDOW + (mel_frames_for_samples(rest) if rest else 0)
+    return int(audio_token_count(frames))
 
 
 def audio_tokens_for_seconds(seconds: float) -> int:
     """Audio tokens of a clip lasting `seconds` (capped at MAX_AUDIO_SECONDS), as the processor counts."""
-    samples = min(int(round(seconds * SAMPLE_RATE)), MAX_AUDIO_SAMPLES)
-    if samples <= 0:
-        return 0
-    full, rest = divmod(samples, WINDOW_SAMPLES)
-    frames = full * FRAMES_PER_WINDOW + mel_frames_for_samples(rest)
-    return int(audio_token_count(frames))
+    return audio_tokens_for_samples(min(int(round(seconds * SAMPLE_RATE)), MAX_AUDIO_SAMPLES))
 
 
 @dataclass(frozen=True)
@@ -144,47 +150,3 @@ class ModelSpec:
         if not path.is_file():
             raise MissingInputError(f"expected an AF3 checkpoint with config.json at {path}, found none")
         return cls.from_config(json.loads(path.read_text()))
-
-
-def check_limit_fields(owner: str, obj, int_fields: tuple[str, ...]) -> None:
-    """Validate a limits dataclass: each of `int_fields` an int >= 1, `max_audio_seconds` in (0, 600]."""
-    for name in int_fields:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise OptionError(f"{owner}.{name}: expected an int >= 1, got {value!r}")
-    if not 0 < obj.max_audio_seconds <= MAX_AUDIO_SECONDS:
-        raise OptionError(f"{owner}.max_audio_seconds: expected (0, {MAX_AUDIO_SECONDS}] s (longer audio is "
-                         f"truncated), got {obj.max_audio_seconds!r}")
-
-
-# the `af3trt build` option that raises each per-request limit
-LIMIT_OPTIONS = {"audio tokens": "--max-audio-seconds", "30 s windows": "--max-audio-seconds",
-                 "prompt tokens": "--max-audio-seconds / --max-text-tokens",
-                 "text tokens besides audio": "--max-text-tokens", "max_new_tokens": "--max-new-tokens",
-                 "prompt + max_new_tokens": "--max-new-tokens"}
-
-
-def request_limit_error(limits, *, audio_tokens: int, prompt_tokens: int, max_new_tokens: int | None = None,
-                        windows: int | None = None) -> str | None:
-    """The one per-request limits rule, for the Pipeline and Triton's preprocessing alike: the first
-    limit a request exceeds, as "expected at most L what (engine limit; `af3trt build OPTION` raises
-    it), got G", or None.
-
-    limits: a mapping with any of max_audio_tokens (prompt-table rows one request may hold: the
-    executor allows max_prompt_embedding_table_size // max_batch_size, promptTuningBuffers.cpp),
-    max_windows (30 s encoder windows: the encoder's profile maximum), max_input_len,
-    max_text_tokens (prompt tokens besides audio), max_new_tokens, max_seq_len. A limit that is
-    absent or None is not checked.
-    """
-    checks = [("audio tokens", audio_tokens, limits.get("max_audio_tokens")),
-              ("30 s windows", windows, limits.get("max_windows")),
-              ("prompt tokens", prompt_tokens, limits.get("max_input_len")),
-              ("text tokens besides audio", prompt_tokens - audio_tokens, limits.get("max_text_tokens")),
-              ("max_new_tokens", max_new_tokens, limits.get("max_new_tokens")),
-              ("prompt + max_new_tokens", None if max_new_tokens is None else prompt_tokens + max_new_tokens,
-               limits.get("max_seq_len"))]
-    for what, got, limit in checks:
-        if got is not None and limit is not None and got > limit:
-            return (f"expected at most {limit} {what} (engine limit; `af3trt build {LIMIT_OPTIONS[what]}` raises it), "
-                    f"got {got}")
-    return None

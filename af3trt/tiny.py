@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from . import fileio
+from .checkpoint import hub_name
 from .errors import ExistingOutputError, OptionError
-from .spec import N_MELS, ModelSpec
+from .spec import N_MELS, SAMPLE_RATE, ModelSpec
 
 TINY_AUDIO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
 # hidden and every linear input width a multiple of 128 so INT4 AWQ (group 128) can run
@@ -126,7 +127,7 @@ def _processor_files(out: Path) -> None:
         "chunk_length": 30, "dither": 0.0, "feature_extractor_type": "WhisperFeatureExtractor",
         "feature_size": N_MELS, "hop_length": 160, "n_fft": 400, "n_samples": 480000,
         "nb_max_frames": 3000, "padding_side": "right", "padding_value": 0.0,
-        "return_attention_mask": True, "sampling_rate": 16000,
+        "return_attention_mask": True, "sampling_rate": SAMPLE_RATE,
     }
     processor = {
         "processor_class": "AudioFlamingo3Processor", "audio_token": "<sound>",
@@ -326,8 +327,6 @@ def make_tiny_think(out: Path, config: dict, seed: int = 0) -> Path:
     same bytes; lora_B is random (not PEFT's zero init) so the adapter changes the answers."""
     import torch
     from safetensors.numpy import save_file
-
-    from .checkpoint import hub_name
 
     rng = np.random.default_rng([seed, 14])  # a stream of its own: the base weights stay as they were
     t = config["text_config"]

@@ -42,8 +42,6 @@ OPTIONAL = {"tensorrt", "tensorrt_llm", "modelopt", "onnx", "onnxruntime", "trit
 TORCH_LIKE = {"torch", "transformers", "safetensors", "tokenizers", "onnx", "onnxruntime"}
 # cli.py dispatches: one lazy import per `_cmd_*` keeps `af3trt --help` light; nothing else may import lazily
 LAZY_OK = {"af3trt.cli", "af3trt.benchmark.cli"}
-# emptied by the three parcels of issue 15, then deleted
-KNOWN: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:
@@ -129,7 +127,7 @@ def allowed(src: str, dst: str) -> bool:
 def test_imports_only_go_down():
     bad = sorted({f"{s}:{f or '<module>'}:{n} -> {d} ({layer(s)} -> {layer(d)})"
                  for s, rows in GRAPH.items() for d, _, f, n in rows
-                 if d.startswith("af3trt") and not allowed(s, d) and (s, d) not in KNOWN})
+                 if d.startswith("af3trt") and not allowed(s, d)})
     print("\n".join(bad))
     assert not bad
 
@@ -138,7 +136,7 @@ def test_own_imports_are_module_level():
     """An af3trt import sits in a function only where a torch-free module needs a torch one (or in cli dispatch)."""
     lazy = sorted({f"{s}:{f}:{n} -> {d}" for s, rows in GRAPH.items() for d, is_lazy, f, n in rows
                    if is_lazy and d.startswith("af3trt") and s not in LAZY_OK
-                   and not (torch_free(s) and eager(d) & (TORCH_LIKE | OPTIONAL)) and (s, d) not in KNOWN})
+                   and not (torch_free(s) and eager(d) & (TORCH_LIKE | OPTIONAL))})
     print("\n".join(lazy))
     assert not lazy
 

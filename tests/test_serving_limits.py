@@ -12,7 +12,8 @@ import pytest
 from af3trt.formats.manifest import Manifest, ManifestError
 from af3trt.build.triton import ServingLimits, write_repository
 from af3trt.runtime import Pipeline
-from af3trt.spec import audio_tokens_for_seconds, request_limit_error
+from af3trt.spec import audio_tokens_for_seconds
+from af3trt.formats.limits import request_limit_error
 
 from .test_triton import _import_model, _stub_backend_utils, _stub_tensors, _wav, parse_config
 

@@ -18,14 +18,25 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..audio import synthetic_audio
+from ..dtypes import DTYPES
 from ..errors import OptionError
+from ..formats.manifest import MANIFEST, Manifest
+from ..formats.precision import get_kv_cache, get_precision
+from ..kernels import gemv
 from ..prompt import DEFAULT_TRANSCRIBE_PROMPT
+from ..runtime import fast_weights as fast_weights_module
+from ..runtime import fast_decoder as fast_decoder_module
+from ..runtime.pipeline import Pipeline
+from ..serving.client import Af3Client
+from .random_model import hf_available
 
 
 @dataclass
@@ -60,8 +71,6 @@ def conversation(audio) -> list[dict]:
 
 def conversations(seconds: float, batch: int, seed: int = 0) -> list[list[dict]]:
     """`batch` transcription requests on different synthetic clips of equal length (seeds seed..)."""
-    from ..audio import synthetic_audio
-
     return [conversation(synthetic_audio(seconds, seed + i)) for i in range(batch)]
 
 
@@ -109,12 +118,7 @@ _FP8_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gat
 
 def fast_unavailable(fp8: bool = False) -> str | None:
     """None when af3trt has the fast torch decoder (and, with fp8, its FP8 weights), else why not."""
-    try:
-        from ..kernels import gemv
-        from ..runtime import fast_decoder, fast_weights
-    except ImportError as exc:
-        return f"not available: af3trt has no fast torch decoder ({exc})"
-    needs = [(fast_decoder, "FastTorchDecoder"), (fast_weights, "fast_weights")]
+    needs = [(fast_decoder_module, "FastTorchDecoder"), (fast_weights_module, "fast_weights")]
     needs += [(gemv, "quantize_fp8_weight")] if fp8 else []
     missing = [f"{m.__name__}.{name}" for m, name in needs if not hasattr(m, name)]
     if missing:
@@ -127,26 +131,19 @@ def fast_unavailable(fp8: bool = False) -> str | None:
 def fast_decoder(decoder, *, fp8: bool = False):
     """FastTorchDecoder on the weights of a TorchDecoder: bf16 (fused copies of q/k/v and gate/up), or
     weight-only FP8 (per-tensor scales, lm_head kept in the model dtype as ModelOpt's FP8 export does)."""
-    from ..runtime.fast_decoder import FastTorchDecoder
-    from ..runtime.fast_weights import fast_weights
-
     module = decoder.module
     if not fp8:
-        return FastTorchDecoder.from_module(module, decoder.device)
-    from ..kernels.gemv import quantize_fp8_weight
-
+        return fast_decoder_module.FastTorchDecoder.from_module(module, decoder.device)
     state = {k: v.detach() for k, v in module.state_dict().items()}
     scales = {}
     for name in [n for n in state if _FP8_LINEAR.fullmatch(n)]:
-        state[name], scales[name] = quantize_fp8_weight(state[name])
-    weights = fast_weights(module.t, state, scales, decoder.device, decoder.dtype)
-    return FastTorchDecoder(weights, decoder.device)
+        state[name], scales[name] = gemv.quantize_fp8_weight(state[name])
+    weights = fast_weights_module.fast_weights(module.t, state, scales, decoder.device, decoder.dtype)
+    return fast_decoder_module.FastTorchDecoder(weights, decoder.device)
 
 
 def with_decoder(pipe, decoder):
     """The same Pipeline (builder, encoder, spec) with another decoder; encoder cache off."""
-    from ..runtime.pipeline import Pipeline
-
     return Pipeline(pipe.builder, pipe.encoder, decoder, pipe.spec, pipe.defaults, pipe.device, cache_bytes=0)
 
 
@@ -194,8 +191,6 @@ class HFBackend(Backend):
     generate_kwargs: dict = {}
 
     def unavailable(self) -> str | None:
-        from .random_model import hf_available
-
         return hf_available()
 
     def setup(self) -> None:
@@ -265,14 +260,11 @@ class TrtllmBackend(TorchBackend):
             return "tensorrt_llm is not installed (NVIDIA containers / index only)"
         if not self.models.engine_dir:
             return "no engine dir given (--engine-dir)"
-        if not (Path(self.models.engine_dir) / "manifest.json").is_file():
+        if not (Path(self.models.engine_dir) / MANIFEST).is_file():
             return f"{self.models.engine_dir} is not an af3trt engine dir (no manifest.json)"
         return None
 
     def setup(self) -> None:
-        from ..formats.manifest import Manifest
-        from ..runtime.pipeline import Pipeline
-
         self.pipe = Pipeline.from_pretrained(self.models.engine_dir, decoder="tensorrt_llm", device=self.models.device,
                                              cache_bytes=0)
         self.precision, self.kv_precision = engine_labels(Manifest.read(self.models.engine_dir))
@@ -371,8 +363,6 @@ class TritonBackend(Backend):
         return ", ".join(describe(n) for n in known) if known else f"models {sorted(names)}"
 
     def setup(self) -> None:
-        from ..serving.client import Af3Client
-
         grpc_url = triton_grpc_url(self.models.triton_url, self.models.triton_grpc_url)
         self.client = Af3Client(self.models.triton_url, grpc_url, model=self.models.triton_model)
         self.stream = getattr(self, "decoupled", True)  # a plain (non-decoupled) ensemble answers once
@@ -385,8 +375,6 @@ class TritonBackend(Backend):
                                   min_tokens=new_tokens)
 
     def run(self, convs, new_tokens: int) -> Call:
-        import threading
-
         requests = [self.inputs(c, new_tokens) for c in convs]
         stamps, errors = [[] for _ in requests], {}
         threads = [threading.Thread(target=_stream_one, args=(self.client, r, self.models.triton_model, stamps[i],
@@ -414,14 +402,12 @@ REFERENCE_BACKEND = "hf"
 # Run after the others, one backend at a time over all configurations and closed after its last
 # row: they hold their own weight copies and static KV caches, or compile.
 LATE_BACKENDS = ("torch-fast", "torch-fp8", "hf-compiled")
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DTYPE_NAMES = {DTYPES[n].torch: DTYPES[n].short for n in ("bfloat16", "float16", "float32")}  # torch -> label
 
 
 def engine_labels(manifest) -> tuple[str, str]:
     """(decoder precision, KV-cache format) of an engine dir, as registry names
-    (af3trt.build.precision.PRECISIONS / KV_CACHES): the labels of its rows and the keys of its floors."""
-    from ..formats.precision import get_kv_cache, get_precision
-
+    (af3trt.formats.precision.PRECISIONS / KV_CACHES): the labels of its rows and the keys of its floors."""
     p = manifest.precision
     return get_precision(p["llm"]).name, get_kv_cache(p.get("kv_cache", "auto")).name
 

@@ -19,10 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..audio import synthetic_audio
 from ..errors import OptionError
+from ..prompt import PromptBuilder
+from ..runtime.pipeline import Pipeline, _dtype
 from ..spec import MAX_AUDIO_SECONDS, MAX_WINDOWS, SAMPLE_RATE, WINDOW_SAMPLES, ModelSpec
+from ..stats import summary
+from ..tiny import default_tiny_dir, make_tiny_checkpoint
 from .backends import BACKENDS, LATE_BACKENDS, REFERENCE_BACKEND, Call, conversation
+from .env import environment
 from .floor import floors, measure, model_summary
+from .random_model import build
 
 SCHEMA = "af3trt.latency/1"
 STAGES = ("features", "encoder", "prefill", "decode", "ttft", "total")
@@ -79,8 +86,6 @@ class Models:
         self.triton_grpc_url = cfg.triton_grpc_url
         self._pipeline = self._hf = self._builder = None
         if cfg.random_weights:
-            from .random_model import build
-
             want_hf = any(b.startswith("hf") for b in cfg.backends)
             built = build(cfg.scale, device=device, dtype=dtype, with_hf=want_hf, seed=cfg.seed)
             self.spec, self.path, self.weights = built.spec, None, built.weights
@@ -88,8 +93,6 @@ class Models:
             self._pipeline = built.pipeline
             self._hf = (built.hf, built.processor) if built.hf is not None else None
         else:
-            from ..tiny import default_tiny_dir, make_tiny_checkpoint
-
             self.path = make_tiny_checkpoint(default_tiny_dir()) if cfg.model == "tiny" else Path(cfg.model)
             self.spec = ModelSpec.from_dir(self.path)
             self.weights = f"checkpoint {self.path}"
@@ -97,8 +100,6 @@ class Models:
 
     def pipeline(self):
         if self._pipeline is None:
-            from ..runtime.pipeline import Pipeline
-
             self._pipeline = Pipeline.from_pretrained(self.path, device=self.device, dtype=self.dtype, cache_bytes=0)
         return self._pipeline
 
@@ -119,8 +120,6 @@ class Models:
             if self._pipeline is not None or self.path is None:
                 self._builder = self.pipeline().builder
             else:
-                from ..prompt import PromptBuilder
-
                 self._builder = PromptBuilder.from_pretrained(self.path, self.spec.audio_token_id,
                                                               self.spec.text.vocab_size)
         prompts = [self._builder.build(c) for c in convs]
@@ -128,8 +127,6 @@ class Models:
 
 
 def _resolve(cfg: LatencyConfig) -> tuple[str, torch.dtype]:
-    from ..runtime.pipeline import _dtype
-
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return device, _dtype(cfg.dtype, device)
 
@@ -137,10 +134,7 @@ def _resolve(cfg: LatencyConfig) -> tuple[str, torch.dtype]:
 def _percentiles(values: list[float | None], scale: float = 1.0) -> dict | None:
     if not values or any(v is None for v in values):
         return None
-    from ..stats import summary
-
-    s = summary(values, scale)
-    return {k: s[k] for k in ("p50", "p90", "min", "max")}
+    return summary(values, scale, keys=("p50", "p90", "min", "max"))
 
 
 def windows_for(seconds: float) -> int:
@@ -272,8 +266,6 @@ class _Inputs:
         self.stats: dict[tuple, tuple[int, int]] = {}
 
     def get(self, seconds: float, batch: int):
-        from ..audio import synthetic_audio
-
         if any(s != seconds for s, _ in self.clips):
             self.clips.clear()
         for i in range(batch):
@@ -314,8 +306,6 @@ def run_latency(cfg: LatencyConfig, on_update=None) -> dict:
 
     on_update(result) is called after every row, so a caller can persist partial results.
     """
-    from .env import environment
-
     start = time.perf_counter()
     device, dtype = _resolve(cfg)
     notify = on_update or (lambda _r: None)

@@ -20,6 +20,7 @@ from ..audio import AudioError, load_audio, split_windows, synthetic_audio
 from ..errors import MissingInputError
 from ..features import extract_features
 from ..prompt import left_pad
+from ..spec import SAMPLE_RATE, TOKENS_PER_SECOND
 from .stage_log import progress
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")  # what af3trt.audio decodes (libsndfile)
@@ -162,12 +163,12 @@ def llm_calibration_batches(checkpoint_dir, audio_dir=None, count: int = 16, max
     pipe = Pipeline.from_pretrained(checkpoint_dir, decoder="torch", device=device, dtype="float32", cache_bytes=0,
                                     variant=variant)
     audios = _calibration_audios(audio_dir, count, seed)
-    budget_s = max(1.0, (max_tokens - 96) / 25.0)  # 25 audio tokens per second; keep ~96 tokens for text
+    budget_s = max(1.0, (max_tokens - 96) / TOKENS_PER_SECOND)  # keep ~96 tokens for the text
 
     batches = []
     for i in progress(range(count), "llm_checkpoint: calibration prompts (encoder embeddings)", unit="prompt"):
         name, samples = audios[i % len(audios)]
-        clip = samples[: int(budget_s * 16_000)]
+        clip = samples[: int(budget_s * SAMPLE_RATE)]
         text = {"type": "text", "text": CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)]}
         content = [text] if text_only else [{"type": "audio", "audio": clip}, text]
         conv = [{"role": "user", "content": content}]

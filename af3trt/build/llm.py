@@ -18,7 +18,8 @@ from pathlib import Path
 from .. import fileio
 from ..checkpoint import LM_PREFIX, Checkpoint
 from ..errors import OptionError
-from ..spec import MAX_AUDIO_SECONDS, ModelSpec, TextSpec, audio_tokens_for_seconds, check_limit_fields
+from ..spec import MAX_AUDIO_SECONDS, ModelSpec, TextSpec, audio_tokens_for_seconds
+from ..formats.limits import check_limit_fields
 from ..formats.precision import (
     KVCacheSpec, PrecisionSpec, engine_vocab_size, get_kv_cache, get_precision, needs_calibration, resolve_dtype,
     trtllm_quantization,

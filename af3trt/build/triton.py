@@ -46,14 +46,20 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import __version__
+from ..dtypes import DTYPES, dtype
 from ..errors import ExistingOutputError, MissingInputError, OptionError
-from ..spec import FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW
+from ..fileio import staged_dir
+from ..formats.encoder_io import IO, EncoderIO, read_config
+from ..formats.manifest import MANIFEST, Manifest
+from ..formats.trtllm_engine import kv_reuse_allowed
+from ..spec import FRAMES_PER_WINDOW, N_MELS, TOKENS_PER_WINDOW, ModelSpec
 from .triton_spec import (  # also the names callers import from here
-    BLS, BLSParams, ENCODER, ENGINE_TABLE_DTYPES, ENSEMBLE, EncoderIO, EncoderParams, LLM, LLMParams, LLM_BACKENDS,
+    BLS, BLSParams, ENCODER, ENGINE_TABLE_DTYPES, ENSEMBLE, EncoderParams, LLM, LLMParams, LLM_BACKENDS, LaunchSpec,
     LLM_INPUTS, LLM_OUTPUTS, MARKER, ModelConfig, NUMPY_TO_TRITON, POSTPROCESSING, PREPROCESSING, PROMPT_TABLE,
     BLS_ONLY_INPUTS, BLS_OUTPUTS, ENSEMBLE_OUTPUTS, RETURNS_WARNINGS, PostprocessingParams, PreprocessingParams, PromptTableParams, REQUEST_INPUTS, REQUEST_OUTPUTS,
-    ServingLimits, Step, TABLE_INPUTS, TEMPLATES, TensorSpec, from_preprocessing, llm_inputs, param_pairs, tensor,
-    render_ensemble, render_model, variant_pairs,
+    ServingLimits, Step, TABLE_INPUTS, TEMPLATES, TensorSpec, from_preprocessing, llm_inputs, numpy_dtype, param_pairs, tensor,
+    engine_world_size, pool_bytes, render_ensemble, render_model, variant_pairs, version_pairs,
 )
 
 
@@ -75,7 +81,8 @@ class EngineFacts:
     checkpoint_dir: Path | None  # AF3 HF checkpoint (torch encoder / decoder)
     encoder_onnx: Path | None
     encoder_plan: Path | None
-    encoder_io: EncoderIO
+    encoder_io: EncoderIO  # the encoder I/O contract (names, numpy dtype names)
+    embeddings_dtype: str  # the encoder's output, a Triton TYPE_* (the plan's; FP32 for ONNX / torch)
     plan_max_windows: int | None
     llm_engine: Path | None
     llm_checkpoint: Path | None
@@ -88,9 +95,7 @@ def _json(path: Path) -> dict:
 
 
 def _model_facts(root: Path, tokenizer_dir: Path) -> dict:
-    if (root / "manifest.json").is_file():
-        from ..formats.manifest import Manifest
-
+    if (root / MANIFEST).is_file():
         manifest = Manifest.read(root)
         # as `af3trt run` does: an engine dir serves its own LLM weights, never the source checkpoint's
         # in their place (an interrupted int4_awq build has no llm_checkpoint stage)
@@ -98,8 +103,6 @@ def _model_facts(root: Path, tokenizer_dir: Path) -> dict:
         m = manifest.model  # fake ids start at the LLM checkpoint's vocab_size (padded for int4_awq)
         return {"vocab_size": manifest.engine_vocab_size(), "valid_vocab": int(m["vocab_size"]),
                 "hidden_size": int(m["hidden_size"]), "audio_token_id": int(m["audio_token_id"])}
-    from ..spec import ModelSpec
-
     for d in (root, tokenizer_dir):
         if (d / "config.json").is_file():
             spec = ModelSpec.from_dir(d)
@@ -119,20 +122,12 @@ def _generation_ids(root: Path, tokenizer_dir: Path) -> tuple[tuple[int, ...], i
     raise MissingInputError(f"expected generation_config.json with eos_token_id in {tokenizer_dir} or {root}, found none")
 
 
-_TRT_TO_TRITON = {"FLOAT": "TYPE_FP32", "HALF": "TYPE_FP16", "BF16": "TYPE_BF16", "INT64": "TYPE_INT64",
-                  "INT32": "TYPE_INT32"}
-
-
-def _encoder_facts(enc: Path) -> tuple[EncoderIO, int | None]:
-    """Encoder tensor names/dtypes and the plan's profile maximum, from encoder/config.json (its `io`
-    section, the `plan` section's TensorRT I/O dtypes and profile) or runtime.encoder.IO's defaults."""
-    from ..formats.encoder_io import IO
-
+def _encoder_facts(enc: Path) -> tuple[EncoderIO, str, int | None]:
+    """The encoder I/O contract (tensor names, dtypes), its output's Triton dtype and the plan's profile
+    maximum, from encoder/config.json (its `io` section, the `plan` section's TensorRT I/O dtypes and
+    profile) or formats.encoder_io.IO's defaults."""
     if not (enc / "config.json").is_file():
-        return EncoderIO(IO.features, IO.frames, IO.embeddings, NUMPY_TO_TRITON[IO.features_dtype],
-                         NUMPY_TO_TRITON[IO.frames_dtype], "TYPE_FP32"), None
-    from ..formats.encoder_io import read_config
-
+        return IO, NUMPY_TO_TRITON["float32"], None
     cfg = read_config(enc)
     takes = (cfg.get("io") or {}).get("takes", "features")
     if takes != "features":
@@ -144,13 +139,14 @@ def _encoder_facts(enc: Path) -> tuple[EncoderIO, int | None]:
     if sorted(by_rank) != [1, 3] or len(outputs) != 1:
         raise ValueError(f"expected encoder inputs (W,128,3000) features and (W,) frames and one output in "
                          f"{enc / 'config.json'}, got inputs {inputs} and outputs {outputs}")
-    dtypes = {k: NUMPY_TO_TRITON[v["dtype"]] for k, v in {**inputs, **outputs}.items()}
+    dtypes = {k: dtype(v["dtype"]).name for k, v in {**inputs, **outputs}.items()}
     plan = cfg.get("plan") or {}
-    dtypes.update({k: _TRT_TO_TRITON[v] for k, v in (plan.get("io") or {}).items()})
+    dtypes.update({k: dtype(v).name for k, v in (plan.get("io") or {}).items()})  # TensorRT names: "HALF"
     (emb,) = outputs
-    io = EncoderIO(by_rank[3], by_rank[1], emb, dtypes[by_rank[3]], dtypes[by_rank[1]], dtypes[emb])
+    io = dataclasses.replace(IO, features=by_rank[3], frames=by_rank[1], embeddings=emb,
+                             features_dtype=dtypes[by_rank[3]], frames_dtype=dtypes[by_rank[1]])
     top = (plan.get("profile") or {}).get("max")
-    return io, (int(top) if top else None)
+    return io, NUMPY_TO_TRITON[dtypes[emb]], (int(top) if top else None)
 
 
 def inspect_engine_dir(engine_dir: str | os.PathLike) -> EngineFacts:
@@ -163,13 +159,11 @@ def inspect_engine_dir(engine_dir: str | os.PathLike) -> EngineFacts:
     facts = _model_facts(root, tokenizer_dir)
     eos, pad = _generation_ids(root, tokenizer_dir)
     checkpoint = root if (root / "config.json").is_file() and any(root.glob("*.safetensors")) else None
-    if checkpoint is None and (root / "manifest.json").is_file():
-        from ..formats.manifest import Manifest
-
+    if checkpoint is None and (root / MANIFEST).is_file():
         path = Path(Manifest.read(root).checkpoint.get("path", ""))
         checkpoint = path if path.is_dir() and any(path.glob("*.safetensors")) else None
     enc = root / "encoder"
-    io, profile_max = _encoder_facts(enc)
+    io, embeddings_dtype, profile_max = _encoder_facts(enc)
     llm_engine = root / "llm" / "engine"
     if (llm_engine / "config.json").is_file():
         engine_vocab = int(_json(llm_engine / "config.json").get("pretrained_config", {}).get("vocab_size", 0))
@@ -181,7 +175,7 @@ def inspect_engine_dir(engine_dir: str | os.PathLike) -> EngineFacts:
         engine_dir=root, tokenizer_dir=tokenizer_dir, eos_token_ids=eos, pad_id=pad, checkpoint_dir=checkpoint,
         encoder_onnx=enc / "encoder.onnx" if (enc / "encoder.onnx").is_file() else None,
         encoder_plan=enc / "encoder.plan" if (enc / "encoder.plan").is_file() else None,
-        encoder_io=io, plan_max_windows=profile_max,
+        encoder_io=io, embeddings_dtype=embeddings_dtype, plan_max_windows=profile_max,
         llm_engine=llm_engine if (llm_engine / "config.json").is_file() else None,
         llm_checkpoint=root / "llm" / "checkpoint" if (root / "llm" / "checkpoint" / "config.json").is_file() else None,
         limits=ServingLimits.from_engine_dir(root), variant=_variant(root), **facts,
@@ -189,10 +183,8 @@ def inspect_engine_dir(engine_dir: str | os.PathLike) -> EngineFacts:
 
 
 def _variant(root: Path) -> dict:
-    if not (root / "manifest.json").is_file():
+    if not (root / MANIFEST).is_file():
         return {"name": "base"}
-    from ..formats.manifest import Manifest
-
     return Manifest.read(root).variant
 
 
@@ -308,37 +300,33 @@ def _dynamic_batching(delay_us: int, preferred: int | None = None) -> str:
 
 def _encoder_tensors(io: EncoderIO, windows: tuple[int, ...], embeddings_dtype: str, hidden: int):
     """features, frames, embeddings; windows () for the encoder (W is its batch axis), (-1,) elsewhere."""
-    return (TensorSpec(io.features, io.features_dtype, windows + (N_MELS, FRAMES_PER_WINDOW)),
-            TensorSpec(io.frames, io.frames_dtype, windows + (1,), reshape=None if windows else ()),
+    return (TensorSpec(io.features, NUMPY_TO_TRITON[io.features_dtype], windows + (N_MELS, FRAMES_PER_WINDOW)),
+            TensorSpec(io.frames, NUMPY_TO_TRITON[io.frames_dtype], windows + (1,), reshape=None if windows else ()),
             TensorSpec(io.embeddings, embeddings_dtype, windows + (TOKENS_PER_WINDOW, hidden)))
 
 
 def preprocessing_config(plan: Plan) -> ModelConfig:
     f, o, io = plan.facts, plan.options, plan.facts.encoder_io
-    features, frames, _ = _encoder_tensors(io, (-1,), io.embeddings_dtype, f.hidden_size)
+    features, frames, _ = _encoder_tensors(io, (-1,), f.embeddings_dtype, f.hidden_size)
     outputs = (features, frames, tensor("rows", "int32", -1)) + tuple(
         from_preprocessing(t) for t in LLM_INPUTS if t.name not in TABLE_INPUTS) + (tensor("warnings", "bytes", -1),)
     params = PreprocessingParams(
         tokenizer_dir=plan.path(f.tokenizer_dir), vocab_size=f.vocab_size, valid_vocab=f.valid_vocab,
         audio_token_id=f.audio_token_id,
         end_id=f.eos_token_ids[0], pad_id=f.pad_id, stop_ids=list(f.eos_token_ids[1:]),
-        limits=dataclasses.asdict(plan.limits),
-        features=io.features, frames=io.frames, features_dtype=_numpy_dtype(io.features_dtype),
-        frames_dtype=_numpy_dtype(io.frames_dtype), llm_decoupled=o.streaming)
+        limits=plan.limits.record(),
+        features=io.features, frames=io.frames, features_dtype=io.features_dtype,
+        frames_dtype=io.frames_dtype, llm_decoupled=o.streaming)
     return ModelConfig(PREPROCESSING, 'backend: "python"', 0, REQUEST_INPUTS + (RETURNS_WARNINGS,), outputs, o.instances,
                        parameters=param_pairs(params))
-
-
-def _numpy_dtype(triton: str) -> str:
-    return {v: k for k, v in NUMPY_TO_TRITON.items()}[triton]
 
 
 def encoder_config(plan: Plan) -> ModelConfig:
     f, o, io = plan.facts, plan.options, plan.facts.encoder_io
     if plan.encoder == "tensorrt":
-        features, frames, emb = _encoder_tensors(io, (), io.embeddings_dtype, f.hidden_size)
-        if io.embeddings_dtype not in ("TYPE_FP16", "TYPE_FP32"):
-            raise ValueError(f"expected the encoder plan's output FP16 or FP32 (python models read it), got {io.embeddings_dtype}")
+        features, frames, emb = _encoder_tensors(io, (), f.embeddings_dtype, f.hidden_size)
+        if f.embeddings_dtype not in ("TYPE_FP16", "TYPE_FP32"):
+            raise ValueError(f"expected the encoder plan's output FP16 or FP32 (python models read it), got {f.embeddings_dtype}")
         return ModelConfig(ENCODER, 'platform: "tensorrt_plan"', plan.encoder_windows, (features, frames), (emb,),
                            o.instances, "KIND_GPU", dynamic_batching=_dynamic_batching(o.max_queue_delay_us))
     features, frames, emb = _encoder_tensors(io, (), "TYPE_FP16", f.hidden_size)
@@ -350,7 +338,7 @@ def encoder_config(plan: Plan) -> ModelConfig:
 
 
 def _encoder_output_dtype(plan: Plan) -> str:
-    return plan.facts.encoder_io.embeddings_dtype if plan.encoder == "tensorrt" else "TYPE_FP16"
+    return plan.facts.embeddings_dtype if plan.encoder == "tensorrt" else "TYPE_FP16"
 
 
 def prompt_table_config(plan: Plan) -> ModelConfig:
@@ -359,7 +347,7 @@ def prompt_table_config(plan: Plan) -> ModelConfig:
     outputs = (TensorSpec("prompt_embedding_table", plan.table_dtype, (1, -1, h)),
                tensor("prompt_vocab_size", "int32", 1, 1))
     params = param_pairs(PromptTableParams(hidden_size=h, embeddings=io.embeddings,
-                                           dtype=_numpy_dtype(plan.table_dtype)))
+                                           dtype=numpy_dtype(plan.table_dtype)))
     if plan.encoder == "tensorrt":
         params += (("FORCE_CPU_ONLY_INPUT_TENSORS", "no"),)  # take the plan's GPU output as is (DLPack)
     return ModelConfig(PROMPT_TABLE, 'backend: "python"', 0, (emb, tensor("rows", "int32", -1)), outputs,
@@ -387,8 +375,6 @@ def llm_config(plan: Plan) -> ModelConfig:
               ("exclude_input_in_output", "true"), ("enable_chunked_context", "false"),
               ("tokenizer_dir", ""), ("guided_decoding_backend", ""), ("xgrammar_tokenizer_info_path", ""),
               ("FORCE_CPU_ONLY_INPUT_TENSORS", "no"))
-    from ..serving.launch import engine_world_size
-
     world = engine_world_size(_json(f.llm_engine / "config.json"))
     if world > 1:  # leader mode under mpirun: rank r drives GPU r (af3trt.serving.launch)
         params += (("gpu_device_ids", ",".join(str(r) for r in range(world))),)
@@ -401,16 +387,13 @@ def launch_spec(plan: Plan):
     """How `af3trt serve` launches this repository (af3trt.serving.launch): the C++ LLM's world size
     (tp*pp ranks under mpirun), GPU 0's CUDA memory pool for the largest prompt tables, and the
     TensorRT-LLM release that built the engine (checked before loading)."""
-    from ..serving.launch import LaunchSpec, engine_world_size, pool_bytes
 
     if plan.options.llm_backend != "tensorrtllm":
         return LaunchSpec()
     f = plan.facts
-    table_bytes = 4 if plan.table_dtype == "TYPE_FP32" else 2
+    table_bytes = int(next(d.bytes for d in DTYPES.values() if d.triton == plan.table_dtype))
     built = None
-    if (f.engine_dir / "manifest.json").is_file():
-        from ..formats.manifest import Manifest
-
+    if (f.engine_dir / MANIFEST).is_file():
         built = (Manifest.read(f.engine_dir).stages.get("llm_engine") or {}).get("tensorrt_llm")
     return LaunchSpec(world_size=engine_world_size(_json(f.llm_engine / "config.json")),
                       cuda_memory_pool_bytes=pool_bytes(plan.limits.max_audio_tokens, f.hidden_size, table_bytes,
@@ -420,8 +403,6 @@ def launch_spec(plan: Plan):
 
 def _kv_cache_reuse(llm_engine: Path, requested: bool | None) -> bool:
     """enable_kv_cache_reuse: only on an engine with paged context FMHA (its config.json says)."""
-    from ..formats.trtllm_engine import kv_reuse_allowed
-
     allowed = kv_reuse_allowed(_json(llm_engine / "config.json"))
     if requested and not allowed:
         raise ValueError(f"expected kv_cache_reuse off or unset for {llm_engine}: its config.json says "
@@ -496,7 +477,7 @@ def render_repository(plan: Plan) -> dict[str, str]:
     """{model name: config.pbtxt text} for every model of the repository."""
     configs = [preprocessing_config(plan), encoder_config(plan), prompt_table_config(plan), llm_config(plan),
                postprocessing_config(plan), bls_config(plan)]
-    meta = variant_pairs(plan.facts.variant)  # on af3trt's python models and the ensemble
+    meta = variant_pairs(plan.facts.variant) + version_pairs()  # on af3trt's python models and the ensemble
     configs = [dataclasses.replace(c, parameters=c.parameters + meta) if c.backend == 'backend: "python"' else c
                for c in configs]
     out = {c.name: render_model(c) for c in configs}
@@ -522,8 +503,6 @@ def write_repository(engine_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
     An existing `out_dir` is replaced only if an earlier `write_repository` made it (or it is empty).
     """
-    from ..fileio import staged_dir
-
     o = RepositoryOptions(llm_backend=llm_backend, max_batch_size=max_batch_size, instances=instances,
                           streaming=streaming, **options)
     plan = make_plan(inspect_engine_dir(engine_dir), o)
@@ -537,7 +516,7 @@ def write_repository(engine_dir: str | os.PathLike, out_dir: str | os.PathLike, 
             (tmp / name).mkdir()
             (tmp / name / "config.pbtxt").write_text(text)
             _model_files(plan, name, tmp / name / "1")
-        record = {"engine_dir": str(plan.facts.engine_dir), "limits": dataclasses.asdict(plan.limits),
+        record = {"af3trt": __version__, "engine_dir": str(plan.facts.engine_dir), "limits": plan.limits.record(),
                   "launch": launch_spec(plan).record(),
                   "encoder": plan.encoder, "options": {k: v for k, v in dataclasses.asdict(o).items() if k != "limits"},
                   "variant": plan.facts.variant}

@@ -1,5 +1,6 @@
 """Typed specs of the af3trt Triton repository: tensor lists, model configs, serving limits, the
-python models' parameters and their config.pbtxt rendering (`string.Template.substitute`).
+python models' parameters and their config.pbtxt rendering (`string.Template.substitute`), the
+launch record (`LaunchSpec`, read by `af3trt.serving.launch`) and the writer's af3trt version.
 
 Light on purpose: the generated python models import their parameter classes from here inside
 the Triton server. `af3trt.build.triton` inspects the engine dir and writes the repository.
@@ -14,8 +15,12 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import OptionError
-from ..spec import MAX_AUDIO_SECONDS, MAX_AUDIO_TOKENS, MAX_WINDOWS, check_limit_fields
+from .. import __version__
+from ..dtypes import DTYPES
+from ..errors import UserError
+from ..formats.limits import Limits
+from ..formats.manifest import MANIFEST, Manifest
+from ..spec import MAX_AUDIO_SECONDS, MAX_AUDIO_TOKENS, MAX_WINDOWS
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 GENERATOR = "af3trt"
@@ -23,8 +28,10 @@ MARKER = ".af3trt-repository"  # only folders holding this file (or empty ones) 
 LLM_BACKENDS = ("tensorrtllm", "python")
 PREPROCESSING, ENCODER, PROMPT_TABLE, LLM, POSTPROCESSING, ENSEMBLE, BLS = (
     "preprocessing", "audio_encoder", "prompt_table", "tensorrt_llm", "postprocessing", "ensemble", "af3")
-NUMPY_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
-                   "int32": "TYPE_INT32", "uint64": "TYPE_UINT64", "bool": "TYPE_BOOL", "bytes": "TYPE_STRING"}
+# numpy/torch dtype name -> Triton TYPE_* (af3trt.dtypes), plus the request-only uint64 seeds / extra ids
+# and BYTES strings, which no model tensor has
+NUMPY_TO_TRITON = {**{d.name: d.triton for d in DTYPES.values() if d.triton}, "uint64": "TYPE_UINT64",
+                   "bytes": "TYPE_STRING"}
 
 
 # ------------------------------------------------------------------------------------ typed specs
@@ -55,6 +62,19 @@ def _scalar(name, dtype, optional=True) -> TensorSpec:
     return TensorSpec(name, NUMPY_TO_TRITON[dtype], (1,), optional=optional, reshape=())
 
 
+# The request's generation options, declared once: request input -> (af3trt generation option of
+# `GenerationOptions` / `GenerationDefaults.options`, its tensor's dtype). Absent = the model's
+# generation_config.json default; errors about an option name the input.
+OPTION_INPUTS = {"MAX_TOKENS": ("max_new_tokens", "int32"), "MIN_TOKENS": ("min_new_tokens", "int32"),
+                 "DO_SAMPLE": ("do_sample", "bool"), "TEMPERATURE": ("temperature", "float32"),
+                 "TOP_P": ("top_p", "float32"), "TOP_K": ("top_k", "int32"), "MIN_P": ("min_p", "float32"),
+                 "REPETITION_PENALTY": ("repetition_penalty", "float32"),
+                 "PRESENCE_PENALTY": ("presence_penalty", "float32"),
+                 "FREQUENCY_PENALTY": ("frequency_penalty", "float32"), "SEED": ("seed", "uint64"),
+                 "IGNORE_EOS": ("ignore_eos", "bool"), "STOP": ("stop", "bytes")}
+REQUEST_OPTIONS = {name: opt for name, (opt, _) in OPTION_INPUTS.items()}  # request input -> option
+# request flags that are no generation option, and their value when absent
+REQUEST_FLAGS = {"STREAM": False, "STRIP_PREFIX": False}
 # User-facing request (ensemble and af3): AUDIO elements are whole encoded files, never URLs or paths.
 # The text comes as PROMPT (one user turn: the audios, then the text) or as CONVERSATION (JSON: the
 # messages as `Pipeline.generate` takes them, roles system/user/assistant, each audio item written
@@ -64,23 +84,9 @@ def _scalar(name, dtype, optional=True) -> TensorSpec:
 REQUEST_INPUTS = (
     tensor("AUDIO", "bytes", -1, optional=True), tensor("AUDIO_BASE64", "bytes", -1, optional=True),
     tensor("PROMPT", "bytes", 1, optional=True), tensor("CONVERSATION", "bytes", 1, optional=True),
-    tensor("MAX_TOKENS", "int32", 1, optional=True), tensor("MIN_TOKENS", "int32", 1, optional=True),
-    tensor("DO_SAMPLE", "bool", 1, optional=True), tensor("TEMPERATURE", "float32", 1, optional=True),
-    tensor("TOP_P", "float32", 1, optional=True), tensor("TOP_K", "int32", 1, optional=True),
-    tensor("MIN_P", "float32", 1, optional=True),
-    tensor("REPETITION_PENALTY", "float32", 1, optional=True),
-    tensor("PRESENCE_PENALTY", "float32", 1, optional=True), tensor("FREQUENCY_PENALTY", "float32", 1, optional=True),
-    tensor("SEED", "uint64", 1, optional=True), tensor("IGNORE_EOS", "bool", 1, optional=True),
-    tensor("STOP", "bytes", -1, optional=True),
-    tensor("STREAM", "bool", 1, optional=True), tensor("STRIP_PREFIX", "bool", 1, optional=True),
+    *(tensor(name, dtype, -1 if dtype == "bytes" else 1, optional=True) for name, (_, dtype) in OPTION_INPUTS.items()),
+    *(tensor(name, "bool", 1, optional=True) for name in REQUEST_FLAGS),
 )
-# request input -> af3trt generation option (`GenerationDefaults.options`; absent = the model's
-# generation_config.json default). Errors about an option name the input.
-REQUEST_OPTIONS = {"MAX_TOKENS": "max_new_tokens", "MIN_TOKENS": "min_new_tokens", "DO_SAMPLE": "do_sample",
-                   "TEMPERATURE": "temperature", "TOP_P": "top_p", "TOP_K": "top_k", "MIN_P": "min_p",
-                   "REPETITION_PENALTY": "repetition_penalty", "PRESENCE_PENALTY": "presence_penalty",
-                   "FREQUENCY_PENALTY": "frequency_penalty", "SEED": "seed", "IGNORE_EOS": "ignore_eos",
-                   "STOP": "stop"}
 # Inputs only `af3` reads: stop strings are checked on the detokenized text, which the ensemble never
 # sees (its LLM stops on token ids only); the ensemble does not declare them, so Triton refuses them there.
 BLS_ONLY_INPUTS = ("STOP",)
@@ -125,9 +131,21 @@ LLM_INPUTS = (
     _scalar("prompt_vocab_size", "int32"), tensor("prompt_table_extra_ids", "uint64", -1, optional=True, ragged=True),
 )
 LLM_OUTPUTS = (tensor("output_ids", "int32", -1, -1), tensor("sequence_length", "int32", -1))
+# The LLM tensors of TensorRT-LLM SamplingConfig fields (`af3trt.runtime.stitch.trtllm_sampling`), with
+# the value that leaves a field at its default: preprocessing sends them, the python LLM reads them.
+LLM_SAMPLING = {"top_k": ("runtime_top_k", 0), "top_p": ("runtime_top_p", 1.0), "temperature": ("temperature", 1.0),
+                "repetition_penalty": ("repetition_penalty", 1.0), "presence_penalty": ("presence_penalty", 0.0),
+                "frequency_penalty": ("frequency_penalty", 0.0), "min_tokens": ("min_tokens", 0)}
+
+
+def numpy_dtype(triton: str) -> str:
+    """A Triton TYPE_* -> its numpy dtype name (NUMPY_TO_TRITON's inverse)."""
+    return next(name for name, t in NUMPY_TO_TRITON.items() if t == triton)
+
+
 TABLE_INPUTS = ("prompt_embedding_table", "prompt_vocab_size")  # from prompt_table, the rest from preprocessing
 # A TensorRT-LLM engine's dtype (pretrained_config.dtype) -> the prompt table dtype it accepts.
-ENGINE_TABLE_DTYPES = {"bfloat16": "TYPE_BF16", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
+ENGINE_TABLE_DTYPES = {n: DTYPES[n].triton for n in ("bfloat16", "float16", "float32")}
 
 
 def llm_inputs(table_dtype: str) -> tuple[TensorSpec, ...]:
@@ -172,18 +190,6 @@ def from_preprocessing(spec: TensorSpec) -> TensorSpec:
 
 
 @dataclass(frozen=True)
-class EncoderIO:
-    """The encoder's tensor names and Triton dtypes (ENGINE_DIR/encoder/config.json, else defaults)."""
-
-    features: str
-    frames: str
-    embeddings: str
-    features_dtype: str
-    frames_dtype: str
-    embeddings_dtype: str
-
-
-@dataclass(frozen=True)
 class ModelConfig:
     """A non-ensemble config.pbtxt. backend: 'backend: "python"' or 'platform: "tensorrt_plan"' line."""
 
@@ -207,15 +213,10 @@ class Step:
 
 
 @dataclass(frozen=True)
-class ServingLimits:
-    """Per-request limits the repository enforces (from ENGINE_DIR/manifest.json `limits` when present).
-
-    max_batch_size: sequences in flight in the LLM; max_audio_seconds: audio per request (all of its
-    audios together); max_windows: 30 s encoder windows per request; max_audio_tokens: prompt-table
-    rows per request (the executor's max_prompt_embedding_table_size // max_batch_size); max_input_len:
-    prompt tokens (audio rows + text); max_new_tokens: per request; max_seq_len: prompt + new tokens.
-    Checked per request by `af3trt.spec.request_limit_error`, the Pipeline's rule.
-    """
+class ServingLimits(Limits):
+    """The `Limits` a repository enforces: the engine dir's manifest record, and where there is none
+    these serving defaults (8 sequences, 10 minutes of audio, 2048 text and 2048 new tokens).
+    Checked per request by `Limits.request_error`, the Pipeline's rule."""
 
     max_batch_size: int = 8
     max_audio_seconds: float = float(MAX_AUDIO_SECONDS)
@@ -224,31 +225,96 @@ class ServingLimits:
     max_input_len: int = MAX_AUDIO_TOKENS + 2048
     max_new_tokens: int = 2048
     max_seq_len: int = MAX_AUDIO_TOKENS + 2048 + 2048
-    max_text_tokens: int | None = None  # prompt tokens besides audio (the engine's; None: only the total)
-
-    def __post_init__(self):
-        check_limit_fields("ServingLimits", self, ("max_batch_size", "max_windows", "max_audio_tokens", "max_input_len",
-                                                   "max_new_tokens", "max_seq_len")
-                           + (("max_text_tokens",) if self.max_text_tokens is not None else ()))
-        if self.max_seq_len <= self.max_input_len:
-            raise OptionError(f"ServingLimits: expected max_seq_len > max_input_len, got {self.max_seq_len} "
-                             f"<= {self.max_input_len}")
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | os.PathLike) -> "ServingLimits":
         """Limits of ENGINE_DIR/manifest.json (its `limits` record), defaults where there is none."""
-        path = Path(engine_dir) / "manifest.json"
-        if not path.is_file():
+        if not (Path(engine_dir) / MANIFEST).is_file():
             return cls()
-        from ..formats.manifest import Manifest
+        lim = Limits.read(Manifest.read(engine_dir).limits)
+        return cls(**{k: v for k, v in lim.items() if v is not None})
 
-        lim = Manifest.read(engine_dir).limits
-        picked = {k: lim[k] for k in ("max_batch_size", "max_audio_seconds", "max_windows", "max_audio_tokens",
-                                      "max_input_len", "max_new_tokens", "max_seq_len", "max_text_tokens")
-                  if lim.get(k) is not None}
-        if "max_audio_seconds" in picked:
-            picked["max_audio_seconds"] = float(picked["max_audio_seconds"])
-        return cls(**picked)
+
+# ---------------------------------------------------------------------- the launch record
+
+
+MIN_POOL_BYTES = 300_000_000  # NVIDIA's multimodal docs (`--multimodal_gpu0_cuda_mem_pool_bytes 300000000`)
+LLM_MODEL = "tensorrt_llm"
+
+
+def pool_bytes(max_audio_tokens: int, hidden_size: int, table_bytes: int, max_batch_size: int) -> int:
+    """CUDA memory pool of GPU 0: every in-flight request's largest prompt table, at least 300 MB
+    (a 10-minute bf16 table: 15,000 x 3,584 x 2 B = 107.5 MB per request)."""
+    return max(MIN_POOL_BYTES, int(max_audio_tokens) * int(hidden_size) * int(table_bytes) * int(max_batch_size))
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How the repository is launched (`af3trt.serving.launch`). world_size: ranks of the LLM engine
+    (tp*pp; 1 for the python LLM); cuda_memory_pool_bytes: GPU 0's pool (None: the python-LLM
+    repositories, which also run on CPU, set none); tensorrt_llm: the version that built the engine
+    (None: not recorded, not checked)."""
+
+    world_size: int = 1
+    cuda_memory_pool_bytes: int | None = None
+    tensorrt_llm: str | None = None
+    cpp_llm: bool = False  # the repository's LLM is the tensorrtllm C++ backend
+
+    def record(self) -> dict:
+        return {"world_size": self.world_size, "cuda_memory_pool_bytes": self.cuda_memory_pool_bytes,
+                "tensorrt_llm": self.tensorrt_llm, "cpp_llm": self.cpp_llm}
+
+
+def engine_world_size(engine_config: dict) -> int:
+    """tp * pp of a TensorRT-LLM engine config.json (pretrained_config.mapping)."""
+    mapping = (engine_config.get("pretrained_config") or {}).get("mapping") or {}
+    tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
+    world = int(mapping.get("world_size", tp * pp))
+    if world != tp * pp:
+        raise ValueError(f"expected mapping.world_size == tp_size * pp_size ({tp} * {pp}), got {world}")
+    return world
+
+
+def _marker(repo: str | os.PathLike) -> dict | None:
+    marker = Path(repo) / MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def read_launch(repo: str | os.PathLike) -> LaunchSpec:
+    """The launch record `write_repository` left in the repository's marker file (defaults without one)."""
+    record = (_marker(repo) or {}).get("launch")
+    return LaunchSpec(**record) if record else LaunchSpec()
+
+
+# ------------------------------------------------------------------- the writer's version
+
+# Every repository records the af3trt that wrote it (the marker's `af3trt`, each python model's and
+# the ensemble's `af3trt_version` parameter): its models import af3trt, so a repository of another
+# af3trt (other parameters, other tensors) is refused at load rather than half-working.
+VERSION_KEY = "af3trt_version"
+REGENERATE = "regenerate it with `af3trt triton`"
+
+
+class RepositoryVersionError(UserError):
+    """A model repository written by another af3trt than the one loading it."""
+
+
+def version_pairs() -> tuple[tuple[str, str], ...]:
+    return ((VERSION_KEY, __version__),)
+
+
+def _check_version(what: str, written: str | None) -> None:
+    if written != __version__:
+        raise RepositoryVersionError(f"expected {what} written by af3trt {__version__} (the one loading it), got "
+                                     f"{'a repository of af3trt ' + written if written else 'no af3trt version recorded'}"
+                                     f": {REGENERATE}")
+
+
+def check_writer(repo: str | os.PathLike) -> None:
+    """Refuse a repository whose marker records another af3trt (none recorded: an older one)."""
+    record = _marker(repo)
+    if record is not None:
+        _check_version(f"the model repository {repo}", record.get("af3trt"))
 
 
 # -------------------------------------------------------------- python model parameters (typed)
@@ -276,9 +342,12 @@ def model_variant(model_config: dict) -> str:
 
 
 def load_params(cls, model_config: dict):
-    """Inverse of `param_pairs` for a python model's `args["model_config"]`; unknown keys are an error."""
-    raw = {k: v["string_value"] for k, v in (model_config.get("parameters") or {}).items()
-           if k != "FORCE_CPU_ONLY_INPUT_TENSORS" and k not in VARIANT_KEYS}
+    """Inverse of `param_pairs` for a python model's `args["model_config"]`; unknown keys are an error,
+    and so is a model written by another af3trt (its `af3trt_version`)."""
+    params = model_config.get("parameters") or {}
+    _check_version(f"model {model_config.get('name')!r}", (params.get(VERSION_KEY) or {}).get("string_value"))
+    raw = {k: v["string_value"] for k, v in params.items()
+           if k != "FORCE_CPU_ONLY_INPUT_TENSORS" and k not in VARIANT_KEYS and k != VERSION_KEY}
     names = {f.name: f for f in dataclasses.fields(cls)}
     if set(raw) != set(names):
         raise ValueError(f"{model_config.get('name')}: expected parameters {sorted(names)}, got {sorted(raw)}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import threading
 import time
 from dataclasses import dataclass, field
@@ -12,15 +14,27 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .. import __version__
 from ..audio import audio_warnings
+from ..dtypes import DTYPES
 from ..errors import OptionError
 from ..features import log_mel, padded_windows
+from ..formats.limits import Limits
+from ..formats.manifest import MANIFEST, Manifest, ManifestError
+from ..formats.trtllm_engine import engine_config, kv_reuse_allowed
+from ..kernels.logmel import log_mel_windows
 from ..prompt import DEFAULT_TRANSCRIBE_PROMPT, Prompt, PromptBuilder, PromptError, strip_transcription_prefix
 from ..spec import ModelSpec
+from ..think import THINK_SUFFIX, check_variant, open_checkpoint
+from ..tiny import default_tiny_dir, make_tiny_checkpoint
 from .cache import DEFAULT_BUDGET_BYTES, EmbeddingCache
-from .encoder import valid_rows
+from .decoder import TorchDecoder
+from ..formats.encoder_io import ONNX_FILE, PLAN_FILE, encoder_dir
+from .encoder import available_encoders, load_encoder, valid_rows
+from .fast_decoder import FastTorchDecoder
 from .generation import AnswerStream, GenerationDefaults, GenerationOptions, LoopStats, read_steps
 from .stitch import audio_hash, make_request
+from .trtllm import TensorRTLLMDecoder, check_engine, check_single_rank
 
 @dataclass
 class Result:
@@ -77,8 +91,6 @@ def _check_device(device) -> None:
 
 def unavailable_decoders(manifest) -> dict[str, str]:
     """{decoder backend: why it cannot run here} for an engine dir's manifest (None: a checkpoint dir)."""
-    import importlib.util
-
     reasons = []
     if manifest is None:
         reasons.append("an AF3 checkpoint dir has no TensorRT-LLM engine (build one with `af3trt build`)")
@@ -94,10 +106,6 @@ def unavailable_decoders(manifest) -> dict[str, str]:
 
 def unavailable_encoders(path) -> dict[str, str]:
     """{encoder backend: why it cannot run here} for an engine dir (None: a checkpoint dir)."""
-    import importlib.util
-
-    from ..formats.encoder_io import ONNX_FILE, PLAN_FILE, encoder_dir
-
     d = encoder_dir(path) if path is not None else None
     trt, ort = [], []
     if d is None or not (d / PLAN_FILE).is_file():
@@ -119,12 +127,12 @@ class Pipeline:
     requests of all threads at once (in-flight batching), the torch decoders one batch at a time."""
 
     def __init__(self, builder: PromptBuilder, encoder, decoder, spec: ModelSpec, defaults: GenerationDefaults, device,
-                 limits: dict | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
+                 limits: Limits | dict | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
                  fake_id_base: int | None = None):
         self.builder = builder
         # where fake ids start: the decoder's embedding rows (ModelOpt pads them for int4_awq), else the model's vocab
         self.fake_id_base = int(fake_id_base if fake_id_base is not None else spec.text.vocab_size)
-        self.limits = dict(limits or {})
+        self.limits = Limits.read(limits)  # None fields: not checked
         self.cache = EmbeddingCache(cache_bytes)
         self.encoder_calls = 0
         self.encoder = encoder
@@ -151,11 +159,6 @@ class Pipeline:
         "base" for a checkpoint dir, whatever an engine dir was built as (another value is an error).
         think_suffix: the think variant ends the last user turn with its trained instruction
         (`af3trt.think.THINK_SUFFIX`); False leaves prompts as given."""
-        from ..formats.manifest import MANIFEST
-        from ..tiny import default_tiny_dir, make_tiny_checkpoint
-        from ..think import THINK_SUFFIX, check_variant, open_checkpoint
-        from .encoder import load_encoder
-
         if str(path) == "tiny":
             path = make_tiny_checkpoint(default_tiny_dir())
         path = Path(path)
@@ -173,7 +176,7 @@ class Pipeline:
                          unavailable_decoders(None))
         ckpt = open_checkpoint(path, variant or "base")
         enc = load_encoder("torch", ckpt, device, dtype)
-        dec = _TORCH_DECODERS[dec_name]().from_checkpoint(ckpt, device, dtype)
+        dec = _TORCH_DECODERS[dec_name].from_checkpoint(ckpt, device, dtype)
         suffix = THINK_SUFFIX if variant == "think" and think_suffix else ""
         builder = PromptBuilder.from_pretrained(path, ckpt.spec.audio_token_id, ckpt.spec.text.vocab_size,
                                                 allow_urls=allow_urls, user_suffix=suffix)
@@ -183,9 +186,6 @@ class Pipeline:
     @classmethod
     def _from_engine_dir(cls, path: Path, encoder, decoder, device, dtype, allow_urls, cache_bytes, variant=None,
                          think_suffix=True) -> "Pipeline":
-        from ..formats.manifest import Manifest, ManifestError
-        from .encoder import available_encoders, load_encoder
-
         manifest = Manifest.read(path)
         check_engine_dir(manifest, path)
         built = manifest.variant.get("name", "base")
@@ -262,8 +262,6 @@ class Pipeline:
         if getattr(self.encoder, "takes", "features") == "audio":
             return windows, frames, counts
         if self.device.type == "cuda":  # af3trt.kernels.logmel on the device; stays there for the encoder
-            from ..kernels.logmel import log_mel_windows
-
             return log_mel_windows(torch.from_numpy(windows).to(self.device)), frames, counts
         return log_mel(windows).numpy(), frames, counts
 
@@ -279,10 +277,8 @@ class Pipeline:
 
     def check_limits(self, prompt: Prompt, opts: GenerationOptions) -> None:
         """Raise `PromptError` when a request exceeds the engine dir's limits (nothing runs)."""
-        from ..spec import request_limit_error
-
-        error = request_limit_error(self.limits, audio_tokens=prompt.num_audio_tokens,
-                                    prompt_tokens=len(prompt.input_ids), max_new_tokens=opts.max_new_tokens)
+        error = self.limits.request_error(audio_tokens=prompt.num_audio_tokens, prompt_tokens=len(prompt.input_ids),
+                                          max_new_tokens=opts.max_new_tokens)
         if error:
             raise PromptError(error)
 
@@ -292,7 +288,7 @@ class Pipeline:
         (`self.defaults`), as HF `generate` resolves them. Unknown names and sampling-only options
         while sampling is off raise `OptionError`. Without max_new_tokens, the engine's own lower
         limit (if any) caps the default; an explicit value over it is refused by check_limits."""
-        limit = self.limits.get("max_new_tokens")
+        limit = self.limits.max_new_tokens
         if options.get("max_new_tokens") is None and limit is not None and self.defaults.options().max_new_tokens > limit:
             options = {**options, "max_new_tokens": limit}
         return self.defaults.options(**options)
@@ -369,9 +365,6 @@ class Pipeline:
 def check_engine_dir(manifest, path: Path) -> None:
     """Refuse an engine dir built by another af3trt, from stages of different checkpoints, or missing
     the stages every backend needs; says what differs."""
-    from .. import __version__
-    from ..formats.manifest import ManifestError
-
     built_with = manifest.versions.get("af3trt")
     if built_with != __version__:
         raise ManifestError(f"engine dir {path} was built by af3trt {built_with}, this is af3trt {__version__}: "
@@ -385,9 +378,6 @@ def check_engine_dir(manifest, path: Path) -> None:
 
 
 def _source_checkpoint(manifest):
-    from ..formats.manifest import ManifestError
-    from ..think import open_checkpoint
-
     src = manifest.checkpoint.get("path")
     try:
         ckpt = open_checkpoint(src, manifest.variant.get("name", "base"))
@@ -400,8 +390,6 @@ def _source_checkpoint(manifest):
 
 
 def available_decoders(path: Path, manifest) -> tuple[str, ...]:
-    import importlib.util
-
     out = []
     if manifest.stage("llm_engine") and importlib.util.find_spec("tensorrt_llm") and torch.cuda.is_available():
         out.append("tensorrt_llm")
@@ -413,41 +401,22 @@ def _torch_decoders(device) -> tuple[str, ...]:
     return ("torch-fast", "torch") if str(device).startswith("cuda") else ("torch", "torch-fast")
 
 
-def _fast_decoder():
-    from .fast_decoder import FastTorchDecoder
-
-    return FastTorchDecoder
-
-
-def _plain_decoder():
-    from .decoder import TorchDecoder
-
-    return TorchDecoder
-
-
-_TORCH_DECODERS = {"torch": _plain_decoder, "torch-fast": _fast_decoder}
+_TORCH_DECODERS = {"torch": TorchDecoder, "torch-fast": FastTorchDecoder}
 
 
 def load_decoder(name: str, path: Path, manifest, spec: ModelSpec, device, dtype, eos, pad_id):
     """Decoder backend for an engine dir: TensorRT-LLM engine, or torch on the TensorRT-LLM checkpoint."""
-    from importlib import metadata
-
     name = _pick(name, available_decoders(path, manifest), "decoder", unavailable_decoders(manifest))
     if name == "tensorrt_llm":
-        from .trtllm import TensorRTLLMDecoder, check_engine, check_single_rank
-        from ..formats.trtllm_engine import engine_config
-
         stage = manifest.stages["llm_engine"]
         engine = path / stage["path"]
         check_single_rank(engine_config(engine), engine)
         check_engine(engine_config(engine), manifest.limits, stage.get("tensorrt_llm"),
-                     metadata.version("tensorrt_llm"), manifest.engine_vocab_size())
-        from ..formats.trtllm_engine import kv_reuse_allowed
-
+                     importlib.metadata.version("tensorrt_llm"), manifest.engine_vocab_size())
         config = engine_config(engine)  # block reuse only where the engine kept paged context FMHA
         return TensorRTLLMDecoder(engine, end_id=eos[0], pad_id=pad_id, max_batch_size=manifest.limits.get("max_batch_size"),
                                   valid_vocab=spec.text.vocab_size, enable_block_reuse=kv_reuse_allowed(config))
-    return _TORCH_DECODERS[name]().from_trtllm_checkpoint(path / manifest.stages["llm_checkpoint"]["path"], spec,
+    return _TORCH_DECODERS[name].from_trtllm_checkpoint(path / manifest.stages["llm_checkpoint"]["path"], spec,
                                                           device, dtype)
 
 
@@ -461,8 +430,8 @@ def _dtype(dtype, device: str) -> torch.dtype:
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    floats = ("float32", "bfloat16", "float16")  # the model dtypes (af3trt.dtypes), by name or short name
+    table = {alias: DTYPES[n] for n in floats for alias in (n, DTYPES[n].short)}
     if dtype not in table:
         raise OptionError(f"expected dtype in {sorted(table)}, got {dtype!r}")
-    return table[dtype]
+    return table[dtype].torch

@@ -32,19 +32,22 @@ from typing import Iterator
 
 import numpy as np
 
+from ..build.triton_spec import OPTION_INPUTS, REQUEST_INPUTS, numpy_dtype
 from ..errors import OptionError
+from ..prompt import audio_references
+from ..spec import SAMPLE_RATE
 
 DEFAULT_MODEL = "af3"
 # keyword -> (input name, numpy dtype, Triton dtype)
-PARAMS = {
-    "max_tokens": ("MAX_TOKENS", np.int32, "INT32"), "min_tokens": ("MIN_TOKENS", np.int32, "INT32"),
-    "do_sample": ("DO_SAMPLE", np.bool_, "BOOL"), "temperature": ("TEMPERATURE", np.float32, "FP32"),
-    "top_p": ("TOP_P", np.float32, "FP32"), "top_k": ("TOP_K", np.int32, "INT32"),
-    "repetition_penalty": ("REPETITION_PENALTY", np.float32, "FP32"), "seed": ("SEED", np.uint64, "UINT64"),
-    "min_p": ("MIN_P", np.float32, "FP32"), "presence_penalty": ("PRESENCE_PENALTY", np.float32, "FP32"),
-    "frequency_penalty": ("FREQUENCY_PENALTY", np.float32, "FP32"), "ignore_eos": ("IGNORE_EOS", np.bool_, "BOOL"),
-    "stop": ("STOP", np.object_, "BYTES"), "strip_prefix": ("STRIP_PREFIX", np.bool_, "BOOL"),
-}
+def _param(t) -> tuple[str, type, str]:
+    """(input name, numpy scalar type, tritonclient dtype name) of a request input's TensorSpec."""
+    name = numpy_dtype(t.dtype)
+    return t.name, (np.object_ if name == "bytes" else np.dtype(name).type), \
+        ("BYTES" if t.dtype == "TYPE_STRING" else t.dtype.removeprefix("TYPE_"))
+
+
+# generation keyword -> its request input: the repository's own table (triton_spec.OPTION_INPUTS), plus STRIP_PREFIX
+PARAMS = {t.name.lower(): _param(t) for t in REQUEST_INPUTS if t.name in OPTION_INPUTS or t.name == "STRIP_PREFIX"}
 
 
 class RequestFailed(RuntimeError):
@@ -84,7 +87,7 @@ def audio_bytes(audio) -> list[bytes]:
         import soundfile as sf
 
         buf = io.BytesIO()
-        sf.write(buf, np.asarray(audio, np.float32), 16_000, format="WAV", subtype="FLOAT")
+        sf.write(buf, np.asarray(audio, np.float32), SAMPLE_RATE, format="WAV", subtype="FLOAT")
         return [buf.getvalue()]
     raise TypeError(f"expected audio as bytes, a path, a numpy array or a list of them, got {type(audio).__name__}")
 
@@ -97,8 +100,6 @@ def _text_input(prompt, audio, conversation) -> tuple[dict, list[bytes]]:
         return {"PROMPT": prompt}, audio_bytes(audio)
     if prompt is not None or audio is not None:
         raise TypeError("expected a conversation (its audios inside it) or a prompt + audio, got both")
-    from ..prompt import audio_references
-
     messages, sources = audio_references(conversation)
     return {"CONVERSATION": json.dumps(messages)}, [b for s in sources for b in audio_bytes(s)]
 

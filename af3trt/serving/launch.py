@@ -11,59 +11,21 @@ open no endpoint (`--allow-http/grpc/metrics=false`): only rank 0 serves clients
 
 Rank 0 gets `--cuda-memory-pool-byte-size=0:BYTES`: prompt tables travel between the python models
 and the LLM in GPU memory (NVIDIA's multimodal guide sizes the pool for them, 300 MB in its example);
-`write_repository` records the size for the largest tables (`pool_bytes`).
+`write_repository` records the size for the largest tables (`pool_bytes`, in `af3trt.build.triton_spec`
+with the rest of the repository's launch record).
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
-from pathlib import Path
+from importlib import metadata
 
-MIN_POOL_BYTES = 300_000_000  # NVIDIA's multimodal docs (`--multimodal_gpu0_cuda_mem_pool_bytes 300000000`)
-LLM_MODEL = "tensorrt_llm"
+from ..build.triton_spec import (  # the repository's own launch record; callers import it from here too
+    LLM_MODEL, MIN_POOL_BYTES, LaunchSpec, engine_world_size, pool_bytes, read_launch,
+)
 
-
-def pool_bytes(max_audio_tokens: int, hidden_size: int, table_bytes: int, max_batch_size: int) -> int:
-    """CUDA memory pool of GPU 0: every in-flight request's largest prompt table, at least 300 MB
-    (a 10-minute bf16 table: 15,000 x 3,584 x 2 B = 107.5 MB per request)."""
-    return max(MIN_POOL_BYTES, int(max_audio_tokens) * int(hidden_size) * int(table_bytes) * int(max_batch_size))
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    """world_size: ranks of the LLM engine (tp*pp; 1 for the python LLM); cuda_memory_pool_bytes: GPU 0's
-    pool (None: the python-LLM repositories, which also run on CPU, set none); tensorrt_llm: the version
-    that built the engine (None: not recorded, not checked)."""
-
-    world_size: int = 1
-    cuda_memory_pool_bytes: int | None = None
-    tensorrt_llm: str | None = None
-    cpp_llm: bool = False  # the repository's LLM is the tensorrtllm C++ backend
-
-    def record(self) -> dict:
-        return {"world_size": self.world_size, "cuda_memory_pool_bytes": self.cuda_memory_pool_bytes,
-                "tensorrt_llm": self.tensorrt_llm, "cpp_llm": self.cpp_llm}
-
-
-def engine_world_size(engine_config: dict) -> int:
-    """tp * pp of a TensorRT-LLM engine config.json (pretrained_config.mapping)."""
-    mapping = (engine_config.get("pretrained_config") or {}).get("mapping") or {}
-    tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
-    world = int(mapping.get("world_size", tp * pp))
-    if world != tp * pp:
-        raise ValueError(f"expected mapping.world_size == tp_size * pp_size ({tp} * {pp}), got {world}")
-    return world
-
-
-def read_launch(repo: str | os.PathLike) -> LaunchSpec:
-    """The launch record `write_repository` left in the repository's marker file (defaults without one)."""
-    from ..build.triton_spec import MARKER
-
-    marker = Path(repo) / MARKER
-    record = json.loads(marker.read_text()).get("launch") if marker.is_file() else None
-    return LaunchSpec(**record) if record else LaunchSpec()
+__all__ = ["LLM_MODEL", "MIN_POOL_BYTES", "LaunchSpec", "check_server_trtllm", "engine_world_size", "installed_trtllm",
+           "launch_argv", "pool_bytes", "read_launch"]
 
 
 def check_server_trtllm(spec: LaunchSpec, installed: str | None) -> None:
@@ -76,8 +38,6 @@ def check_server_trtllm(spec: LaunchSpec, installed: str | None) -> None:
 
 
 def installed_trtllm() -> str | None:
-    from importlib import metadata
-
     try:
         return metadata.version("tensorrt_llm")
     except metadata.PackageNotFoundError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -225,3 +226,22 @@ class TranscriptionForm(BaseModel):
     prompt: Optional[str] = None
     response_format: Literal["json", "text", "verbose_json"] = "json"
     temperature: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+
+
+@dataclass
+class Answer:
+    """What a backend returns for one request: the text, OpenAI's finish_reason ("stop" | "length"),
+    token counts (prompt_tokens with the audio rows; completion_tokens with the end id, as
+    `Result.token_ids`) and the warnings about the request's audio (`af3trt.audio.audio_warnings`)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    audio_tokens: int
+    warnings: list[str]
+
+    @classmethod
+    def from_result(cls, result) -> "Answer":
+        return cls(result.text, finish_reason(result.finish_reason), result.prompt_tokens, len(result.token_ids),
+                   result.num_audio_tokens, list(result.warnings))

@@ -25,8 +25,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from .openai_schema import ApiError, ChatRequest, TranscriptionForm, conversation, finish_reason, options, \
-    refuse_unsupported
+from ..audio import load_audio
+from ..errors import OptionError, UserError
+from ..prompt import DEFAULT_TRANSCRIBE_PROMPT, strip_transcription_prefix
+from .openai_schema import Answer, ApiError, ChatRequest, TranscriptionForm, conversation, options, refuse_unsupported
+from .openai_triton import TritonBackend
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +39,6 @@ WARNINGS_HEADER = "X-Af3trt-Warnings"  # a response_format=text transcription's 
 
 
 def _user_errors() -> tuple[type, ...]:
-    from ..errors import UserError
-
     return (UserError,)
 
 
@@ -49,25 +50,6 @@ class ServerOptions:
     allow_urls: bool = False
 
 
-@dataclass
-class Answer:
-    """What a backend returns for one request: the text, OpenAI's finish_reason ("stop" | "length"),
-    token counts (prompt_tokens with the audio rows; completion_tokens with the end id, as
-    `Result.token_ids`) and the warnings about the request's audio (`af3trt.audio.audio_warnings`)."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    audio_tokens: int
-    warnings: list[str]
-
-    @classmethod
-    def from_result(cls, result) -> "Answer":
-        return cls(result.text, finish_reason(result.finish_reason), result.prompt_tokens, len(result.token_ids),
-                   result.num_audio_tokens, list(result.warnings))
-
-
 class InProcess:
     """The pipeline in this process. `generate` / `stream` run in worker threads."""
 
@@ -75,7 +57,8 @@ class InProcess:
         self.pipe = pipe
 
     def info(self) -> dict:
-        return {"backend": "in-process", "limits": dict(self.pipe.limits), "encoder": type(self.pipe.encoder).__name__,
+        limits = {k: v for k, v in self.pipe.limits.items() if v is not None}  # the checked ones
+        return {"backend": "in-process", "limits": limits, "encoder": type(self.pipe.encoder).__name__,
                 "decoder": getattr(self.pipe.decoder, "name", type(self.pipe.decoder).__name__),
                 "generation_defaults": {k: v for k, v in self.pipe.defaults.as_dict().items() if k != "stop"}}
 
@@ -208,8 +191,6 @@ def create_app(backend, opts: ServerOptions | None = None):
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
-        from ..prompt import DEFAULT_TRANSCRIBE_PROMPT, strip_transcription_prefix
-
         form = await request.form()
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
@@ -297,8 +278,6 @@ def _usage(answer: Answer) -> dict:
 
 
 def _duration(data: bytes) -> float:
-    from ..audio import load_audio
-
     return round(load_audio(data).original_seconds, 3)
 
 
@@ -382,8 +361,6 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
     HOST:PORT), then serve until interrupted (what `af3trt openai` runs)."""
     import uvicorn
 
-    from ..errors import OptionError
-
     if (model is None) == (triton_url is None):
         raise OptionError(f"expected --model (in-process) or --triton-url (forward to Triton), exactly one, got "
                           f"{'both' if model is not None else 'neither'}")
@@ -393,8 +370,6 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
         if given:
             raise OptionError(f"expected no in-process backend options with --triton-url (the Triton repository "
                               f"chose its backends), got {given}")
-        from .openai_triton import TritonBackend
-
         backend, what = TritonBackend(triton_url, allow_urls=allow_urls), f"Triton af3 at {triton_url}"
     else:
         from ..runtime import Pipeline

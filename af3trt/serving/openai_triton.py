@@ -15,9 +15,13 @@ message carrying triton_spec.INTERNAL_ERROR an internal error (500); an unreacha
 
 from __future__ import annotations
 
+import json
+
+from ..audio import fetch_url
+from ..build.triton_spec import INTERNAL_ERROR, PREPROCESSING, REQUEST_OPTIONS
 from ..errors import UserError
 from .client import PARAMS, Af3Client, RequestFailed
-from .openai_schema import ApiError
+from .openai_schema import Answer, ApiError
 
 
 class TritonRequestError(UserError):
@@ -26,8 +30,6 @@ class TritonRequestError(UserError):
 
 def _option_keywords() -> dict[str, str]:
     """af3trt option name -> Af3Client keyword, through the request input both name."""
-    from ..build.triton_spec import REQUEST_OPTIONS
-
     by_input = {name: kw for kw, (name, _, _) in PARAMS.items()}
     return {opt: by_input[name] for name, opt in REQUEST_OPTIONS.items()}
 
@@ -37,12 +39,8 @@ class TritonBackend:
     answers and `af3` is ready; the limits come from the repository's preprocessing config."""
 
     def __init__(self, url: str, model: str = "af3", allow_urls: bool = False, timeout_s: float = 600.0):
-        import json
-
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
-
-        from ..build.triton_spec import PREPROCESSING
 
         self.url, self.model, self.allow_urls = url, model, allow_urls
         self.client = Af3Client(grpc_url=url, model=model, timeout_s=timeout_s)
@@ -73,8 +71,6 @@ class TritonBackend:
 
     def _responses(self, conv, opts, stream):
         """The af3 model's responses; its errors mapped to what the API answers."""
-        from ..build.triton_spec import INTERNAL_ERROR
-
         try:
             yield from self.client.responses(self._inputs(conv, opts, stream), model=self.model)
         except RequestFailed as exc:
@@ -124,8 +120,6 @@ def _read(result, texts: list[str], done: dict) -> None:
 
 
 def _answer(text: str, done: dict):
-    from .openai_server import Answer
-
     missing = [n for n in ("FINISH_REASON", "PROMPT_TOKENS", "AUDIO_TOKENS", "COMPLETION_TOKENS") if n not in done]
     if missing:
         raise RuntimeError(f"expected af3's final response to carry {missing} (an af3trt repository of this "
@@ -136,8 +130,6 @@ def _answer(text: str, done: dict):
 
 def _fetched(conv: list[dict], allow_urls: bool) -> list[dict]:
     """The conversation with remote audio fetched here (the Triton repository takes file bytes only)."""
-    from ..audio import fetch_url
-
     out = []
     for msg in conv:
         content = msg["content"]

@@ -30,7 +30,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..build.triton_spec import check_writer
 from ..errors import MissingInputError, UserError
+from .launch import check_server_trtllm, installed_trtllm, launch_argv, read_launch
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_STARTUP_TIMEOUT_S = 300.0  # python models import torch/transformers; a slow CPU takes a while
@@ -300,6 +302,7 @@ def _check_repo(repo: str | os.PathLike) -> Path:
     repo = Path(repo).resolve()
     if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
         raise MissingInputError(f"expected a Triton model repository (folders with config.pbtxt) at {repo}, found none")
+    check_writer(repo)  # one of another af3trt: "regenerate it with `af3trt triton`"
     return repo
 
 
@@ -335,8 +338,6 @@ def serve(repo: str | os.PathLike, *, host: str = DEFAULT_HOST, http_port: int =
           extra_args: tuple[str, ...] = ()) -> int:
     """`af3trt serve`: run tritonserver in the foreground (its log on this terminal) until Ctrl-C or
     SIGTERM, then shut it down cleanly. Returns the server's exit code."""
-    from .launch import check_server_trtllm, installed_trtllm, launch_argv, read_launch
-
     repo = _check_repo(repo)
     binary = find_tritonserver()
     spec = read_launch(repo)  # TP/PP > 1: one rank per GPU under mpirun; GPU 0's memory pool

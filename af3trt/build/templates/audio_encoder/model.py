@@ -12,6 +12,9 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from af3trt.build.triton_spec import EncoderParams, load_params, model_variant
+from af3trt.think import open_checkpoint
+
 
 def _error(message):
     code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
@@ -22,9 +25,7 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
 
-        from af3trt.build.triton_spec import EncoderParams, load_params, model_variant
-        from af3trt.runtime.encoder import load_encoder
-        from af3trt.think import open_checkpoint
+        from af3trt.runtime.encoder import load_encoder  # torch: loaded here, not at import
 
         config = json.loads(args["model_config"])
         self.p = load_params(EncoderParams, config)

@@ -11,19 +11,18 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from af3trt.build.triton_spec import PostprocessingParams, load_params
+from af3trt.prompt import strip_transcription_prefix
+
 
 class TritonPythonModel:
     def initialize(self, args):
         from transformers import AutoTokenizer
 
-        from af3trt.build.triton_spec import PostprocessingParams, load_params
-
         self.p = load_params(PostprocessingParams, json.loads(args["model_config"]))
         self.tokenizer = AutoTokenizer.from_pretrained(self.p.tokenizer_dir)
 
     def execute(self, requests):
-        from af3trt.prompt import strip_transcription_prefix
-
         responses = []
         for request in requests:
             try:

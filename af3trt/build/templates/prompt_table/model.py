@@ -14,7 +14,10 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-DTYPES = ("float16", "bfloat16", "float32")
+from af3trt.build.triton_spec import ENGINE_TABLE_DTYPES, PromptTableParams, load_params
+from af3trt.dtypes import dtype
+
+DTYPES = tuple(ENGINE_TABLE_DTYPES)  # the LLM prompt table's dtypes
 
 
 def _error(message):
@@ -35,14 +38,10 @@ def gather_rows(emb, rows, hidden, dtype):
 
 class TritonPythonModel:
     def initialize(self, args):
-        import torch
-
-        from af3trt.build.triton_spec import PromptTableParams, load_params
-
         self.p = load_params(PromptTableParams, json.loads(args["model_config"]))
         if self.p.dtype not in DTYPES:
             raise ValueError(f"prompt_table: expected dtype in {DTYPES}, got {self.p.dtype!r}")
-        self.dtype = getattr(torch, self.p.dtype)
+        self.dtype = dtype(self.p.dtype).torch
 
     def execute(self, requests):
         responses = []

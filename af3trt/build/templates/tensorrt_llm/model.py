@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-
-def internal_error(exc):
-    from af3trt.build.triton_spec import internal_error
-
-    return internal_error(exc)
+from af3trt.build.triton_spec import LLMParams, internal_error, load_params, model_variant, words_of
+from af3trt.dtypes import torch_dtypes
+from af3trt.formats.cancel import is_marked
+from af3trt.spec import ModelSpec
+from af3trt.think import open_checkpoint
 
 
 def _error(message):
@@ -35,22 +35,16 @@ def _error(message):
 def load_decoder(path, device, dtype, variant="base"):
     """TorchDecoder on ENGINE_DIR/llm/checkpoint (TensorRT-LLM checkpoint) or an AF3 checkpoint dir (the
     weights of `variant`: think/ applied for AF3-Think)."""
-    from af3trt.runtime.decoder import TorchDecoder
+    from af3trt.runtime.decoder import TorchDecoder  # torch: loaded here, not at import
 
     trtllm = Path(path) / "llm" / "checkpoint"
     if (trtllm / "config.json").is_file():  # the AF3 config: ids >= its vocab (int4_awq padding) never generated
-        from af3trt.spec import ModelSpec
-
         return TorchDecoder.from_trtllm_checkpoint(trtllm, ModelSpec.from_dir(Path(path) / "tokenizer"), device, dtype)
-    from af3trt.think import open_checkpoint
-
     return TorchDecoder.from_checkpoint(open_checkpoint(path, variant), device, dtype)
 
 
 def stop_ids(words):
     """Single-token stop words of a [1, 2, K] TensorRT-LLM word list (ids row, end-offsets row)."""
-    from af3trt.build.triton_spec import words_of
-
     return [w[0] for w in words_of(words) if len(w) == 1]
 
 
@@ -58,14 +52,12 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
 
-        from af3trt.build.triton_spec import LLMParams, load_params, model_variant
-
         config = json.loads(args["model_config"])
         self.p = load_params(LLMParams, config)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         device = self.p.device if self.p.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16}[self.p.dtype]
+        dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                 **torch_dtypes("float32", "bfloat16", "float16")}[self.p.dtype]
         self.decoder = load_decoder(self.p.path, device, dtype, model_variant(config))
         self.vocab_size = self.decoder.spec.vocab_size
         self.hidden = self.decoder.spec.hidden_size
@@ -103,8 +95,7 @@ class TritonPythonModel:
         """The request's tensors -> (DecoderRequest, streaming, seed, end_id)."""
         import torch
 
-        from af3trt.build.triton_spec import words_of
-        from af3trt.runtime.generation import GenerationOptions
+        from af3trt.runtime.generation import GenerationOptions  # torch: loaded here, not at import
         from af3trt.runtime.stitch import DecoderRequest, hf_prompt_ids
 
         def get(name, default=None):
@@ -145,8 +136,7 @@ class TritonPythonModel:
         end_id ends the answer and is not in it, a stop word is."""
         import torch
 
-        from af3trt.runtime.generation import AnswerStream, read_steps
-        from af3trt.formats.cancel import is_marked
+        from af3trt.runtime.generation import AnswerStream, read_steps  # torch: loaded here, not at import
 
         req, streaming, seed, end_id = self._request(request)
         streaming = streaming and not force_whole
