@@ -16,7 +16,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .. import fileio
-from ..errors import UserError
+from ..errors import OptionError, UserError
+from .limits import Limits
 
 FORMAT = "af3trt-engine-dir"
 FORMAT_VERSION = 1
@@ -103,7 +104,7 @@ class Manifest:
 
     checkpoint: dict
     model: dict
-    limits: dict
+    limits: Limits  # the JSON record read into the one Limits record
     precision: dict
     versions: dict = field(default_factory=package_versions)
     stages: dict = field(default_factory=dict)
@@ -113,6 +114,10 @@ class Manifest:
 
     def __post_init__(self):
         self.stages = {name: StageRecord.read(entry) for name, entry in self.stages.items()}
+        try:
+            self.limits = Limits.read(self.limits)
+        except OptionError as exc:
+            raise ManifestError(f"manifest limits: {exc}: rebuild the engine dir with af3trt build") from exc
 
     @classmethod
     def read(cls, engine_dir: str | Path) -> "Manifest":
@@ -142,6 +147,7 @@ class Manifest:
     def write(self, engine_dir: str | Path) -> None:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["stages"] = {name: entry.record() for name, entry in self.stages.items()}
+        data["limits"] = self.limits.record()
         fileio.atomic_write(Path(engine_dir) / MANIFEST, json.dumps(data, indent=2, sort_keys=True))
 
     def stage(self, name: str) -> StageRecord | None:
