@@ -7,7 +7,8 @@ import importlib.metadata
 import importlib.util
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -36,12 +37,42 @@ from .generation import AnswerStream, GenerationDefaults, GenerationOptions, Loo
 from .stitch import audio_hash, make_request
 from .trtllm import TensorRTLLMDecoder, check_engine, check_single_rank
 
+@dataclass(frozen=True)
+class Timings(Mapping):
+    """One generate call's stage times in seconds (every conversation of the call shares them):
+    features, encoder, prefill (to the first token), decode (the rest), total, ttft;
+    tokens_per_second over the decode phase; decode_host_per_step (torch decoders only, else None)
+    the token loop's time outside the decoder's step calls. A read-only mapping of the fields that
+    are set, so `timings["decode"]` and `dict(timings)` (JSON) read it."""
+
+    features: float = 0.0
+    encoder: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+    total: float = 0.0
+    ttft: float = 0.0
+    tokens_per_second: float = 0.0
+    decode_host_per_step: float | None = None
+
+    def __getitem__(self, key: str) -> float:
+        if key not in self._set():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(self._set())
+
+    def __len__(self) -> int:
+        return len(self._set())
+
+    def _set(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self) if getattr(self, f.name) is not None)
+
+
 @dataclass
 class Result:
     """One conversation's answer. finish_reason: "stop" (an eos id), "stop_string", "length";
-    prompt_tokens: the prompt's length, audio rows included. timings in seconds: features, encoder,
-    prefill (to the first token), decode (the rest), total, ttft; tokens_per_second over the decode
-    phase; decode_host_per_step (torch decoders) the loop's time outside the decoder's step calls.
+    prompt_tokens: the prompt's length, audio rows included. timings: the call's `Timings`.
     warnings: what was done to the conversation's audios, "AUDIO[i]: ..." (i in prompt order; e.g.
     audio past 10 minutes truncated, a file that decoded short), as `af3trt.audio.audio_warnings`
     words them for every entry point (CLI --json, the Triton models' WARNINGS, the OpenAI API)."""
@@ -50,13 +81,13 @@ class Result:
     token_ids: list[int]
     num_audio_tokens: int
     finish_reason: str
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
     prompt_tokens: int = 0
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "num_audio_tokens": self.num_audio_tokens,
-                "prompt_tokens": self.prompt_tokens, "finish_reason": self.finish_reason, "timings": self.timings,
+                "prompt_tokens": self.prompt_tokens, "finish_reason": self.finish_reason, "timings": dict(self.timings),
                 "warnings": self.warnings}
 
 
@@ -352,13 +383,15 @@ class Pipeline:
                             yield i, piece
             t_end = time.perf_counter()
         t_first = t_first or t_end
-        timings.update(total=t_end - t0, ttft=t_first - t0, prefill=t_first - t0 - timings["features"] - timings["encoder"],
-                       decode=t_end - t_first)
+        decode = t_end - t_first
         n = max(len(a.tokens) for a in answers)
-        timings["tokens_per_second"] = (n - 1) / timings["decode"] if n > 1 and timings["decode"] > 0 else 0.0
-        if stats.steps:  # torch decoders: time of the loop outside the decoder's step calls, per step
-            timings["decode_host_per_step"] = max(0.0, timings["decode"] - stats.model_seconds) / stats.steps
-        results.extend(Result(a.text, list(a.tokens), p.num_audio_tokens, a.finish_reason or "length", dict(timings),
+        timings = Timings(
+            features=timings["features"], encoder=timings["encoder"], total=t_end - t0, ttft=t_first - t0,
+            prefill=t_first - t0 - timings["features"] - timings["encoder"], decode=decode,
+            tokens_per_second=(n - 1) / decode if n > 1 and decode > 0 else 0.0,
+            # torch decoders: time of the loop outside the decoder's step calls, per step
+            decode_host_per_step=max(0.0, decode - stats.model_seconds) / stats.steps if stats.steps else None)
+        results.extend(Result(a.text, list(a.tokens), p.num_audio_tokens, a.finish_reason or "length", timings,
                               len(p.input_ids), audio_warnings(p.audios)) for a, p in zip(answers, prompts))
 
 
