@@ -1,42 +1,6 @@
 """Triton model repository for AF3: `write_repository(engine_dir, out_dir, ...)` (`af3trt triton`).
-
-Models (every config.pbtxt rendered from the typed specs of `triton_spec` with `string.Template.substitute`):
-
-    preprocessing   python  AUDIO (BYTES: encoded WAV/FLAC/MP3/OGG file bytes, one per element) or
-                            AUDIO_BASE64 (the same, base64 text, for JSON clients), PROMPT, generation
-                            params -> log-mel windows, prompt ids with fake ids, extra ids, limits checked
-    audio_encoder   tensorrt_plan (ENGINE_DIR/encoder/encoder.plan) | python (ONNX Runtime, else torch)
-                            (W, 128, 3000) log-mel + (W,) frames -> (W, 750, H) padded embeddings;
-                            the window axis W is Triton's batch axis, so windows of concurrent
-                            requests batch together (plan); the python encoders run request by request
-    prompt_table    python  gathers the valid rows of the padded windows -> [1, rows, H] table in the
-                            LLM's prompt table dtype (the engine's; FP16 for the python LLM)
-    tensorrt_llm    tensorrtllm C++ backend (gpt_model_path = ENGINE_DIR/llm/engine), or with
-                            llm_backend="python" af3trt's torch decoder behind the SAME tensors
-    postprocessing  python  output_ids -> TEXT (optional STRIP_PREFIX; a streaming ensemble decodes each
-                            response's tokens alone and takes no STRIP_PREFIX: stream through `af3`)
-    ensemble        preprocessing -> audio_encoder -> prompt_table -> tensorrt_llm -> postprocessing
-    af3             python BLS, decoupled: the same chain; STREAM=true streams text pieces
-                            (AnswerStream: incremental detokenization, STOP strings); text-only
-                            requests skip the encoder; answers FINISH_REASON, token counts, WARNINGS
-
-Prompt table (DESIGN §4): valid rows are gathered in `prompt_table` (on the GPU via DLPack when the
-encoder output lives there), so a request's table is exactly the in-process Pipeline's: its audios'
-valid embeddings in prompt order, and fake id `vocab_size + row` addresses that compact table.
-Addressing the padded layout (`w*750 + r`) was rejected: every window would send 750 rows whatever
-its length (a 1 s clip: 750 rows for 25 valid) into the engine's prompt table, whose size is fixed
-engine-wide, and Triton cannot turn the encoder's (W, 750, H) batch into the LLM's (1, rows, H)
-input without a python step anyway. The encoder's embeddings reach `prompt_table` as FP16 (or the
-plan's FP32); the table it emits is in `Plan.table_dtype`: for the C++ backend the engine's dtype
-(llm/engine/config.json pretrained_config.dtype), because the executor rejects a prompt table of
-another dtype ("Request embedding table data type doesn't match model weight data type",
-batch_manager/promptTuningBuffers.cpp); for the python LLM FP16 (it reads the table with as_numpy).
-A BF16 table leaves `prompt_table` through DLPack (the python backend has no numpy BF16), and `af3`
-forwards the table tensors untouched. A text-only request through the ensemble runs one dummy
-window and sends a 1-row zero table that no token reads; `af3` skips both.
-Extra ids (KV-cache reuse): per audio a positive 62-bit id of its decoded samples' hash
-(`runtime.stitch.extra_id`), on that audio's fake-id positions, 0 on text.
-"""
+Every config.pbtxt is rendered from the typed specs of `triton_spec`; the models, the prompt-table
+design and the extra ids are described in docs/architecture.md ("The Triton repository")."""
 
 from __future__ import annotations
 
