@@ -26,7 +26,7 @@ ADAPTER_EXTRA = {"af3trt.build.triton_spec"}
 # Modules that are torch-free when imported (today's set, measured; `import af3trt` and `af3trt --help` among them).
 TORCH_FREE = {
     "af3trt", "af3trt.cli", "af3trt.errors", "af3trt.fileio", "af3trt.stats", "af3trt.spec", "af3trt.audio",
-    "af3trt.features", "af3trt.prompt", "af3trt.checkpoint", "af3trt.think", "af3trt.tiny", "af3trt.testing",
+    "af3trt.features", "af3trt.prompt", "af3trt.checkpoint", "af3trt.think", "af3trt.tiny",
     "af3trt.dtypes", "af3trt.assets", "af3trt.kernels", "af3trt.build", "af3trt.serving",
     "af3trt.build.calibration", "af3trt.build.engine_dir", "af3trt.build.engine_rules", "af3trt.build.llm",
     "af3trt.build.precision", "af3trt.build.stage_log", "af3trt.build.stages", "af3trt.build.triton",

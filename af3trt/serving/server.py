@@ -271,7 +271,10 @@ class TritonServer:
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)  # the group holds the python backend stubs
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)  # the group holds the python backend stubs
+                except ProcessLookupError:  # not a group leader: a process af3trt did not start itself
+                    self.process.kill()
                 self.process.wait(10)
         return self.process.returncode
 
