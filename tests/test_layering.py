@@ -18,7 +18,7 @@ PKG = ROOT / "af3trt"
 
 CORE = {"af3trt", "af3trt.spec", "af3trt.audio", "af3trt.features", "af3trt.prompt", "af3trt.checkpoint",
         "af3trt.errors", "af3trt.fileio", "af3trt.stats", "af3trt.think", "af3trt.tiny", "af3trt.dtypes",
-        "af3trt.assets"}
+        "af3trt.assets", "af3trt.records"}
 LAYERS = ("core", "kernels", "runtime", "build", "serving", "benchmark", "cli")
 # Triton python models run inside tritonserver: thin adapters over runtime; they may read the repository's
 # typed specs (build.triton_spec) and nothing else of build, nor serving/benchmark/cli.
@@ -27,7 +27,7 @@ ADAPTER_EXTRA = {"af3trt.build.triton_spec"}
 TORCH_FREE = {
     "af3trt", "af3trt.cli", "af3trt.errors", "af3trt.fileio", "af3trt.stats", "af3trt.spec", "af3trt.audio",
     "af3trt.features", "af3trt.prompt", "af3trt.checkpoint", "af3trt.think", "af3trt.tiny",
-    "af3trt.dtypes", "af3trt.assets", "af3trt.kernels", "af3trt.build", "af3trt.serving",
+    "af3trt.dtypes", "af3trt.assets", "af3trt.records", "af3trt.kernels", "af3trt.build", "af3trt.serving",
     "af3trt.build.calibration", "af3trt.build.engine_dir", "af3trt.build.engine_rules", "af3trt.build.llm",
     "af3trt.build.precision", "af3trt.build.stage_log", "af3trt.build.stages", "af3trt.build.triton",
     "af3trt.build.triton_spec", "af3trt.build.trtllm_flags",

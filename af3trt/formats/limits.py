@@ -7,10 +7,11 @@ Torch-free: the manifest, the Triton specs and the python models read it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import OptionError
+from ..records import RecordMapping
 from ..spec import MAX_AUDIO_SECONDS
 
 # the `af3trt build` option that raises each per-request limit
@@ -61,7 +62,7 @@ def request_limit_error(limits: Mapping, *, audio_tokens: int, prompt_tokens: in
 
 
 @dataclass(frozen=True)
-class Limits(Mapping):
+class Limits(RecordMapping):
     """Per-request and engine-wide limits (None = not checked), as manifest.json `limits` records them.
 
     max_batch_size: sequences in flight in the LLM; max_audio_seconds: audio per request (all of its
@@ -116,16 +117,8 @@ class Limits(Mapping):
         return request_limit_error(self, audio_tokens=audio_tokens, prompt_tokens=prompt_tokens,
                                    max_new_tokens=max_new_tokens, windows=windows)
 
-    def __getitem__(self, key: str):
-        if key not in self._names():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
+    def _items(self) -> dict:
+        return {name: getattr(self, name) for name in self._names()}
 
     @classmethod
     def _names(cls) -> tuple[str, ...]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 
 from .. import fileio
 from ..errors import OptionError, UserError
+from ..records import RecordMapping
 from .limits import Limits
 
 FORMAT = "af3trt-engine-dir"
@@ -48,7 +49,7 @@ def package_versions() -> dict[str, str | None]:
 
 
 @dataclass(frozen=True, eq=False)
-class StageRecord(Mapping):
+class StageRecord(RecordMapping):
     """manifest.json `stages[name]`: the stage's key and checkpoint fingerprint, its `path` (relative
     to the engine dir), and either `outputs` ({file: {"size", "sha256"}}, once built) or `missing`
     (why it was not built here), `needs` (the tool), `command` (the `af3trt build` line that finishes
@@ -85,14 +86,7 @@ class StageRecord(Mapping):
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "facts"}
         return {**{k: v for k, v in out.items() if v is not None}, **self.facts}
 
-    def __getitem__(self, name: str):
-        return self.record()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.record())
-
-    def __len__(self) -> int:
-        return len(self.record())
+    _items = record
 
     def __repr__(self) -> str:
         return f"StageRecord({self.record()!r})"

@@ -7,7 +7,6 @@ import importlib.metadata
 import importlib.util
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +23,7 @@ from ..formats.limits import Limits
 from ..formats.manifest import MANIFEST, Manifest, ManifestError
 from ..formats.trtllm_engine import engine_config, kv_reuse_allowed
 from ..kernels.logmel import log_mel_windows
+from ..records import RecordMapping
 from ..prompt import DEFAULT_TRANSCRIBE_PROMPT, Prompt, PromptBuilder, PromptError, strip_transcription_prefix
 from ..spec import ModelSpec
 from ..think import THINK_SUFFIX, check_variant, open_checkpoint
@@ -38,7 +38,7 @@ from .stitch import audio_hash, make_request
 from .trtllm import TensorRTLLMDecoder, check_engine, check_single_rank
 
 @dataclass(frozen=True)
-class Timings(Mapping):
+class Timings(RecordMapping):
     """One generate call's stage times in seconds (every conversation of the call shares them):
     features, encoder, prefill (to the first token), decode (the rest), total, ttft;
     tokens_per_second over the decode phase; decode_host_per_step (torch decoders only, else None)
@@ -54,19 +54,8 @@ class Timings(Mapping):
     tokens_per_second: float = 0.0
     decode_host_per_step: float | None = None
 
-    def __getitem__(self, key: str) -> float:
-        if key not in self._set():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self):
-        return iter(self._set())
-
-    def __len__(self) -> int:
-        return len(self._set())
-
-    def _set(self) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(self) if getattr(self, f.name) is not None)
+    def _items(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 @dataclass
