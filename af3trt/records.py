@@ -4,14 +4,16 @@ call's timings) that callers may also read as `record["name"]`, `record.get(...)
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator, Mapping
 
 
 class RecordMapping(Mapping):
     """The read-only Mapping half of a typed record: `_items()` gives the name -> value it shows."""
 
+    @abstractmethod
     def _items(self) -> dict:
-        raise NotImplementedError
+        """name -> value of what the record shows as a mapping."""
 
     def __getitem__(self, name: str):
         return self._items()[name]
